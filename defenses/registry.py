@@ -1,0 +1,75 @@
+"""Named defences: built-ins register with `@register_defense`; outside ones come from the
+entry-point group `invbench.defenses` or from `path/to/file.py:ClassName`."""
+from __future__ import annotations
+
+import importlib.util
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from .base import Defense, DefenseError
+
+ENTRY_POINT_GROUP = "invbench.defenses"
+_BUILTIN: dict[str, type[Defense]] = {}
+
+
+def register_defense(cls: type[Defense]) -> type[Defense]:
+    """Class decorator: make a defence available by its `name`."""
+    _BUILTIN[cls.name] = cls
+    return cls
+
+
+def available_defenses() -> dict[str, type[Defense]]:
+    """Built-ins plus every entry point of the group `invbench.defenses`."""
+    found = dict(_BUILTIN)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in found:
+            found[ep.name] = _checked(ep.load(), f"entry point {ep.name!r}")
+    return found
+
+
+def _checked(obj: Any, where: str) -> type[Defense]:
+    if not (isinstance(obj, type) and issubclass(obj, Defense)):
+        raise DefenseError(f"{where} is not a subclass of invbench.defenses.Defense")
+    return obj
+
+
+def load_defense_class(spec: str) -> type[Defense]:
+    """A registered name, or `path/to/file.py:ClassName`."""
+    if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
+        path_str, cls_name = spec.rsplit(":", 1)
+        path = Path(path_str)
+        if not path.is_file():
+            raise DefenseError(f"defence file not found: {path_str}")
+        module_spec = importlib.util.spec_from_file_location(f"invbench_plugin_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:  # the plug-in is user code: report, don't trace
+            raise DefenseError(f"could not import defence file {path_str}: {exc}") from exc
+        if not hasattr(module, cls_name):
+            raise DefenseError(f"{path_str} has no class {cls_name!r}")
+        return _checked(getattr(module, cls_name), f"{spec}")
+    known = available_defenses()
+    if spec not in known:
+        raise DefenseError(f"unknown defence {spec!r}; choose one of {', '.join(sorted(known))} or give FILE.py:Class")
+    return known[spec]
+
+
+def make_defense(spec: str, params: dict[str, Any]) -> Defense:
+    """Instantiate a defence, converting string parameters with the class's `param_types`."""
+    cls = load_defense_class(spec)
+    converted = {}
+    for key, value in params.items():
+        if key not in cls.param_types:
+            allowed = ", ".join(sorted(cls.param_types)) or "none"
+            raise DefenseError(f"defence {cls.name!r} has no parameter {key!r}; allowed: {allowed}")
+        kind = cls.param_types[key]
+        try:
+            converted[key] = kind(value) if isinstance(value, str) else value
+        except ValueError:
+            raise DefenseError(f"defence {cls.name!r}: parameter {key}={value!r} is not a valid {kind.__name__}") from None
+    try:
+        return cls(**converted)
+    except TypeError as exc:
+        raise DefenseError(f"defence {cls.name!r}: {exc}") from None

