@@ -1,0 +1,7 @@
+"""Attacks: recover token ids from (defended) hidden states with white-box access."""
+from .base import Attack, AttackError, AttackOutput
+from .registry import available_attacks, make_attack, parse_attack_list, register_attack
+from . import continuous  # noqa: F401  (registers the attack)
+
+__all__ = ["Attack", "AttackError", "AttackOutput", "available_attacks", "make_attack", "parse_attack_list",
+           "register_attack"]

@@ -1,0 +1,196 @@
+"""The continuous single-commit gradient attack (the seed paper's Algorithm 1).
+
+Per position t, with the prefix x1..x(t-1) committed:
+1. a proxy embedding e starts at the embedding of a uniformly random token (or zeros);
+2. K steps of Adam on MSE(f(e | prefix), h~t), lr 0.05, weight decay 1e-5 (coupled, as
+   torch.optim.Adam), cosine annealing with T_max = K, gradient-norm clip 1.0; exit early once
+   the loss is under loss_threshold (checked after the step, as in the paper; under a noisy
+   defence the threshold is raised by the known noise variance, the loss's floor). The proxy is
+   never snapped to a token during these steps;
+3. commit once: the C nearest tokens to e (L1 by default) are checked in distance order with a
+   discrete forward pass each, and the first whose discrete loss is under verify_threshold is
+   committed; if none passes, the nearest (fallback). Under a noisy defence the threshold test
+   cannot pass, so the candidate with the smallest discrete loss is committed instead;
+4. the committed token's discrete loss is recorded.
+
+All prompts of a batch advance together, yet each behaves as if alone: per-prompt gradient
+clipping, Adam state, early exit, and commit. Prompts that have exited stop costing work.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from .base import Attack, AttackError, AttackOutput, Progress, mse, prompt_generator
+from .registry import register_attack
+
+PRESETS = {
+    "fast": {"steps": 600, "candidates": 100},
+    "baseline": {"steps": 1000, "candidates": 2000},
+    "high-acc": {"steps": 2000, "candidates": 10000},
+}
+
+
+@dataclass(frozen=True)
+class ContinuousConfig:
+    steps: int = 1000  # K: Adam steps per position at most
+    candidates: int = 2000  # C: nearest tokens checked at commit
+    lr: float = 0.05
+    weight_decay: float = 1e-5
+    clip_norm: float = 1.0
+    loss_threshold: float = 1e-4  # early exit of the continuous loop
+    # Acceptance of a candidate's discrete loss. The true token scores ~1e-11 in float32 and the
+    # nearest wrong token was seen as low as 1.4e-4 (SmolLM2), so 1e-5 separates them safely.
+    verify_threshold: float = 1e-5
+    init: str = "random"  # random | zeros
+    metric: str = "l1"  # l1 | l2 | cosine
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.candidates < 1:
+            raise AttackError(f"continuous: --steps and --candidates must be >= 1, got {self.steps} and {self.candidates}")
+        if not (self.lr > 0 and self.loss_threshold >= 0 and self.verify_threshold >= 0):
+            raise AttackError("continuous: --lr must be > 0 and thresholds >= 0")
+        if self.init not in ("random", "zeros"):
+            raise AttackError(f"continuous: --init must be random or zeros, got {self.init!r}")
+        if self.metric not in ("l1", "l2", "cosine"):
+            raise AttackError(f"continuous: --metric must be l1, l2 or cosine, got {self.metric!r}")
+
+
+def cosine_lr(*, base_lr: float, step: int, total: int) -> float:
+    """CosineAnnealingLR (eta_min 0) at 0-based `step`: the lr used by the step-th update."""
+    return base_lr * (1 + math.cos(math.pi * step / total)) / 2
+
+
+def clip_rows(grad: torch.Tensor, *, max_norm: float) -> torch.Tensor:
+    """Per-row gradient-norm clipping, as torch.nn.utils.clip_grad_norm_ does for one prompt."""
+    norms = grad.norm(dim=-1, keepdim=True)
+    return grad * (max_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+class RowAdam:
+    """torch.optim.Adam (coupled weight decay) for a (B, d) parameter whose rows are independent
+    problems: rows are updated only while listed as active. Written out because torch's
+    optimiser keeps one step count and updates every row of a tensor."""
+
+    def __init__(self, shape: torch.Size, *, device: torch.device, betas: tuple[float, float], eps: float,
+                 weight_decay: float) -> None:
+        self.exp_avg = torch.zeros(shape, device=device)
+        self.exp_avg_sq = torch.zeros(shape, device=device)
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+
+    def step(self, param: torch.Tensor, grad: torch.Tensor, *, rows: torch.Tensor, lr: float, count: int) -> None:
+        """Update param[rows] in place with grad (for those rows); `count` is the 1-based step number."""
+        beta1, beta2 = self.betas
+        grad = grad + self.weight_decay * param[rows]
+        m = self.exp_avg[rows].mul_(beta1).add_(grad, alpha=1 - beta1)
+        v = self.exp_avg_sq[rows].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        self.exp_avg[rows], self.exp_avg_sq[rows] = m, v
+        denom = v.sqrt() / math.sqrt(1 - beta2 ** count) + self.eps
+        param[rows] = param[rows] - (lr / (1 - beta1 ** count)) * m / denom
+
+
+def nearest_tokens(proxy: torch.Tensor, embedding: torch.Tensor, *, k: int, metric: str) -> torch.Tensor:
+    """Ids (B, k) of the k tokens nearest to each proxy row, nearest first."""
+    if metric == "cosine":
+        sim = torch.nn.functional.normalize(proxy, dim=-1) @ torch.nn.functional.normalize(embedding, dim=-1).T
+        return sim.topk(k, dim=-1).indices
+    dist = torch.cdist(proxy, embedding, p=1.0 if metric == "l1" else 2.0)
+    return dist.topk(k, dim=-1, largest=False).indices
+
+
+@register_attack
+class ContinuousAttack(Attack):
+    name = "continuous"
+    option_names = frozenset(ContinuousConfig.__dataclass_fields__) - {"betas", "eps"}
+
+    def __init__(self, config: ContinuousConfig) -> None:
+        config.validate()
+        self.config = config
+
+    @classmethod
+    def from_options(cls, *, preset: str | None, overrides: dict[str, Any]) -> "ContinuousAttack":
+        preset = preset or "baseline"
+        if preset not in PRESETS:
+            raise AttackError(f"continuous: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        known = {f for f in ContinuousConfig.__dataclass_fields__}
+        unknown = set(overrides) - known
+        if unknown:
+            raise AttackError(f"continuous: unknown option(s) {', '.join(sorted(unknown))}")
+        return cls(replace(ContinuousConfig(), **PRESETS[preset], **overrides))
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
+            progress: Progress | None = None) -> AttackOutput:
+        batch, length, _ = targets.shape
+        targets = targets.to(oracle.device)
+        init_ids = torch.stack([torch.randint(oracle.vocab_size, (length,), generator=prompt_generator(seed, i))
+                                for i in prompt_indices])
+        tokens = torch.zeros(batch, length, dtype=torch.long)
+        out = {key: torch.zeros(batch, length) for key in ("discrete_loss", "seconds", "continuous_loss", "steps", "fallback")}
+        for t in range(length):
+            start = time.perf_counter()
+            prefix = oracle.prefix(tokens[:, :t])
+            proxy, steps, cont_loss = self._optimise(oracle, prefix, targets[:, t], init_ids[:, t], defense)
+            chosen, disc_loss, fallback = self._commit(oracle, prefix, proxy, targets[:, t], defense)
+            tokens[:, t] = chosen.cpu()
+            for key, value in (("discrete_loss", disc_loss), ("continuous_loss", cont_loss), ("steps", steps),
+                               ("fallback", fallback)):
+                out[key][:, t] = value.float().cpu()
+            out["seconds"][:, t] = (time.perf_counter() - start) / batch
+            if progress:
+                progress(t + 1, length)
+        return AttackOutput(tokens, out.pop("discrete_loss"), out.pop("seconds"), out)
+
+    def _optimise(self, oracle, prefix, target: torch.Tensor, init_ids: torch.Tensor, defense):
+        """Adam on the proxy of every prompt until each exits early or K steps are spent."""
+        cfg = self.config
+        batch, device = target.shape[0], oracle.device
+        proxy = (oracle.embedding[init_ids.to(device)].clone() if cfg.init == "random"
+                 else torch.zeros(batch, oracle.embedding.shape[1], device=device))
+        adam = RowAdam(proxy.shape, device=device, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        steps = torch.zeros(batch, dtype=torch.long, device=device)
+        last_loss = torch.full((batch,), float("inf"), device=device)
+        rows = torch.arange(batch, device=device)
+        active_prefix = prefix
+        # Under noise the loss cannot fall below the noise variance: exit relative to that floor.
+        exit_below = cfg.loss_threshold + defense.noise_std ** 2
+        for k in range(cfg.steps):
+            leaf = proxy[rows].clone().requires_grad_(True)
+            with torch.enable_grad():
+                hidden = oracle.hidden(active_prefix, leaf[:, None, :])[:, 0]
+                loss = mse(defense.simulate(hidden), target[rows])
+                (grad,) = torch.autograd.grad(loss.sum(), leaf)
+            lr = cosine_lr(base_lr=cfg.lr, step=k, total=cfg.steps)
+            adam.step(proxy, clip_rows(grad, max_norm=cfg.clip_norm), rows=rows, lr=lr, count=k + 1)
+            steps[rows] += 1
+            last_loss[rows] = loss.detach()
+            still = loss.detach() >= exit_below
+            if not still.all():  # some prompts exit: stop spending work on them
+                rows, active_prefix = rows[still], active_prefix.select(still.nonzero().squeeze(1))
+                if len(rows) == 0:
+                    break
+        return proxy, steps, last_loss
+
+    def _commit(self, oracle, prefix, proxy: torch.Tensor, target: torch.Tensor, defense):
+        """One discrete search: check the C nearest tokens, commit by the paper's rule."""
+        cfg = self.config
+        k = min(cfg.candidates, oracle.vocab_size)
+        candidates = nearest_tokens(proxy, oracle.embedding, k=k, metric=cfg.metric)
+        losses = oracle.hidden_of_tokens(
+            prefix, candidates, reduce=lambda hidden, cols: mse(defense.simulate(hidden), target[:, None, :]))
+        passed = losses < cfg.verify_threshold
+        fallback = ~passed.any(dim=1)
+        if defense.noise_std > 0:
+            pick = losses.argmin(dim=1)  # noisy targets: the threshold cannot pass; keep the best match
+        else:
+            pick = torch.where(fallback, 0, passed.int().argmax(dim=1))  # first passing, else nearest
+        rows = torch.arange(len(pick), device=pick.device)
+        return candidates[rows, pick], losses[rows, pick], fallback

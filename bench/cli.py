@@ -1,0 +1,140 @@
+"""The `invbench` command line."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import RunConfig
+
+CPU_REDUCED = {"n": 4, "tokens": 5, "preset": "fast"}  # finishes the main command in minutes on 2 cores
+GPU_DEFAULTS = {"n": 100, "tokens": 10, "preset": "baseline"}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input or an unavailable resource: one line, exit 2."""
+    from invbench.attacks import AttackError
+    from invbench.defenses import DefenseError
+    from invbench.leaks.models import ModelLoadError
+    from invbench.leaks.prompts import DatasetError
+
+    from .runner import RunError
+
+    return AttackError, DefenseError, ModelLoadError, DatasetError, RunError
+
+
+def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
+    params = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"expected name=value, got {pair!r}", param_hint="--param")
+        params[name.strip()] = value.strip()
+    return params
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="invbench")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """invbench: how much text leaks from a language model's hidden states, under which defence.
+
+    `invbench run` captures hidden states of real text, applies a defence, runs inversion attacks
+    and scores what they recover."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.option("--model", default=None, help="Alias (gpt2, smollm2-135m, tiny-gpt2, gpt2-random), Hugging Face id or "
+              "local directory. Default gpt2, falling back to smollm2-135m when GPT-2 is not available offline.")
+@click.option("--dataset", default="c4", show_default=True,
+              help="c4, wikipedia, or a file of your own texts (.txt one per line, .jsonl with 'text', .parquet).")
+@click.option("--n", type=click.IntRange(min=1), default=None, help="Number of prompts [GPU: 100; CPU: 4].")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Tokens per prompt [GPU: 10; CPU: 5].")
+@click.option("--layer", type=int, default=-1, show_default=True,
+              help="Leaked layer: index into hidden_states (-1 = last, after the final norm).")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed for prompts, noise and attacks.")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--attack", "attack_spec", default="continuous", show_default=True,
+              help="Attack name, comma-separated names, or 'all'.")
+@click.option("--preset", default=None, help="Attack preset: fast, baseline, high-acc [GPU: baseline; CPU: fast].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="continuous: Adam steps per position (K).")
+@click.option("--candidates", type=click.IntRange(min=1), default=None, help="continuous: tokens checked at commit (C).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="continuous: Adam learning rate.")
+@click.option("--loss-threshold", type=click.FloatRange(min=0), default=None, help="continuous: early-exit loss.")
+@click.option("--init", type=click.Choice(["random", "zeros"]), default=None, help="continuous: proxy start.")
+@click.option("--metric", type=click.Choice(["l1", "l2", "cosine"]), default=None, help="continuous: candidate metric.")
+@click.option("--defense", default="none", show_default=True,
+              help="Defence name (see `invbench defenses`) or path/to/file.py:ClassName.")
+@click.option("--sigma", type=float, default=None, help="gaussian: noise standard deviation.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Defence parameter (repeatable).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Prompts attacked together.")
+@click.option("--out", default="runs/latest", show_default=True,
+              help="Results folder (config.json, records.jsonl, summary.json); rerunning resumes.")
+def run(**opts: Any) -> None:
+    """Leak, defend, attack, score: write results to --out and print a table."""
+    from .runner import resolve_device, run as run_benchmark
+    from invbench.attacks import parse_attack_list
+
+    device = resolve_device(opts["device"])
+    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_REDUCED
+    reduced = [k for k in CPU_REDUCED if opts[k] is None] if device.type == "cpu" else []
+    if reduced:
+        click.echo(f"note: no GPU, so this is a reduced run ({', '.join(f'{k}={CPU_REDUCED[k]}' for k in reduced)}); "
+                   "pass --n/--tokens/--preset to change it", err=True)
+    defense_params = parse_params(opts["params"])
+    if opts["sigma"] is not None:
+        defense_params["sigma"] = opts["sigma"]
+    attack_options = {k: opts[k] for k in ("steps", "candidates", "lr", "loss_threshold", "init", "metric")
+                      if opts[k] is not None}
+    cfg = RunConfig(model=opts["model"], dataset=opts["dataset"], n=opts["n"] or defaults["n"],
+                    tokens=opts["tokens"] or defaults["tokens"], layer=opts["layer"], seed=opts["seed"],
+                    device=opts["device"], attacks=parse_attack_list(opts["attack_spec"]),
+                    preset=opts["preset"] or defaults["preset"], attack_options=attack_options,
+                    defense=opts["defense"], defense_params=defense_params, batch_size=opts["batch_size"],
+                    out=opts["out"])
+    summary = run_benchmark(cfg, echo=lambda line: click.echo(line, err=True))
+    click.echo(format_summary(summary))
+    click.echo(f"results: {cfg.out}/summary.json (per prompt: {cfg.out}/records.jsonl)")
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The result table printed at the end of a run."""
+    defense = summary["defense"]
+    params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
+    lines = [f"{summary['model']} | {summary['dataset']} | {summary['n']} prompts x {summary['tokens']} tokens | "
+             f"defence {defense['name']}{f' ({params})' if params else ''}",
+             f"{'attack':<12} {'exact':>6} {'tok acc':>8} {'similar':>8} {'det AUROC':>10} {'s/token':>9} {'tok/s':>8}"]
+    for name, m in summary["attacks"].items():
+        lines.append(f"{name:<12} {fmt(m['exact_match']):>6} {fmt(m['token_accuracy']):>8} {fmt(m['similarity']):>8} "
+                     f"{fmt(m['detector_auroc']):>10} {fmt(m['seconds_per_token'], '.4f'):>9} "
+                     f"{fmt(m['tokens_per_second'], '.1f'):>8}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit 2; --debug shows the traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="invbench", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("interrupted: finished prompts are saved in the results folder; rerun the same command to resume",
+                   err=True)
+        sys.exit(130)
+    except user_errors() as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

@@ -1,0 +1,212 @@
+"""`invbench run`: leak -> defend -> attack -> score -> record.
+
+One function per stage; each stage sees only what the stage before hands it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .config import RunConfig, config_hash, device_name, git_commit, package_versions
+from .results import append_records, read_records, repair_records, write_json_atomic
+from invbench.attacks import Attack, AttackOutput, available_attacks, make_attack
+from invbench.attacks.base import prompt_generator
+from invbench.defenses import Defense, make_defense
+from invbench.leaks.models import LoadedModel, load_model
+from invbench.leaks.oracle import WhiteBox
+from invbench.leaks.prompts import Prompt, load_prompts
+
+DEFENSE_NOISE_STREAM = 1  # generator stream for defence noise (attacks use stream 0)
+
+
+class RunError(ValueError):
+    """A run cannot start or continue (bad option, foreign output folder, ...)."""
+
+
+@dataclass
+class Leak:
+    """What leaves the system: the prompts, their clean and defended hidden states (N, T, d)."""
+
+    prompts: list[Prompt]
+    clean: torch.Tensor
+    defended: torch.Tensor
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise RunError(f"unknown --device {name!r}; choose auto, cuda or cpu")
+    return torch.device(name)
+
+
+def build_attacks(cfg: RunConfig) -> list[Attack]:
+    """Each attack takes the options it knows; an option no chosen attack knows is an error."""
+    attacks, used = [], set()
+    for name in cfg.attacks:
+        attack_cls = available_attacks()[name]
+        own = {k: v for k, v in cfg.attack_options.items() if k in attack_cls.option_names}
+        used |= own.keys()
+        attacks.append(make_attack(name, preset=cfg.preset, overrides=own))
+    unused = set(cfg.attack_options) - used
+    if unused:
+        raise RunError(f"option(s) {', '.join(sorted(unused))} do not apply to attack(s) {', '.join(cfg.attacks)}")
+    return attacks
+
+
+def capture_and_defend(oracle: WhiteBox, prompts: list[Prompt], defense: Defense, *, seed: int,
+                       batch_size: int) -> Leak:
+    """Targets from one forward pass per batch; noise from one generator per prompt, so a prompt's
+    defended states do not depend on batching, device or resumption."""
+    ids = torch.tensor([p.ids for p in prompts])
+    clean = torch.cat([oracle.capture(ids[i:i + batch_size]).cpu() for i in range(0, len(ids), batch_size)])
+    defended = torch.stack([
+        defense.apply(clean[i], generator=prompt_generator(seed, p.index, DEFENSE_NOISE_STREAM))
+        for i, p in enumerate(prompts)])
+    return Leak(prompts, clean, defended)
+
+
+def prompt_record(attack: str, prompt: Prompt, out: AttackOutput, row: int, decode: Callable) -> dict[str, Any]:
+    """One line of records.jsonl: what was recovered and how well."""
+    recovered = out.tokens[row].tolist()
+    target = list(prompt.ids)
+    recovered_text = decode(recovered)
+    losses = out.discrete_loss[row].double()
+    return {
+        "attack": attack,
+        "prompt_index": prompt.index,
+        "text": prompt.text,
+        "target_ids": target,
+        "recovered_ids": recovered,
+        "recovered_text": recovered_text,
+        "exact_match": metrics.exact_match(target=target, recovered=recovered),
+        "token_accuracy": metrics.token_accuracy(target=target, recovered=recovered),
+        "similarity": metrics.similarity(target_text=prompt.text, recovered_text=recovered_text),
+        "first_error": metrics.first_error(target=target, recovered=recovered),
+        "discrete_loss": [metrics.finite_or_none(x) for x in losses.tolist()],
+        "cumulative_discrete_loss": [metrics.finite_or_none(x) for x in losses.cumsum(0).tolist()],
+        "seconds_per_token": float(out.seconds[row].mean()),
+        **{key: [metrics.finite_or_none(x) for x in value[row].tolist()] for key, value in out.extras.items()},
+    }
+
+
+def attack_pending(attack: Attack, leak: Leak, oracle: WhiteBox, defense: Defense, *, seed: int, batch_size: int,
+                   done: set[int], records_path: Path, decode: Callable) -> None:
+    """Run one attack on the prompts it has not finished, a batch at a time, appending records."""
+    pending = [i for i, p in enumerate(leak.prompts) if p.index not in done]
+    if not pending:
+        return
+    tokens = leak.clean.shape[1]
+    batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
+    with tqdm(total=len(batches) * tokens, desc=f"{attack.name}: {len(pending)} prompts", unit="pos",
+              leave=False) as bar:
+        for rows in batches:
+            prompts = [leak.prompts[r] for r in rows]
+            out = attack.run(oracle, leak.defended[rows], defense=defense, prompt_indices=[p.index for p in prompts],
+                             seed=seed, progress=lambda done_, total: bar.update(1))
+            append_records(records_path, [prompt_record(attack.name, p, out, j, decode) for j, p in enumerate(prompts)])
+
+
+def summarise_attack(records: list[dict]) -> dict[str, Any]:
+    """Aggregates of one attack's records."""
+    seconds = [r["seconds_per_token"] for r in records]
+    total_tokens = sum(len(r["target_ids"]) for r in records)
+    total_seconds = sum(r["seconds_per_token"] * len(r["target_ids"]) for r in records)
+    final_loss = [r["cumulative_discrete_loss"][-1] for r in records]
+    final_loss = [float("inf") if x is None else x for x in final_loss]
+    failed = [not r["exact_match"] for r in records]
+    auroc = metrics.detector_auroc(scores=final_loss, failed=failed)
+    return {
+        "n": len(records),
+        "exact_match": sum(not f for f in failed) / len(records),
+        "token_accuracy": sum(r["token_accuracy"] for r in records) / len(records),
+        "similarity": sum(r["similarity"] for r in records) / len(records),
+        "detector_auroc": auroc,
+        "detector_note": None if auroc is not None else
+        ("undefined: every prompt was recovered exactly" if not any(failed) else "undefined: every prompt failed"),
+        "seconds_per_token": metrics.median(seconds),
+        "tokens_per_second": total_tokens / total_seconds if total_seconds > 0 else None,
+    }
+
+
+def prepare_out_dir(out: Path, config_record: dict[str, Any]) -> set[tuple[str, int]]:
+    """Create or resume the results folder; returns the (attack, prompt) pairs already done."""
+    config_path = out / "config.json"
+    if config_path.exists():
+        try:
+            previous = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, OSError) as exc:
+            raise RunError(f"{config_path} is unreadable ({exc}); remove it or choose another --out") from None
+        if previous.get("config_hash") != config_record["config_hash"]:
+            raise RunError(f"{out} holds a different run (config hash {previous.get('config_hash')} vs "
+                           f"{config_record['config_hash']}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(config_path, config_record)
+    records_path = out / "records.jsonl"
+    repair_records(records_path)
+    return {(r["attack"], r["prompt_index"]) for r in read_records(records_path)}
+
+
+def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    defense = make_defense(cfg.defense, cfg.defense_params)
+    attacks = build_attacks(cfg)
+    loaded: LoadedModel = load_model(cfg.model, seed=cfg.seed, notify=echo)
+    check_model_fits(loaded, cfg)
+    try:
+        oracle = WhiteBox(loaded.model.to(device), layer=cfg.layer)
+    except ValueError as exc:
+        raise RunError(f"--layer: {exc}") from None
+    prompts, dataset_source = load_prompts(cfg.dataset, tokenizer=loaded.tokenizer, n=cfg.n, tokens=cfg.tokens,
+                                           seed=cfg.seed, notify=echo)
+    defining = {"model": loaded.name, "model_recipe": loaded.recipe, "dataset": cfg.dataset, "n": cfg.n,
+                "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
+                "prompt_ids": [list(p.ids) for p in prompts], "defense": defense.describe(),
+                "attacks": {a.name: a.config_dict() for a in attacks}}
+    chash = config_hash(defining)
+    out = Path(cfg.out)
+    done = prepare_out_dir(out, {
+        "config_hash": chash, "command": cfg.to_dict(), "defining": defining, "model_source": loaded.source,
+        "dataset_source": dataset_source, "versions": package_versions(), "git_commit": git_commit(),
+        "device": device_name(device)})
+    echo(f"model {loaded.name} ({loaded.source}); {len(prompts)} prompts x {cfg.tokens} tokens from {dataset_source}")
+
+    leak = capture_and_defend(oracle, prompts, defense, seed=cfg.seed, batch_size=cfg.batch_size)
+    records_path = out / "records.jsonl"
+    for attack in attacks:
+        finished = {i for name, i in done if name == attack.name}
+        attack_pending(attack, leak, oracle, defense, seed=cfg.seed, batch_size=cfg.batch_size, done=finished,
+                       records_path=records_path, decode=loaded.tokenizer.decode)
+
+    wanted = {p.index for p in prompts}
+    by_attack: dict[str, dict[int, dict]] = {a.name: {} for a in attacks}
+    for record in read_records(records_path):
+        if record["attack"] in by_attack and record["prompt_index"] in wanted:
+            by_attack[record["attack"]][record["prompt_index"]] = record  # one per prompt, last wins
+    summary = {
+        "model": loaded.name, "model_source": loaded.source, "dataset": cfg.dataset, "dataset_source": dataset_source,
+        "n": len(prompts), "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
+        "defense": {**defense.describe(), **defense.guarantee()},
+        "attacks": {name: {**summarise_attack(list(recs.values())), "config": next(a for a in attacks if a.name == name).config_dict()}
+                    for name, recs in by_attack.items()},
+        "config_hash": chash, "device": device_name(device), "versions": package_versions(),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def check_model_fits(loaded: LoadedModel, cfg: RunConfig) -> None:
+    context = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(loaded.model.config, "n_positions", None)
+    if context and cfg.tokens > context:
+        raise RunError(f"--tokens {cfg.tokens} exceeds the context of {loaded.name} ({context} positions)")
