@@ -104,6 +104,14 @@ def nearest_tokens(proxy: torch.Tensor, embedding: torch.Tensor, *, k: int, metr
     return dist.topk(k, dim=-1, largest=False).indices
 
 
+def differentiable_simulate(defense, hidden: torch.Tensor) -> torch.Tensor:
+    """The defence's deterministic part with a usable gradient: its own where it has one
+    (clipping), else straight-through (quantisation's rounding has zero gradient)."""
+    if getattr(defense, "differentiable", True):
+        return defense.simulate(hidden)
+    return hidden + (defense.simulate(hidden) - hidden).detach()
+
+
 @register_attack
 class ContinuousAttack(Attack):
     name = "continuous"
@@ -122,7 +130,7 @@ class ContinuousAttack(Attack):
         unknown = set(overrides) - known
         if unknown:
             raise AttackError(f"continuous: unknown option(s) {', '.join(sorted(unknown))}")
-        return cls(replace(ContinuousConfig(), **PRESETS[preset], **overrides))
+        return cls(replace(ContinuousConfig(), **{**PRESETS[preset], **overrides}))
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
@@ -166,7 +174,7 @@ class ContinuousAttack(Attack):
             leaf = proxy[rows].clone().requires_grad_(True)
             with torch.enable_grad():
                 hidden = oracle.hidden(active_prefix, leaf[:, None, :])[:, 0]
-                loss = mse(defense.simulate(hidden), target[rows])
+                loss = mse(differentiable_simulate(defense, hidden), target[rows])
                 (grad,) = torch.autograd.grad(loss.sum(), leaf)
             lr = cosine_lr(base_lr=cfg.lr, step=k, total=cfg.steps)
             adam.step(proxy, clip_rows(grad, max_norm=cfg.clip_norm), rows=rows, lr=lr, count=k + 1)

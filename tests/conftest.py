@@ -1,0 +1,33 @@
+"""Shared fixtures: a seeded tiny GPT-2 and a few real-text prompts, offline."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from invbench.leaks.models import load_model
+from invbench.leaks.oracle import WhiteBox
+
+TEXTS = ["Hello world! The capital of France is Paris.", "Beginners BBQ Class Taking Place in Missoula!",
+         "The quick brown fox jumps over the lazy dog."]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Tests never wait on the network: the Hub counts as unreachable."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return load_model("tiny-gpt2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def oracle(tiny):
+    return WhiteBox(tiny.model)
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(tiny):
+    """(3, 4) token ids of real text."""
+    return torch.tensor([tiny.tokenizer(t, add_special_tokens=False)["input_ids"][:4] for t in TEXTS])
