@@ -22,6 +22,8 @@ class Defense:
     name: ClassVar[str] = "defense"
     #: Parameter names and their types, for `--param name=value` parsing and `invbench defenses`.
     param_types: ClassVar[dict[str, type]] = {}
+    #: Whether `simulate` has a useful gradient; attacks use a straight-through estimate if not.
+    differentiable: ClassVar[bool] = True
 
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.param_types)
@@ -55,9 +57,10 @@ class Defense:
         noise = self.noise(hidden.shape, generator=generator, dtype=hidden.dtype)
         return self.simulate(hidden) + noise.to(hidden.device)
 
-    def guarantee(self) -> dict[str, Any]:
+    def guarantee(self, tokens: int | None = None) -> dict[str, Any]:
         """Privacy guarantee, as {"epsilon", "delta", "neighbouring", "reason"}; epsilon None
-        when the defence has none."""
+        when the defence has none. `tokens` (the prompt length T), when given, lets a defence
+        with a guarantee add "epsilon_per_prompt" and "tokens"; overrides must accept it."""
         return {"epsilon": None, "delta": None, "neighbouring": None, "reason": "no formal guarantee"}
 
     def describe(self) -> dict[str, Any]:

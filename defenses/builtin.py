@@ -34,5 +34,5 @@ class Gaussian(Defense):
     def noise_std(self) -> float:
         return self.sigma
 
-    def guarantee(self) -> dict:
+    def guarantee(self, tokens: int | None = None) -> dict:
         return {"epsilon": None, "delta": None, "neighbouring": None, "reason": "unbounded sensitivity"}

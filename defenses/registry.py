@@ -56,17 +56,31 @@ def load_defense_class(spec: str) -> type[Defense]:
     return known[spec]
 
 
-def make_defense(spec: str, params: dict[str, Any]) -> Defense:
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
+               "false": False, "0": False, "no": False, "off": False}
+
+
+def _convert(kind: type, text: str) -> Any:
+    """A command-line string as `kind`; bool("false") would be True, so bools go by word."""
+    if kind is bool:
+        if text.strip().lower() not in _BOOL_WORDS:
+            raise ValueError(text)
+        return _BOOL_WORDS[text.strip().lower()]
+    return kind(text)
+
+
+def make_defense(spec: str, params: dict[str, Any] | None = None) -> Defense:
     """Instantiate a defence, converting string parameters with the class's `param_types`."""
     cls = load_defense_class(spec)
     converted = {}
-    for key, value in params.items():
+    for key, value in (params or {}).items():
+        key = key.replace("-", "_")  # --noise-multiplier and noise_multiplier name the same parameter
         if key not in cls.param_types:
             allowed = ", ".join(sorted(cls.param_types)) or "none"
             raise DefenseError(f"defence {cls.name!r} has no parameter {key!r}; allowed: {allowed}")
         kind = cls.param_types[key]
         try:
-            converted[key] = kind(value) if isinstance(value, str) else value
+            converted[key] = _convert(kind, value) if isinstance(value, str) else value
         except ValueError:
             raise DefenseError(f"defence {cls.name!r}: parameter {key}={value!r} is not a valid {kind.__name__}") from None
     try:

@@ -1,0 +1,165 @@
+"""dp: clip each hidden-state vector to L2 norm <= C, then add N(0, (Z*C)^2) per coordinate.
+
+The guarantee is that of one Gaussian mechanism per released vector. Neighbouring relation:
+replace one hidden-state vector by any other of norm <= C, so the L2 sensitivity is 2C and
+the mechanism is mu-GDP with mu = 2C / (Z*C) = 2/Z. A prompt of T vectors composes to
+mu * sqrt(T). mu is turned into (epsilon, delta) with Opacus's analysis functions: the exact
+GDP dual (`gdp.eps_from_mu`), falling back to RDP at q = 1 when that root search fails. The
+subsampled-Gaussian approximations (GaussianAccountant) are never used: they are far off at q = 1.
+
+With --epsilon/--delta instead of --noise-multiplier, Z is found by inverting the same exact
+GDP dual: brentq on mu over Opacus's `gdp.delta_eps_mu(eps=E, mu=mu) = D`, then Z = 2/mu, so
+the per-vector guarantee of the resulting defence is (E, D).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from opacus.accountants.analysis import gdp, rdp
+from opacus.accountants.rdp import RDPAccountant
+from scipy import optimize
+
+from .base import Defense, DefenseError
+from .registry import register_defense
+
+DEFAULT_DELTA = 1e-5
+# Opacus's eps_from_mu searches epsilon in [0, 500]; past that e^eps bounds nothing anyway.
+MAX_EPSILON = 500.0
+NEIGHBOURING = "replace-one: one hidden-state vector replaced by any other of norm <= C (L2 sensitivity 2C)"
+
+
+# --- math: Opacus-style, keyword-only --------------------------------------------------
+def epsilon_from_mu(*, mu: float, delta: float) -> tuple[float, str]:
+    """Epsilon at `delta` of a mu-GDP Gaussian mechanism, and the method used:
+    "gdp" (exact dual), "rdp" (RDP at q = 1, looser) or "none" (no meaningful guarantee,
+    epsilon = inf)."""
+    with warnings.catch_warnings():  # tiny noise makes both analyses warn; we report inf instead
+        warnings.simplefilter("ignore")
+        try:
+            return float(gdp.eps_from_mu(mu=mu, delta=delta)), "gdp"
+        except (ValueError, FloatingPointError, OverflowError):
+            pass
+        # One Gaussian release with sensitivity/std = mu is the q = 1, steps = 1 SGM with
+        # noise multiplier 1/mu.
+        orders = RDPAccountant.DEFAULT_ALPHAS
+        rdp_values = rdp.compute_rdp(q=1.0, noise_multiplier=1.0 / mu, steps=1, orders=orders)
+        eps, _ = rdp.get_privacy_spent(orders=orders, rdp=rdp_values, delta=delta)
+    eps = float(eps)
+    if not math.isfinite(eps) or eps > MAX_EPSILON:
+        return math.inf, "none"
+    return max(eps, 0.0), "rdp"
+
+
+def mu_from_epsilon(*, epsilon: float, delta: float) -> float:
+    """The mu whose exact GDP dual gives (epsilon, delta): brentq on Opacus's delta_eps_mu,
+    which grows with mu from 0 towards 1."""
+    def gap(mu: float) -> float:
+        return gdp.delta_eps_mu(eps=epsilon, mu=mu) - delta
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(optimize.brentq(gap, 1e-6, 100.0, xtol=1e-14, rtol=1e-14))
+
+
+# --- the defence -------------------------------------------------------------------------
+def _positive_float(value: Any, what: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise DefenseError(f"dp: {what} must be a number, got {value!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise DefenseError(f"dp: {what} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def clip_rows(hidden: torch.Tensor, clip: float) -> torch.Tensor:
+    """Scale each vector (last dim) to L2 norm <= clip; differentiable, any leading shape."""
+    work = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+    norm = torch.linalg.vector_norm(work, dim=-1, keepdim=True)
+    # clamp_min keeps the gradient finite at the zero vector (its scale is 1 anyway)
+    scale = (clip / norm.clamp_min(torch.finfo(work.dtype).tiny)).clamp(max=1.0)
+    return (work * scale).to(hidden.dtype)
+
+
+@register_defense
+class DP(Defense):
+    """Clip each vector to L2 norm <= clip, add N(0, (noise_multiplier*clip)^2); (epsilon, delta)
+    per vector (replace-one, sensitivity 2*clip) and per prompt (composition over its tokens).
+    Give noise_multiplier, or epsilon (and delta) to solve for it."""
+
+    name = "dp"
+    param_types = {"clip": float, "noise_multiplier": float, "epsilon": float, "delta": float}
+
+    def __init__(
+        self,
+        *,
+        clip: float | None = None,
+        noise_multiplier: float | None = None,
+        epsilon: float | None = None,
+        delta: float | None = None,
+    ) -> None:
+        given = {k: v for k, v in dict(clip=clip, noise_multiplier=noise_multiplier, epsilon=epsilon, delta=delta).items()
+                 if v is not None}
+        super().__init__(**given)
+        if clip is None:
+            raise DefenseError("dp: --clip is required (the L2 norm bound of each hidden-state vector)")
+        self.clip = _positive_float(clip, "--clip")
+        if delta is None:
+            delta = DEFAULT_DELTA
+        self.delta = _positive_float(delta, "--delta")
+        if not self.delta < 1:
+            raise DefenseError(f"dp: --delta must be in (0, 1), got {delta!r}")
+
+        if (noise_multiplier is None) == (epsilon is None):
+            raise DefenseError("dp: give exactly one of --noise-multiplier or --epsilon")
+        if noise_multiplier is not None:
+            self.noise_multiplier = _positive_float(noise_multiplier, "--noise-multiplier")
+        else:
+            target = _positive_float(epsilon, "--epsilon")
+            if target > MAX_EPSILON:
+                raise DefenseError(f"dp: --epsilon must be <= {MAX_EPSILON:g}, got {epsilon!r}")
+            try:
+                mu = mu_from_epsilon(epsilon=target, delta=self.delta)
+            except ValueError:
+                raise DefenseError(f"dp: no noise level gives epsilon={target:g} at delta={self.delta:g}") from None
+            self.noise_multiplier = 2.0 / mu  # per-vector mu = 2/Z
+        self.params = {k: float(v) for k, v in given.items()}
+
+    def simulate(self, hidden: torch.Tensor) -> torch.Tensor:
+        return clip_rows(hidden, self.clip)
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.clip
+
+    @property
+    def mu(self) -> float:
+        """GDP parameter of one released vector: sensitivity 2C over noise std Z*C."""
+        return 2.0 / self.noise_multiplier
+
+    def guarantee(self, tokens: int | None = None) -> dict[str, Any]:
+        """(epsilon, delta) per released vector; with `tokens` = T also per prompt of T vectors
+        (GDP composition: mu * sqrt(T))."""
+        eps, method = epsilon_from_mu(mu=self.mu, delta=self.delta)
+        out = {"epsilon": eps, "delta": self.delta, "neighbouring": NEIGHBOURING, "reason": _REASONS[method],
+               "mu": self.mu}
+        if tokens is not None:
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+                raise DefenseError(f"dp: tokens must be an int >= 1, got {tokens!r}")
+            out["tokens"] = tokens
+            out["epsilon_per_prompt"], method_prompt = epsilon_from_mu(mu=self.mu * math.sqrt(tokens), delta=self.delta)
+            out["reason_per_prompt"] = _REASONS[method_prompt]
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "derived": {"noise_multiplier": self.noise_multiplier, "noise_std": self.noise_std}}
+
+
+_REASONS = {
+    "gdp": "Gaussian mechanism, exact GDP conversion (opacus gdp.eps_from_mu)",
+    "rdp": "Gaussian mechanism, RDP at q=1 (opacus rdp.compute_rdp + get_privacy_spent); exact GDP search failed",
+    "none": "no meaningful guarantee (noise too small: epsilon beyond 500)",
+}
