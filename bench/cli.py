@@ -47,6 +47,34 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def defence_options(func):
+    """--defense with its named parameters and the generic --param."""
+    options = [
+        click.option("--defense", default="none", show_default=True,
+                     help="Defence name (see `invbench defenses`) or path/to/file.py:ClassName."),
+        click.option("--sigma", type=float, default=None, help="gaussian: noise standard deviation."),
+        click.option("--clip", type=float, default=None, help="dp: L2 clipping norm C per vector."),
+        click.option("--noise-multiplier", type=float, default=None, help="dp: noise std / C."),
+        click.option("--epsilon", type=float, default=None, help="dp: target epsilon (instead of --noise-multiplier)."),
+        click.option("--delta", type=float, default=None, help="dp: delta [1e-5]."),
+        click.option("--bits", type=int, default=None, help="quantize: bits (1..16)."),
+        click.option("--scheme", default=None, help="quantize: per-vector or per-tensor."),
+        click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Defence parameter (repeatable)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+NAMED_DEFENCE_FLAGS = ("sigma", "clip", "noise_multiplier", "epsilon", "delta", "bits", "scheme")
+
+
+def defence_params(opts: dict[str, Any]) -> dict[str, Any]:
+    params: dict[str, Any] = parse_params(opts["params"])
+    params.update({k: opts[k] for k in NAMED_DEFENCE_FLAGS if opts[k] is not None})
+    return params
+
+
 @cli.command()
 @click.option("--model", default=None, help="Alias (gpt2, smollm2-135m, tiny-gpt2, gpt2-random), Hugging Face id or "
               "local directory. Default gpt2, falling back to smollm2-135m when GPT-2 is not available offline.")
@@ -67,10 +95,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--loss-threshold", type=click.FloatRange(min=0), default=None, help="continuous: early-exit loss.")
 @click.option("--init", type=click.Choice(["random", "zeros"]), default=None, help="continuous: proxy start.")
 @click.option("--metric", type=click.Choice(["l1", "l2", "cosine"]), default=None, help="continuous: candidate metric.")
-@click.option("--defense", default="none", show_default=True,
-              help="Defence name (see `invbench defenses`) or path/to/file.py:ClassName.")
-@click.option("--sigma", type=float, default=None, help="gaussian: noise standard deviation.")
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Defence parameter (repeatable).")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="projection: step budget per position.")
+@click.option("--beam", type=click.IntRange(min=1), default=None, help="scan: beam width over positions.")
+@defence_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Prompts attacked together.")
 @click.option("--out", default="runs/latest", show_default=True,
@@ -86,11 +113,9 @@ def run(**opts: Any) -> None:
     if reduced:
         click.echo(f"note: no GPU, so this is a reduced run ({', '.join(f'{k}={CPU_REDUCED[k]}' for k in reduced)}); "
                    "pass --n/--tokens/--preset to change it", err=True)
-    defense_params = parse_params(opts["params"])
-    if opts["sigma"] is not None:
-        defense_params["sigma"] = opts["sigma"]
-    attack_options = {k: opts[k] for k in ("steps", "candidates", "lr", "loss_threshold", "init", "metric")
-                      if opts[k] is not None}
+    defense_params = defence_params(opts)
+    attack_options = {k: opts[k] for k in ("steps", "candidates", "lr", "loss_threshold", "init", "metric",
+                                           "max_steps", "beam") if opts[k] is not None}
     cfg = RunConfig(model=opts["model"], dataset=opts["dataset"], n=opts["n"] or defaults["n"],
                     tokens=opts["tokens"] or defaults["tokens"], layer=opts["layer"], seed=opts["seed"],
                     device=opts["device"], attacks=parse_attack_list(opts["attack_spec"]),
@@ -102,21 +127,83 @@ def run(**opts: Any) -> None:
     click.echo(f"results: {cfg.out}/summary.json (per prompt: {cfg.out}/records.jsonl)")
 
 
+@cli.command()
+def defenses() -> None:
+    """List every registered defence (built-in and plug-in) with its parameters."""
+    from invbench.defenses import available_defenses
+
+    for name, cls in sorted(available_defenses().items()):
+        params = ", ".join(f"{p}: {t.__name__}" for p, t in cls.param_types.items()) or "no parameters"
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        click.echo(f"{name:<10} {params:<60} {doc}")
+
+
+@cli.command()
+@click.option("--model", default=None, help="As for `invbench run`.")
+@click.option("--dataset", default="c4", show_default=True)
+@click.option("--n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of texts.")
+@click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens per text.")
+@click.option("--layer", type=int, default=-1, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@defence_options
+@click.option("--out", default=None, help="Also write the result as JSON to this file.")
+def utility(**opts: Any) -> None:
+    """The defence's cost alone (no attack): LM-head agreement, KL, perplexity ratio, cosine."""
+    from .results import write_json_atomic
+    from .runner import utility_only
+
+    cfg = RunConfig(model=opts["model"], dataset=opts["dataset"], n=opts["n"], tokens=opts["tokens"],
+                    layer=opts["layer"], seed=opts["seed"], device=opts["device"], defense=opts["defense"],
+                    defense_params=defence_params(opts))
+    result = utility_only(cfg, echo=lambda line: click.echo(line, err=True))
+    click.echo(format_utility(result))
+    if opts["out"]:
+        from pathlib import Path
+
+        write_json_atomic(Path(opts["out"]), result)
+
+
+def format_defence(defense: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
+    text = f"defence {defense['name']}{f' ({params})' if params else ''}"
+    if defense.get("epsilon") is not None:
+        text += f", epsilon {defense['epsilon']:.3g} per vector at delta {defense['delta']:g}"
+        if defense.get("epsilon_per_prompt") is not None:
+            text += f", {defense['epsilon_per_prompt']:.3g} per prompt"
+    elif defense.get("reason"):
+        text += f" (epsilon: {defense['reason']})"
+    return text
+
+
+def format_utility(result: dict[str, Any]) -> str:
+    u = result["utility"]
+    lines = [f"{result['model']} | {result['dataset']} | {result['n']} texts x {result['tokens']} tokens | "
+             f"{format_defence(result['defense'])}"]
+    lines += [f"  {key:<18} {fmt(value, '.4f')}" for key, value in u.items() if key != "note"]
+    if u.get("note"):
+        lines.append(f"  note: {u['note']}")
+    return "\n".join(lines)
+
+
 def fmt(value: Any, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The result table printed at the end of a run."""
-    defense = summary["defense"]
-    params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
     lines = [f"{summary['model']} | {summary['dataset']} | {summary['n']} prompts x {summary['tokens']} tokens | "
-             f"defence {defense['name']}{f' ({params})' if params else ''}",
+             f"{format_defence(summary['defense'])}",
              f"{'attack':<12} {'exact':>6} {'tok acc':>8} {'similar':>8} {'det AUROC':>10} {'s/token':>9} {'tok/s':>8}"]
     for name, m in summary["attacks"].items():
         lines.append(f"{name:<12} {fmt(m['exact_match']):>6} {fmt(m['token_accuracy']):>8} {fmt(m['similarity']):>8} "
                      f"{fmt(m['detector_auroc']):>10} {fmt(m['seconds_per_token'], '.4f'):>9} "
                      f"{fmt(m['tokens_per_second'], '.1f'):>8}")
+    u = summary.get("utility", {})
+    lines.append("utility: " + ", ".join(f"{k} {fmt(v, '.4f')}" for k, v in u.items() if k != "note"))
+    if len(summary["attacks"]) > 1:
+        w = summary["worst_case"]
+        lines.append("worst case: " + ", ".join(f"{k} {fmt(v['value'])} ({v['attack']})" for k, v in w.items()))
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .config import RunConfig, config_hash, device_name, git_commit, package_versions
+from .utility import cosine_only, utility_metrics
 from .results import append_records, read_records, repair_records, write_json_atomic
 from invbench.attacks import Attack, AttackOutput, available_attacks, make_attack
 from invbench.attacks.base import prompt_generator
@@ -116,8 +117,9 @@ def attack_pending(attack: Attack, leak: Leak, oracle: WhiteBox, defense: Defens
             append_records(records_path, [prompt_record(attack.name, p, out, j, decode) for j, p in enumerate(prompts)])
 
 
-def summarise_attack(records: list[dict]) -> dict[str, Any]:
-    """Aggregates of one attack's records."""
+def summarise_attack(records: list[dict], *, flag_threshold: float) -> dict[str, Any]:
+    """Aggregates of one attack's records, with the failure detector scored on the cumulative
+    discrete loss (failed prompts are the positives)."""
     seconds = [r["seconds_per_token"] for r in records]
     total_tokens = sum(len(r["target_ids"]) for r in records)
     total_seconds = sum(r["seconds_per_token"] * len(r["target_ids"]) for r in records)
@@ -133,6 +135,9 @@ def summarise_attack(records: list[dict]) -> dict[str, Any]:
         "detector_auroc": auroc,
         "detector_note": None if auroc is not None else
         ("undefined: every prompt was recovered exactly" if not any(failed) else "undefined: every prompt failed"),
+        "detector_tpr_at_1pct_fpr": metrics.tpr_at_fpr(scores=final_loss, failed=failed, fpr=0.01),
+        "detector_threshold": flag_threshold,
+        "detector_flag_rate": sum(x > flag_threshold for x in final_loss) / len(records),
         "seconds_per_token": metrics.median(seconds),
         "tokens_per_second": total_tokens / total_seconds if total_seconds > 0 else None,
     }
@@ -188,6 +193,9 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any
         attack_pending(attack, leak, oracle, defense, seed=cfg.seed, batch_size=cfg.batch_size, done=finished,
                        records_path=records_path, decode=loaded.tokenizer.decode)
 
+    utility = defence_utility(loaded, leak, layer=cfg.layer)
+    flag_threshold = metrics.default_flag_threshold(noise_std=defense.noise_std, tokens=cfg.tokens,
+                                                    dim=leak.clean.shape[-1])
     wanted = {p.index for p in prompts}
     by_attack: dict[str, dict[int, dict]] = {a.name: {} for a in attacks}
     for record in read_records(records_path):
@@ -196,14 +204,49 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any
     summary = {
         "model": loaded.name, "model_source": loaded.source, "dataset": cfg.dataset, "dataset_source": dataset_source,
         "n": len(prompts), "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
-        "defense": {**defense.describe(), **defense.guarantee()},
-        "attacks": {name: {**summarise_attack(list(recs.values())), "config": next(a for a in attacks if a.name == name).config_dict()}
+        "defense": {**defense.describe(), **defense.guarantee(tokens=cfg.tokens)},
+        "utility": utility,
+        "attacks": {name: {**summarise_attack(list(recs.values()), flag_threshold=flag_threshold),
+                           "config": next(a for a in attacks if a.name == name).config_dict()}
                     for name, recs in by_attack.items()},
         "config_hash": chash, "device": device_name(device), "versions": package_versions(),
         "wall_seconds": time.perf_counter() - started,
     }
+    summary["worst_case"] = metrics.worst_case(summary["attacks"])
+    summary = metrics.json_safe(summary)
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def defence_utility(loaded: LoadedModel, leak: Leak, *, layer: int) -> dict[str, Any]:
+    """What the defence costs the model, from the clean and defended states of the same prompts:
+    through the model's own LM head at the last layer, cosine only elsewhere."""
+    n_layers = loaded.model.config.num_hidden_layers
+    if layer not in (-1, n_layers):
+        return {**cosine_only(clean=leak.clean, defended=leak.defended),
+                "note": f"layer {layer} is not the last: the LM-head utility does not apply, cosine only"}
+    ids = torch.tensor([p.ids for p in leak.prompts])
+    next_ids = torch.cat([ids[:, 1:], torch.full((len(ids), 1), -100)], dim=1)  # the last position has no next token
+    head = loaded.model.get_output_embeddings()
+    return utility_metrics(lm_head=head, clean=leak.clean.to(head.weight.device),
+                           defended=leak.defended.to(head.weight.device), next_ids=next_ids.to(head.weight.device))
+
+
+def utility_only(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """`invbench utility`: the defence's cost alone (no attack), for privacy-utility curves."""
+    device = resolve_device(cfg.device)
+    defense = make_defense(cfg.defense, cfg.defense_params)
+    loaded = load_model(cfg.model, seed=cfg.seed, notify=echo)
+    check_model_fits(loaded, cfg)
+    oracle = WhiteBox(loaded.model.to(device), layer=cfg.layer)
+    prompts, dataset_source = load_prompts(cfg.dataset, tokenizer=loaded.tokenizer, n=cfg.n, tokens=cfg.tokens,
+                                           seed=cfg.seed, notify=echo)
+    leak = capture_and_defend(oracle, prompts, defense, seed=cfg.seed, batch_size=cfg.batch_size)
+    return metrics.json_safe({
+        "model": loaded.name, "dataset": cfg.dataset, "dataset_source": dataset_source, "n": len(prompts),
+        "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
+        "defense": {**defense.describe(), **defense.guarantee(tokens=cfg.tokens)},
+        "utility": defence_utility(loaded, leak, layer=cfg.layer), "versions": package_versions()})
 
 
 def check_model_fits(loaded: LoadedModel, cfg: RunConfig) -> None:
