@@ -1,0 +1,91 @@
+"""End to end through the command line: files written, resume, one-line errors."""
+import json
+
+import pytest
+from opacus.accountants.analysis.gdp import eps_from_mu
+
+from invbench.cli import main
+from invbench import runner
+
+BASE = ["run", "--model", "tiny-gpt2", "--attack", "continuous", "--preset", "fast", "--n", "3", "--tokens", "3",
+        "--device", "cpu"]
+
+
+def invoke(args, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_run_writes_config_records_and_summary(tmp_path, capsys):
+    code, out, _ = invoke(BASE + ["--defense", "none", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["attacks"]["continuous"]["exact_match"] == 1.0
+    assert {"model", "dataset", "n", "tokens", "seed", "defense", "attacks", "config_hash", "utility"} <= set(summary)
+    assert summary["utility"]["top1_agreement"] == 1.0 and summary["utility"]["kl_clean_defended"] == pytest.approx(0, abs=1e-6)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["config_hash"] == summary["config_hash"] and config["versions"]["torch"]
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [r["prompt_index"] for r in records] == [0, 1, 2]
+    assert all(r["recovered_ids"] == r["target_ids"] for r in records)
+    assert "continuous" in out and "1.000" in out
+
+
+def test_rerun_resumes_without_redoing_finished_prompts(tmp_path, capsys, monkeypatch):
+    args = BASE + ["--out", str(tmp_path)]
+    assert invoke(args, capsys)[0] == 0
+    path = tmp_path / "records.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + lines[2][:25])  # the last prompt lost, its line torn mid-write
+    attacked = []
+    original = runner.attack_pending
+
+    def spy(attack, leak, *a, done, **kw):
+        attacked.extend(p.index for p in leak.prompts if p.index not in done)
+        return original(attack, leak, *a, done=done, **kw)
+
+    monkeypatch.setattr(runner, "attack_pending", spy)
+    assert invoke(args, capsys)[0] == 0
+    assert attacked == [2]
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["prompt_index"] for r in records) == [0, 1, 2]
+    assert json.loads((tmp_path / "summary.json").read_text())["attacks"]["continuous"]["n"] == 3
+
+
+def test_foreign_output_folder_is_refused(tmp_path, capsys):
+    assert invoke(BASE + ["--out", str(tmp_path)], capsys)[0] == 0
+    code, _, err = invoke(BASE + ["--seed", "7", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "holds a different run" in err
+
+
+def test_dp_run_reports_opacus_epsilon_and_utility(tmp_path, capsys):
+    args = ["run", "--model", "tiny-gpt2", "--defense", "dp", "--clip", "1", "--noise-multiplier", "1", "--n", "2",
+            "--tokens", "2", "--steps", "30", "--device", "cpu", "--out", str(tmp_path)]
+    assert invoke(args, capsys)[0] == 0
+    defense = json.loads((tmp_path / "summary.json").read_text())["defense"]
+    assert defense["epsilon"] == pytest.approx(eps_from_mu(mu=2.0, delta=1e-5))  # replace-one: mu = 2C / (Z C)
+    assert defense["neighbouring"].startswith("replace-one")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--attack", "nope"], "unknown attack"),
+    (["--defense", "nope"], "unknown defence"),
+    (["--defense", "gaussian", "--sigma", "-1"], "sigma"),
+    (["--model", "no/such-model-here"], "cannot load"),
+    (["--dataset", "missing.txt"], "not found"),
+    (["--layer", "9"], "out of range"),
+    (["--tokens", "5000"], "exceeds the context"),
+    (["--param", "sigma"], "name=value"),
+    (["--defense", "gaussian", "--param", "bits=3"], "no parameter"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    code, _, err = invoke(BASE + ["--out", str(tmp_path)] + extra, capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
