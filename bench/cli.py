@@ -20,9 +20,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from invbench.leaks.models import ModelLoadError
     from invbench.leaks.prompts import DatasetError
 
+    from .lock import LockedError
+    from .protocols import ProtocolError
     from .runner import RunError
 
-    return AttackError, DefenseError, ModelLoadError, DatasetError, RunError
+    return AttackError, DefenseError, ModelLoadError, DatasetError, RunError, LockedError, ProtocolError, OSError
 
 
 def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -216,9 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.Abort):
-        click.echo("interrupted: finished prompts are saved in the results folder; rerun the same command to resume",
-                   err=True)
+    except (KeyboardInterrupt, click.Abort) as exc:
+        click.echo(str(exc) or "interrupted: finished prompts are saved in the results folder; rerun the same "
+                   "command to resume", err=True)
         sys.exit(130)
     except user_errors() as exc:
         if debug:

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
+from .lock import RunLock
 from .config import RunConfig, config_hash, device_name, git_commit, package_versions
 from .utility import cosine_only, utility_metrics
 from .results import append_records, read_records, repair_records, write_json_atomic
@@ -29,6 +30,10 @@ DEFENSE_NOISE_STREAM = 1  # generator stream for defence noise (attacks use stre
 
 class RunError(ValueError):
     """A run cannot start or continue (bad option, foreign output folder, ...)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during attacks: the message says what was saved and how to resume."""
 
 
 @dataclass
@@ -70,10 +75,25 @@ def capture_and_defend(oracle: WhiteBox, prompts: list[Prompt], defense: Defense
     defended states do not depend on batching, device or resumption."""
     ids = torch.tensor([p.ids for p in prompts])
     clean = torch.cat([oracle.capture(ids[i:i + batch_size]).cpu() for i in range(0, len(ids), batch_size)])
-    defended = torch.stack([
-        defense.apply(clean[i], generator=prompt_generator(seed, p.index, DEFENSE_NOISE_STREAM))
-        for i, p in enumerate(prompts)])
+    defended = torch.stack([defend_one(defense, clean[i], prompt_generator(seed, p.index, DEFENSE_NOISE_STREAM))
+                            for i, p in enumerate(prompts)])
     return Leak(prompts, clean, defended)
+
+
+def defend_one(defense: Defense, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Apply a (possibly outside) defence to one prompt's states and check what comes back, so a
+    broken plug-in is named here rather than failing deep inside an attack."""
+    label = f"defence {defense.name!r} ({type(defense).__module__}.{type(defense).__name__})"
+    try:
+        out = defense.apply(hidden, generator=generator)
+    except Exception as exc:
+        raise RunError(f"{label} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(out, torch.Tensor) or out.shape != hidden.shape or out.dtype != hidden.dtype:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RunError(f"{label} returned {got}; expected a tensor of shape {tuple(hidden.shape)} and dtype {hidden.dtype}")
+    if not torch.isfinite(out).all():
+        raise RunError(f"{label} returned NaN or infinite values")
+    return out
 
 
 def prompt_record(attack: str, prompt: Prompt, out: AttackOutput, row: int, decode: Callable) -> dict[str, Any]:
@@ -110,10 +130,24 @@ def attack_pending(attack: Attack, leak: Leak, oracle: WhiteBox, defense: Defens
     batches = [pending[i:i + batch_size] for i in range(0, len(pending), batch_size)]
     with tqdm(total=len(batches) * tokens, desc=f"{attack.name}: {len(pending)} prompts", unit="pos",
               leave=False) as bar:
-        for rows in batches:
+        while batches:
+            rows = batches.pop(0)
             prompts = [leak.prompts[r] for r in rows]
-            out = attack.run(oracle, leak.defended[rows], defense=defense, prompt_indices=[p.index for p in prompts],
-                             seed=seed, progress=lambda done_, total: bar.update(1))
+            try:
+                out = attack.run(oracle, leak.defended[rows], defense=defense, prompt_indices=[p.index for p in prompts],
+                                 seed=seed, progress=lambda done_, total: bar.update(1))
+            except torch.OutOfMemoryError:
+                if len(rows) == 1:
+                    raise RunError(f"{attack.name}: out of memory with a single prompt; use a smaller model or "
+                                   "--device cpu") from None
+                half = len(rows) // 2
+                batches[:0] = [rows[:half], rows[half:]]  # prompts keep their own seeds: results are unchanged
+                bar.total += 2 * tokens
+                tqdm.write(f"note: {attack.name} ran out of GPU memory on {len(rows)} prompts; retrying as two "
+                           f"batches of {half} and {len(rows) - half}")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
             append_records(records_path, [prompt_record(attack.name, p, out, j, decode) for j, p in enumerate(prompts)])
 
 
@@ -180,42 +214,50 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any
                 "attacks": {a.name: a.config_dict() for a in attacks}}
     chash = config_hash(defining)
     out = Path(cfg.out)
-    done = prepare_out_dir(out, {
-        "config_hash": chash, "command": cfg.to_dict(), "defining": defining, "model_source": loaded.source,
-        "dataset_source": dataset_source, "versions": package_versions(), "git_commit": git_commit(),
-        "device": device_name(device)})
-    echo(f"model {loaded.name} ({loaded.source}); {len(prompts)} prompts x {cfg.tokens} tokens from {dataset_source}")
-
-    leak = capture_and_defend(oracle, prompts, defense, seed=cfg.seed, batch_size=cfg.batch_size)
     records_path = out / "records.jsonl"
-    for attack in attacks:
-        finished = {i for name, i in done if name == attack.name}
-        attack_pending(attack, leak, oracle, defense, seed=cfg.seed, batch_size=cfg.batch_size, done=finished,
-                       records_path=records_path, decode=loaded.tokenizer.decode)
+    with RunLock(out):
+        done = prepare_out_dir(out, {
+            "config_hash": chash, "command": cfg.to_dict(), "defining": defining, "model_source": loaded.source,
+            "dataset_source": dataset_source, "versions": package_versions(), "git_commit": git_commit(),
+            "device": device_name(device)})
+        echo(f"model {loaded.name} ({loaded.source}); {len(prompts)} prompts x {cfg.tokens} tokens from {dataset_source}")
+        leak = capture_and_defend(oracle, prompts, defense, seed=cfg.seed, batch_size=cfg.batch_size)
+        try:
+            for attack in attacks:
+                finished = {i for name, i in done if name == attack.name}
+                attack_pending(attack, leak, oracle, defense, seed=cfg.seed, batch_size=cfg.batch_size,
+                               done=finished, records_path=records_path, decode=loaded.tokenizer.decode)
+        except KeyboardInterrupt:
+            saved = len(read_records(records_path))
+            raise RunInterrupted(f"interrupted: {saved} prompt results are saved in {records_path}; "
+                                 "rerun the same command to resume") from None
+        summary = {
+            "model": loaded.name, "model_source": loaded.source, "dataset": cfg.dataset,
+            "dataset_source": dataset_source, "n": len(prompts), "tokens": cfg.tokens, "layer": cfg.layer,
+            "seed": cfg.seed, "defense": {**defense.describe(), **defense.guarantee(tokens=cfg.tokens)},
+            "utility": defence_utility(loaded, leak, layer=cfg.layer),
+            "attacks": summarise_attacks(attacks, read_records(records_path), prompts, flag_threshold=(
+                metrics.default_flag_threshold(noise_std=defense.noise_std, tokens=cfg.tokens,
+                                               dim=leak.clean.shape[-1]))),
+            "config_hash": chash, "device": device_name(device), "versions": package_versions(),
+            "wall_seconds": time.perf_counter() - started,
+        }
+        summary["worst_case"] = metrics.worst_case(summary["attacks"])
+        summary = metrics.json_safe(summary)
+        write_json_atomic(out / "summary.json", summary)
+    return summary
 
-    utility = defence_utility(loaded, leak, layer=cfg.layer)
-    flag_threshold = metrics.default_flag_threshold(noise_std=defense.noise_std, tokens=cfg.tokens,
-                                                    dim=leak.clean.shape[-1])
+
+def summarise_attacks(attacks: list[Attack], records: list[dict], prompts: list[Prompt], *,
+                      flag_threshold: float) -> dict[str, dict]:
+    """Per attack: aggregates over this run's prompts (the last record of a prompt wins)."""
     wanted = {p.index for p in prompts}
     by_attack: dict[str, dict[int, dict]] = {a.name: {} for a in attacks}
-    for record in read_records(records_path):
+    for record in records:
         if record["attack"] in by_attack and record["prompt_index"] in wanted:
-            by_attack[record["attack"]][record["prompt_index"]] = record  # one per prompt, last wins
-    summary = {
-        "model": loaded.name, "model_source": loaded.source, "dataset": cfg.dataset, "dataset_source": dataset_source,
-        "n": len(prompts), "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
-        "defense": {**defense.describe(), **defense.guarantee(tokens=cfg.tokens)},
-        "utility": utility,
-        "attacks": {name: {**summarise_attack(list(recs.values()), flag_threshold=flag_threshold),
-                           "config": next(a for a in attacks if a.name == name).config_dict()}
-                    for name, recs in by_attack.items()},
-        "config_hash": chash, "device": device_name(device), "versions": package_versions(),
-        "wall_seconds": time.perf_counter() - started,
-    }
-    summary["worst_case"] = metrics.worst_case(summary["attacks"])
-    summary = metrics.json_safe(summary)
-    write_json_atomic(out / "summary.json", summary)
-    return summary
+            by_attack[record["attack"]][record["prompt_index"]] = record
+    return {a.name: {**summarise_attack(list(by_attack[a.name].values()), flag_threshold=flag_threshold),
+                     "config": a.config_dict()} for a in attacks}
 
 
 def defence_utility(loaded: LoadedModel, leak: Leak, *, layer: int) -> dict[str, Any]:
