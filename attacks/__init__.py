@@ -2,6 +2,7 @@
 from .base import Attack, AttackError, AttackOutput
 from .registry import available_attacks, make_attack, parse_attack_list, register_attack
 from . import continuous  # noqa: F401  (registers the attack)
+from . import projection, scan  # noqa: F401
 
 __all__ = ["Attack", "AttackError", "AttackOutput", "available_attacks", "make_attack", "parse_attack_list",
            "register_attack"]

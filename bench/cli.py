@@ -98,7 +98,12 @@ def defence_params(opts: dict[str, Any]) -> dict[str, Any]:
 @click.option("--init", type=click.Choice(["random", "zeros"]), default=None, help="continuous: proxy start.")
 @click.option("--metric", type=click.Choice(["l1", "l2", "cosine"]), default=None, help="continuous: candidate metric.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="projection: step budget per position.")
+@click.option("--noisy-max-steps", type=click.IntRange(min=1), default=None,
+              help="projection: step budget per position under a noisy defence.")
 @click.option("--beam", type=click.IntRange(min=1), default=None, help="scan: beam width over positions.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="scan: sequences per forward pass.")
+@click.option("--recheck", type=click.IntRange(min=2), default=None,
+              help="scan: shortlist re-checked in float32 after a bf16 scan (CUDA).")
 @defence_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Prompts attacked together.")
@@ -117,7 +122,8 @@ def run(**opts: Any) -> None:
                    "pass --n/--tokens/--preset to change it", err=True)
     defense_params = defence_params(opts)
     attack_options = {k: opts[k] for k in ("steps", "candidates", "lr", "loss_threshold", "init", "metric",
-                                           "max_steps", "beam") if opts[k] is not None}
+                                           "max_steps", "noisy_max_steps", "beam", "chunk_size", "recheck")
+                      if opts[k] is not None}
     cfg = RunConfig(model=opts["model"], dataset=opts["dataset"], n=opts["n"] or defaults["n"],
                     tokens=opts["tokens"] or defaults["tokens"], layer=opts["layer"], seed=opts["seed"],
                     device=opts["device"], attacks=parse_attack_list(opts["attack_spec"]),

@@ -1,0 +1,163 @@
+"""Exhaustive nearest-hidden-state decoding.
+
+Per position t, with the prefix x1..x(t-1) committed, compute the hidden state of every vocabulary
+token placed after the prefix (one batched pass over the vocabulary, chunked to `chunk_size` rows
+per forward, on the prefix's KV cache), apply the defence's deterministic part (`simulate`), and
+commit the token whose simulated state is nearest (MSE, i.e. L2) to the defended target h~t.
+Without a defence this is exact (the map is injective); under Gaussian noise it is the maximum-
+likelihood token for that position. Recorded per position: the committed token's MSE
+(discrete_loss) and `margin`, the MSE of the runner-up minus that of the best: how decisively the
+position was decided (large on clean states, small once noise swamps the differences).
+
+Beam search (`beam` > 1) keeps the `beam` prefixes of smallest cumulative MSE per prompt; the
+prefixes then differ, so each prompt's batch rows are its beams (B * beam rows).
+
+Precision: on CUDA the scan runs under bf16 autocast, which can rank the vocabulary but not decide
+between near ties (DESIGN.md: tf32 put the true token at 1.4e-5, wrong ones from 1.4e-4), so the
+`recheck` nearest by the low-precision distance are recomputed in float32 and the float32
+distances decide. On CPU (where bf16 is slower, not faster) everything runs in float32; the
+`precision` field forces either path for tests.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from .base import Attack, AttackError, AttackOutput, Progress, mse
+from .registry import register_attack
+
+# All presets are the same attack: the scan is exhaustive, nothing for a preset to trade.
+PRESETS = ("fast", "baseline", "high-acc")
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    beam: int = 1  # prefixes kept per prompt (1: greedy)
+    chunk_size: int = 4096  # sequences per forward pass (all prompts' and beams' rows together)
+    recheck: int = 64  # shortlist recomputed in float32 after a low-precision scan
+    precision: str = "auto"  # auto: bfloat16 on CUDA, float32 elsewhere
+
+    def validate(self) -> None:
+        if self.beam < 1 or self.chunk_size < 1:
+            raise AttackError(f"scan: --beam and --chunk-size must be >= 1, got {self.beam} and {self.chunk_size}")
+        if self.recheck < max(2, self.beam):
+            raise AttackError(f"scan: --recheck must be >= 2 and >= --beam, got {self.recheck}")
+        if self.precision not in PRECISIONS:
+            raise AttackError(f"scan: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def low_precision(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype of the full scan, or None for float32 throughout."""
+        if self.precision == "auto":
+            return torch.bfloat16 if device.type == "cuda" else None
+        return torch.bfloat16 if self.precision == "bfloat16" else None
+
+
+def cast_prefix(prefix, dtype: torch.dtype):
+    """The prefix's KV cache in `dtype`, so that autocast's keys and the cached ones concatenate
+    in one dtype (the cache is computed in float32)."""
+    if prefix.length == 0:
+        return prefix
+    return replace(prefix, keys=[k.to(dtype) for k in prefix.keys], values=[v.to(dtype) for v in prefix.values])
+
+
+@torch.no_grad()
+def vocabulary_distances(oracle, prefix, target: torch.Tensor, defense, *, chunk_size: int,
+                         autocast: torch.dtype | None) -> torch.Tensor:
+    """MSE (R, V) between simulate(hidden state of every token after each of R prefixes) and each
+    row's target (R, d). At most `chunk_size` sequences per forward; only distances are kept."""
+    vocab = oracle.vocab_size
+    shared = prefix.length == 0  # the empty prefix is the same for every row: scan it once
+    if shared:
+        prefix = prefix.select(torch.zeros(1, dtype=torch.long))
+    elif autocast is not None:
+        prefix = cast_prefix(prefix, autocast)
+    per_chunk = max(1, chunk_size // prefix.batch)
+    parts = []
+    for start in range(0, vocab, per_chunk):
+        embeds = oracle.embedding[start:start + per_chunk].expand(prefix.batch, -1, -1)
+        with torch.autocast(oracle.device.type, dtype=autocast) if autocast is not None else nullcontext():
+            hidden = oracle.hidden(prefix, embeds)
+        hidden = defense.simulate(hidden.float())
+        if shared:  # (1, m, d) against every row's target; cdist's direct kernel keeps tiny distances exact
+            sq = torch.cdist(target, hidden[0], compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+            parts.append(sq / target.shape[-1])
+        else:
+            parts.append(mse(hidden, target[:, None, :]))
+    return torch.cat(parts, dim=1)
+
+
+@register_attack
+class ScanAttack(Attack):
+    name = "scan"
+    option_names = frozenset({"beam", "chunk_size", "recheck"})
+
+    def __init__(self, config: ScanConfig) -> None:
+        config.validate()
+        self.config = config
+
+    @classmethod
+    def from_options(cls, *, preset: str | None, overrides: dict[str, Any]) -> "ScanAttack":
+        if preset is not None and preset not in PRESETS:
+            raise AttackError(f"scan: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        unknown = set(overrides) - set(ScanConfig.__dataclass_fields__)
+        if unknown:
+            raise AttackError(f"scan: unknown option(s) {', '.join(sorted(unknown))}")
+        return cls(replace(ScanConfig(), **overrides))
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
+            progress: Progress | None = None) -> AttackOutput:
+        batch, length, _ = targets.shape
+        targets = targets.to(oracle.device)
+        device = oracle.device
+        # Beam state per prompt: k live prefixes (k = 1 before the first position), their cumulative
+        # MSE, and per-position histories that follow each prefix when beams are reordered.
+        seqs = torch.zeros(batch, 1, 0, dtype=torch.long, device=device)
+        scores = torch.zeros(batch, 1, device=device)
+        losses = torch.zeros(batch, 1, 0, device=device)
+        margins = torch.zeros(batch, 1, 0, device=device)
+        seconds = torch.zeros(batch, length)
+        for t in range(length):
+            start = time.perf_counter()
+            k = seqs.shape[1]
+            prefix = oracle.prefix(seqs.reshape(batch * k, t))
+            goal = targets[:, t].repeat_interleave(k, dim=0)  # row b * k + j is beam j of prompt b
+            ids, dist = self._shortlist(oracle, prefix, goal, defense)  # (B k, K), ascending float32 MSE
+            width = ids.shape[1]
+            # extend every beam by every shortlisted token; keep the best `beam` per prompt
+            total = (scores.reshape(batch * k, 1) + dist).reshape(batch, k * width)
+            best = total.topk(min(self.config.beam, k * width), dim=1, largest=False)
+            parent, column = best.indices // width, best.indices % width
+            prompt = torch.arange(batch, device=device)[:, None]
+            flat = prompt * k + parent  # row of each kept extension in the (B k) layout
+            seqs = torch.cat([seqs[prompt, parent], ids[flat, column][..., None]], dim=2)
+            losses = torch.cat([losses[prompt, parent], dist[flat, column][..., None]], dim=2)
+            margin = dist[:, 1] - dist[:, 0]  # per expanded row: runner-up minus best
+            margins = torch.cat([margins[prompt, parent], margin[flat][..., None]], dim=2)
+            scores = best.values
+            seconds[:, t] = (time.perf_counter() - start) / batch
+            if progress:
+                progress(t + 1, length)
+        # topk sorts ascending: beam 0 has the smallest cumulative MSE
+        return AttackOutput(seqs[:, 0].cpu(), losses[:, 0].cpu(), seconds, {"margin": margins[:, 0].cpu()})
+
+    def _shortlist(self, oracle, prefix, goal: torch.Tensor, defense) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the nearest tokens (R, K) and their float32 MSE (R, K), nearest first. K covers
+        the beam and a runner-up (for the margin); after a low-precision scan it is `recheck`."""
+        cfg = self.config
+        autocast = cfg.low_precision(oracle.device)
+        dist = vocabulary_distances(oracle, prefix, goal, defense, chunk_size=cfg.chunk_size, autocast=autocast)
+        width = min(oracle.vocab_size, cfg.recheck if autocast is not None else max(2, cfg.beam))
+        dist, ids = dist.topk(width, dim=1, largest=False)
+        if autocast is not None:  # the float32 distances decide
+            dist = oracle.hidden_of_tokens(prefix, ids, reduce=lambda hidden, _: mse(defense.simulate(hidden), goal[:, None, :]))
+            dist, order = dist.sort(dim=1)
+            ids = ids.gather(1, order)
+        return ids, dist

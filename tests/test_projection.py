@@ -1,0 +1,111 @@
+"""projection (SIPIT's per-step projection loop) on the seeded tiny GPT-2, full GPT-2 vocabulary."""
+import pytest
+import torch
+
+from invbench.attacks import AttackError, available_attacks, make_attack
+from invbench.attacks.base import mse
+from invbench.attacks.projection import ProjectionAttack, ProjectionConfig, nearest_unbanned, reset_period, step_lr
+from invbench.defenses import make_defense
+
+NONE = make_defense("none", {})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The loop is many tiny ops; on a shared 2-core machine a second thread only waits (25x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def committed_loss(oracle, tokens, targets, defense):
+    """MSE of each committed token's simulated hidden state (after the committed prefix) vs the target."""
+    return mse(defense.simulate(oracle.capture(tokens)), targets)
+
+
+# --- pieces -------------------------------------------------------------------------------
+def test_registered_presets_and_options():
+    assert "projection" in available_attacks()
+    assert ProjectionAttack.option_names == {"max_steps", "noisy_max_steps"}
+    for preset in (None, "fast", "baseline", "high-acc"):  # all presets are the same attack
+        assert make_attack("projection", preset=preset).config == ProjectionConfig()
+    assert (ProjectionConfig().max_steps, ProjectionConfig().noisy_max_steps) == (5000, 200)
+    assert make_attack("projection", overrides={"max_steps": 7}).config.max_steps == 7
+    with pytest.raises(AttackError):
+        make_attack("projection", preset="turbo")
+    with pytest.raises(AttackError):
+        make_attack("projection", overrides={"steps": 3})
+    with pytest.raises(AttackError):
+        make_attack("projection", overrides={"noisy_max_steps": 0})
+
+
+def test_reset_period_and_lr_schedule():
+    assert reset_period(50257, 0, base=50) == 150 and reset_period(50257, 1, base=50) == 50
+    assert reset_period(20000, 0, base=50) == 50
+    assert step_lr(0, period=150, lr=1.0, lr_min=0.01) == 1.0
+    assert step_lr(75, period=150, lr=1.0, lr_min=0.01) == pytest.approx(0.505)
+    assert step_lr(150, period=150, lr=1.0, lr_min=0.01) == pytest.approx(0.01)
+    assert step_lr(400, period=150, lr=1.0, lr_min=0.01) == pytest.approx(0.01)
+
+
+def test_nearest_unbanned_skips_banned_tokens():
+    embedding = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    proxy = torch.tensor([[0.9, 0.0], [0.9, 0.0]])
+    banned = torch.tensor([[False, False, False], [False, True, False]])
+    ids = nearest_unbanned(proxy, embedding, embedding.pow(2).sum(-1), banned)
+    assert ids.tolist() == [1, 0]
+
+
+# --- the attack ---------------------------------------------------------------------------
+def test_recovers_every_prompt_exactly(oracle, prompt_ids):
+    targets = oracle.capture(prompt_ids)
+    out = make_attack("projection").run(oracle, targets, defense=NONE, prompt_indices=[0, 1, 2], seed=0)
+    assert torch.equal(out.tokens, prompt_ids)
+    assert out.extras["exhausted"].sum() == 0
+    assert (out.extras["steps"] >= 1).all()
+    assert out.discrete_loss.max() < 1e-9
+    assert torch.allclose(out.discrete_loss, committed_loss(oracle, out.tokens, targets, NONE), atol=1e-10)
+    assert out.seconds.shape == prompt_ids.shape and (out.seconds > 0).all()
+
+
+@pytest.mark.parametrize("lr", [1.0, 0.1])  # lr 0.1: prompts finish after different step counts
+def test_batched_equals_one_prompt_at_a_time(oracle, prompt_ids, lr):
+    attack = ProjectionAttack(ProjectionConfig(lr=lr))
+    targets = oracle.capture(prompt_ids)
+    batched = attack.run(oracle, targets, defense=NONE, prompt_indices=[10, 11, 12], seed=3)
+    if lr == 0.1:
+        assert len(batched.extras["steps"].unique()) > 1  # rows really leave the batch at different steps
+    for row, index in enumerate([10, 11, 12]):
+        alone = attack.run(oracle, targets[row:row + 1], defense=NONE, prompt_indices=[index], seed=3)
+        assert torch.equal(alone.tokens[0], batched.tokens[row])
+        assert torch.equal(alone.extras["steps"][0], batched.extras["steps"][row])
+
+
+def test_budget_runs_out_commits_best_verified(oracle, prompt_ids):
+    targets = oracle.capture(prompt_ids)
+    out = ProjectionAttack(ProjectionConfig(max_steps=1, lr=0.1)).run(
+        oracle, targets, defense=NONE, prompt_indices=[0, 1, 2], seed=0)
+    exhausted = out.extras["exhausted"].bool()
+    assert exhausted.any() and (out.extras["steps"] == 1).all()
+    assert torch.allclose(out.discrete_loss, committed_loss(oracle, out.tokens, targets, NONE), atol=1e-10)
+    assert (out.discrete_loss[exhausted] > 1e-3).all()  # one random candidate checked: a wrong token
+
+
+def test_quantised_targets_recovered_exactly(oracle, prompt_ids):
+    quantize = make_defense("quantize", {"bits": 8})
+    targets = quantize.apply(oracle.capture(prompt_ids), generator=torch.Generator().manual_seed(0))
+    out = make_attack("projection").run(oracle, targets, defense=quantize, prompt_indices=[0, 1, 2], seed=0)
+    assert torch.equal(out.tokens, prompt_ids)
+    assert out.extras["exhausted"].sum() == 0
+
+
+def test_heavy_noise_exhausts_the_noisy_budget(oracle, prompt_ids):
+    noisy = make_defense("gaussian", {"sigma": 1.0})
+    targets = noisy.apply(oracle.capture(prompt_ids[:2]), generator=torch.Generator().manual_seed(0))
+    attack = make_attack("projection", overrides={"noisy_max_steps": 60})  # default 200: same path, 3x the time
+    out = attack.run(oracle, targets, defense=noisy, prompt_indices=[0, 1], seed=0)
+    assert (out.extras["steps"] == 60).all()  # max_steps (5000) does not apply under noise
+    assert (out.extras["exhausted"] == 1).all()
+    assert torch.isfinite(out.discrete_loss).all() and (out.discrete_loss > 0.5).all()  # noise floor sigma^2 = 1
+    assert torch.allclose(out.discrete_loss, committed_loss(oracle, out.tokens, targets, noisy), rtol=1e-5)
