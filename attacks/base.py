@@ -8,7 +8,7 @@ discrete loss is what the ground-truth-free failure detector scores.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -43,15 +43,42 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).mean(dim=-1)
 
 
+def simulate_with_gradient(defense, hidden: torch.Tensor) -> torch.Tensor:
+    """The defence's deterministic part with a usable gradient: its own where it has one
+    (clipping), else straight-through (quantisation's rounding has zero gradient)."""
+    if getattr(defense, "differentiable", True):
+        return defense.simulate(hidden)
+    return hidden + (defense.simulate(hidden) - hidden).detach()
+
+
 class Attack:
-    """Base class: subclasses set `name`, hold a config dataclass, implement `run`."""
+    """Base class: subclasses set `name`, `config_class` (a dataclass with `validate()`), their
+    `presets` (name -> field values) and implement `run`."""
 
     name: ClassVar[str] = "attack"
+    config_class: ClassVar[type]
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"fast": {}, "baseline": {}, "high-acc": {}}
+    default_preset: ClassVar[str] = "baseline"
     #: Options (CLI flags such as --steps) this attack accepts as overrides.
     option_names: ClassVar[frozenset[str]] = frozenset()
 
+    def __init__(self, config) -> None:
+        config.validate()
+        self.config = config
+
+    @classmethod
+    def from_options(cls, *, preset: str | None, overrides: dict[str, Any]) -> "Attack":
+        """The config of a preset (default `default_preset`) with option overrides on top."""
+        preset = preset or cls.default_preset
+        if preset not in cls.presets:
+            raise AttackError(f"{cls.name}: unknown preset {preset!r}; choose from {', '.join(cls.presets)}")
+        unknown = set(overrides) - set(cls.config_class.__dataclass_fields__)
+        if unknown:
+            raise AttackError(f"{cls.name}: unknown option(s) {', '.join(sorted(unknown))}")
+        return cls(replace(cls.config_class(), **{**cls.presets[preset], **overrides}))
+
     def config_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+        return asdict(self.config)
 
     def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
             progress: Progress | None = None) -> AttackOutput:

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from .base import Attack, AttackError, AttackOutput, Progress, mse, prompt_generator
+from .base import Attack, AttackError, AttackOutput, Progress, mse, prompt_generator, simulate_with_gradient
 from .registry import register_attack
 
 PRESETS = {
@@ -104,36 +103,12 @@ def nearest_tokens(proxy: torch.Tensor, embedding: torch.Tensor, *, k: int, metr
     return dist.topk(k, dim=-1, largest=False).indices
 
 
-def differentiable_simulate(defense, hidden: torch.Tensor) -> torch.Tensor:
-    """The defence's deterministic part with a usable gradient: its own where it has one
-    (clipping), else straight-through (quantisation's rounding has zero gradient)."""
-    if getattr(defense, "differentiable", True):
-        return defense.simulate(hidden)
-    return hidden + (defense.simulate(hidden) - hidden).detach()
-
-
 @register_attack
 class ContinuousAttack(Attack):
     name = "continuous"
+    config_class = ContinuousConfig
+    presets = PRESETS
     option_names = frozenset(ContinuousConfig.__dataclass_fields__) - {"betas", "eps"}
-
-    def __init__(self, config: ContinuousConfig) -> None:
-        config.validate()
-        self.config = config
-
-    @classmethod
-    def from_options(cls, *, preset: str | None, overrides: dict[str, Any]) -> "ContinuousAttack":
-        preset = preset or "baseline"
-        if preset not in PRESETS:
-            raise AttackError(f"continuous: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        known = {f for f in ContinuousConfig.__dataclass_fields__}
-        unknown = set(overrides) - known
-        if unknown:
-            raise AttackError(f"continuous: unknown option(s) {', '.join(sorted(unknown))}")
-        return cls(replace(ContinuousConfig(), **{**PRESETS[preset], **overrides}))
-
-    def config_dict(self) -> dict[str, Any]:
-        return asdict(self.config)
 
     def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
             progress: Progress | None = None) -> AttackOutput:
@@ -174,7 +149,7 @@ class ContinuousAttack(Attack):
             leaf = proxy[rows].clone().requires_grad_(True)
             with torch.enable_grad():
                 hidden = oracle.hidden(active_prefix, leaf[:, None, :])[:, 0]
-                loss = mse(differentiable_simulate(defense, hidden), target[rows])
+                loss = mse(simulate_with_gradient(defense, hidden), target[rows])
                 (grad,) = torch.autograd.grad(loss.sum(), leaf)
             lr = cosine_lr(base_lr=cfg.lr, step=k, total=cfg.steps)
             adam.step(proxy, clip_rows(grad, max_norm=cfg.clip_norm), rows=rows, lr=lr, count=k + 1)

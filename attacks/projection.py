@@ -32,17 +32,13 @@ per prompt per step is checked, as in the reference.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from .base import Attack, AttackError, AttackOutput, Progress, mse, prompt_generator
+from .base import Attack, AttackError, AttackOutput, Progress, mse, prompt_generator, simulate_with_gradient
 from .registry import register_attack
 
-# All presets are the same attack: it is exact on clean states within the default budget, and
-# its cost is set by how fast it finds the token, not by a knob a preset could turn.
-PRESETS = ("fast", "baseline", "high-acc")
 
 
 @dataclass(frozen=True)
@@ -78,11 +74,6 @@ def matches(hidden: torch.Tensor, target: torch.Tensor, *, rtol: float, atol: fl
     return ((hidden - target).abs() <= atol + rtol * target.abs()).all(dim=-1)
 
 
-def straight_through(hidden: torch.Tensor, defense) -> torch.Tensor:
-    """simulate(hidden) in value, identity in gradient (quantisers have zero gradient a.e.)."""
-    return hidden + (defense.simulate(hidden) - hidden).detach()
-
-
 def unit_clip(grad: torch.Tensor) -> torch.Tensor:
     """Scale each row to unit L2 norm if its norm exceeds 1."""
     return grad / grad.norm(dim=-1, keepdim=True).clamp(min=1.0)
@@ -99,23 +90,8 @@ def nearest_unbanned(proxy: torch.Tensor, embedding: torch.Tensor, sq_norms: tor
 @register_attack
 class ProjectionAttack(Attack):
     name = "projection"
+    config_class = ProjectionConfig
     option_names = frozenset({"max_steps", "noisy_max_steps"})
-
-    def __init__(self, config: ProjectionConfig) -> None:
-        config.validate()
-        self.config = config
-
-    @classmethod
-    def from_options(cls, *, preset: str | None, overrides: dict[str, Any]) -> "ProjectionAttack":
-        if preset is not None and preset not in PRESETS:
-            raise AttackError(f"projection: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        unknown = set(overrides) - set(ProjectionConfig.__dataclass_fields__)
-        if unknown:
-            raise AttackError(f"projection: unknown option(s) {', '.join(sorted(unknown))}")
-        return cls(replace(ProjectionConfig(), **overrides))
-
-    def config_dict(self) -> dict[str, Any]:
-        return asdict(self.config)
 
     def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
             progress: Progress | None = None) -> AttackOutput:
@@ -190,6 +166,6 @@ class ProjectionAttack(Attack):
         leaf = proxy.detach().requires_grad_(True)
         with torch.enable_grad():
             hidden = oracle.hidden(prefix, leaf[:, None, :])[:, 0]
-            loss = mse(straight_through(hidden, defense), target)
+            loss = mse(simulate_with_gradient(defense, hidden), target)
             (grad,) = torch.autograd.grad(loss.sum(), leaf)  # rows are independent: the sum separates them
         return grad

