@@ -47,6 +47,9 @@ class ContinuousConfig:
     verify_threshold: float = 1e-5
     init: str = "random"  # random | zeros
     metric: str = "l1"  # l1 | l2 | cosine
+    # Reference mode: one prompt at a time, no KV cache, torch.optim.Adam and a candidate loop that
+    # stops at the first pass, as the published code does it. For speed comparisons and equivalence.
+    reference: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -116,6 +119,8 @@ class ContinuousAttack(Attack):
         targets = targets.to(oracle.device)
         init_ids = torch.stack([torch.randint(oracle.vocab_size, (length,), generator=prompt_generator(seed, i))
                                 for i in prompt_indices])
+        if self.config.reference:
+            return self._run_reference(oracle, targets, init_ids, defense, progress)
         tokens = torch.zeros(batch, length, dtype=torch.long)
         out = {key: torch.zeros(batch, length) for key in ("discrete_loss", "seconds", "continuous_loss", "steps", "fallback")}
         for t in range(length):
@@ -177,3 +182,62 @@ class ContinuousAttack(Attack):
             pick = torch.where(fallback, 0, passed.int().argmax(dim=1))  # first passing, else nearest
         rows = torch.arange(len(pick), device=pick.device)
         return candidates[rows, pick], losses[rows, pick], fallback
+
+    # --- reference mode -------------------------------------------------------------------------
+    def _run_reference(self, oracle, targets: torch.Tensor, init_ids: torch.Tensor, defense,
+                       progress: Progress | None) -> AttackOutput:
+        """The straightforward loop: each prompt alone, the whole sequence recomputed every step."""
+        batch, length, _ = targets.shape
+        tokens = torch.zeros(batch, length, dtype=torch.long)
+        out = {key: torch.zeros(batch, length) for key in ("discrete_loss", "seconds", "continuous_loss", "steps", "fallback")}
+        for b in range(batch):
+            for t in range(length):
+                start = time.perf_counter()
+                prefix = oracle.embedding[tokens[b, :t].to(oracle.device)]
+                proxy, steps, cont_loss = self._optimise_reference(oracle, prefix, targets[b, t], init_ids[b, t], defense)
+                chosen, disc_loss, fallback = self._commit_reference(oracle, prefix, proxy, targets[b, t], defense)
+                tokens[b, t] = chosen
+                for key, value in (("discrete_loss", disc_loss), ("continuous_loss", cont_loss), ("steps", steps),
+                                   ("fallback", fallback)):
+                    out[key][b, t] = float(value)
+                out["seconds"][b, t] = time.perf_counter() - start
+                if progress and b == batch - 1:
+                    progress(t + 1, length)
+        return AttackOutput(tokens, out.pop("discrete_loss"), out.pop("seconds"), out)
+
+    def _optimise_reference(self, oracle, prefix: torch.Tensor, target: torch.Tensor, init_id: torch.Tensor, defense):
+        cfg = self.config
+        start = oracle.embedding[init_id] if cfg.init == "random" else torch.zeros_like(oracle.embedding[0])
+        proxy = torch.nn.Parameter(start.clone())
+        optimiser = torch.optim.Adam([proxy], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=cfg.steps)
+        exit_below = cfg.loss_threshold + defense.noise_std ** 2
+        steps, loss = 0, torch.tensor(float("inf"))
+        for _ in range(cfg.steps):
+            optimiser.zero_grad()
+            with torch.enable_grad():
+                hidden = oracle.last_hidden(torch.cat([prefix, proxy[None]])[None])[0]
+                loss = mse(simulate_with_gradient(defense, hidden), target)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_([proxy], cfg.clip_norm)
+            optimiser.step()
+            schedule.step()
+            steps += 1
+            if loss.item() < exit_below:
+                break
+        return proxy.detach(), steps, loss.item()
+
+    def _commit_reference(self, oracle, prefix: torch.Tensor, proxy: torch.Tensor, target: torch.Tensor, defense):
+        cfg = self.config
+        k = min(cfg.candidates, oracle.vocab_size)
+        candidates = nearest_tokens(proxy[None], oracle.embedding, k=k, metric=cfg.metric)[0].tolist()
+        best, best_loss = candidates[0], float("inf")
+        for rank, candidate in enumerate(candidates):
+            with torch.no_grad():
+                hidden = oracle.last_hidden(torch.cat([prefix, oracle.embedding[candidate][None]])[None])[0]
+            loss = mse(defense.simulate(hidden), target).item()
+            if defense.noise_std == 0 and loss < cfg.verify_threshold:
+                return candidate, loss, False
+            if rank == 0 or (defense.noise_std > 0 and loss < best_loss):
+                best, best_loss = candidate, loss
+        return best, best_loss, True

@@ -76,6 +76,11 @@ class WhiteBox:
         embeds = self.embedding[ids.to(self.device)]
         return self._forward(embeds, cache=None, start=0).float()
 
+    def last_hidden(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Hidden state (B, d) at the last position of whole sequences of embeddings (B, L, d), with
+        no KV cache: what reference implementations compute every step. Differentiable."""
+        return self._forward(embeds, cache=None, start=0)[:, -1]
+
     @torch.no_grad()
     def prefix(self, ids: torch.Tensor) -> Prefix:
         """KV cache of committed prefixes (B, t); t may be 0."""

@@ -67,3 +67,17 @@ def test_noisy_targets_commit_the_best_candidate(oracle, prompt_ids):
     assert out.extras["steps"].max() <= 30
     assert out.extras["fallback"].all()
     assert (out.discrete_loss > 0.1).all()  # near the noise floor: sigma^2 = 0.25 per coordinate
+
+
+def test_reference_mode_commits_the_same_tokens(oracle, prompt_ids):
+    """The straightforward loop (one prompt, no KV cache, torch.optim.Adam, candidate loop) and
+    the batched attack agree for the same seeds."""
+    options = {"steps": 120, "candidates": 20}
+    targets = oracle.capture(prompt_ids)
+    batched = make_attack("continuous", preset="fast", overrides=options).run(
+        oracle, targets, defense=NONE, prompt_indices=[0, 1, 2], seed=3)
+    reference = make_attack("continuous", preset="fast", overrides={**options, "reference": True}).run(
+        oracle, targets, defense=NONE, prompt_indices=[0, 1, 2], seed=3)
+    assert torch.equal(reference.tokens, batched.tokens)
+    assert torch.equal(reference.tokens, prompt_ids)
+    assert torch.equal(reference.extras["steps"], batched.extras["steps"])
