@@ -1,0 +1,341 @@
+"""Privacy-utility curves: one point per grid point of a sweep, stored as JSON and plotted.
+
+A curve file lives at `leaderboards/<protocol>/curves/<defense>-<date>-<hash>.json`. It is read
+as data only (JSON, then validated field by field): a malformed file is reported by file and
+field in one line, never half-plotted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from .results import write_json_atomic
+
+FORMAT = "invbench-curve/1"
+
+
+class CurveError(ValueError):
+    """A curve file is missing or malformed, or there is nothing to plot; one line."""
+
+
+@dataclass
+class CurvePoint:
+    """One grid point: the defence parameters, the worst case over attacks, and the defence's cost."""
+
+    params: dict[str, Any]
+    worst_case_exact_match: float
+    worst_case_token_accuracy: float
+    top1_agreement: float | None
+    kl_clean_defended: float | None
+    epsilon: float | None
+    # Provenance and extras; optional when reading.
+    worst_case_exact_match_attack: str | None = None
+    worst_case_token_accuracy_attack: str | None = None
+    epsilon_per_prompt: float | None = None
+    perplexity_ratio: float | None = None
+    cosine: float | None = None
+    config_hash: str | None = None
+    run_dir: str | None = None
+
+    @classmethod
+    def from_summary(cls, params: dict[str, Any], summary: dict[str, Any], run_dir: str) -> "CurvePoint":
+        """A point from a run's summary.json (runner.run's return value)."""
+        worst, utility, defense = summary["worst_case"], summary.get("utility", {}), summary["defense"]
+        return cls(params=dict(params),
+                   worst_case_exact_match=worst["exact_match"]["value"],
+                   worst_case_token_accuracy=worst["token_accuracy"]["value"],
+                   top1_agreement=utility.get("top1_agreement"),
+                   kl_clean_defended=utility.get("kl_clean_defended"),
+                   epsilon=defense.get("epsilon"),
+                   worst_case_exact_match_attack=worst["exact_match"]["attack"],
+                   worst_case_token_accuracy_attack=worst["token_accuracy"]["attack"],
+                   epsilon_per_prompt=defense.get("epsilon_per_prompt"),
+                   perplexity_ratio=utility.get("perplexity_ratio"),
+                   cosine=utility.get("cosine"),
+                   config_hash=summary.get("config_hash"),
+                   run_dir=run_dir)
+
+    def label(self) -> str:
+        return ",".join(f"{k}={format_value(v)}" for k, v in self.params.items())
+
+
+@dataclass
+class Curve:
+    protocol: str
+    defense: str  # the defence's registered name
+    points: list[CurvePoint]
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    defense_spec: str | None = None  # as given (a name or path/to/file.py:Class)
+    protocol_settings: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    format: str = FORMAT
+    source: str | None = field(default=None, compare=False)  # the file it was read from; not stored
+
+    @property
+    def date(self) -> str:
+        return self.created[:10]
+
+    @property
+    def digest(self) -> str:
+        """Short hash of what the curve measured: protocol, defence and each point's run config."""
+        blob = json.dumps([self.protocol, self.defense_spec or self.defense,
+                           [(p.params, p.config_hash) for p in self.points]], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    @property
+    def file_name(self) -> str:
+        return f"{slug(self.defense)}-{self.date}-{self.digest}.json"
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the file holds: who and when first, the points last."""
+        data = asdict(self)
+        head = ("format", "protocol", "defense", "defense_spec", "created", "versions", "protocol_settings", "grid")
+        return {**{k: data[k] for k in head}, "date": self.date, "points": data["points"]}
+
+
+def format_value(value: Any) -> str:
+    """Short, lossless text for a parameter value: 1.0 -> '1', 0.001 -> '0.001', 0.123456789 kept."""
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe slug (`[a-z0-9-]`) of a defence name."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "defense"
+
+
+# --- store ---------------------------------------------------------------------------------
+def curves_dir(protocol_dir: Path) -> Path:
+    return Path(protocol_dir) / "curves"
+
+
+def save_curve(curve: Curve, board_dir: Path) -> Path:
+    """Write the curve under `board_dir/<protocol>/curves/` (atomically) and return its path."""
+    path = curves_dir(Path(board_dir) / curve.protocol) / curve.file_name
+    write_json_atomic(path, curve.to_dict())
+    return path
+
+
+def load_curve(path: Path) -> Curve:
+    """Read and validate one curve file; CurveError names the file and the bad field."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CurveError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CurveError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    try:
+        return dataclasses.replace(_validated(data), source=str(path))
+    except _FieldError as exc:
+        raise CurveError(f"{path}: field {exc.field!r} {exc.problem}") from None
+
+
+def load_curves(protocol_dir: Path, *, warn: Callable[[str], None] = print) -> list[Curve]:
+    """Every valid curve of a protocol, oldest first; malformed files are reported and skipped."""
+    curves = []
+    for path in sorted(curves_dir(protocol_dir).glob("*.json")):
+        try:
+            curves.append(load_curve(path))
+        except CurveError as exc:
+            warn(f"skipped {exc}")
+    return sorted(curves, key=lambda c: c.created)
+
+
+def latest_curves(curves: list[Curve]) -> dict[str, Curve]:
+    """The newest curve of each defence."""
+    return {c.defense: c for c in sorted(curves, key=lambda c: c.created)}
+
+
+# --- validation (data only: no code runs from a curve file) -----------------------------------
+class _FieldError(Exception):
+    def __init__(self, field_: str, problem: str) -> None:
+        super().__init__(field_, problem)
+        self.field, self.problem = field_, problem
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _get(data: dict, key: str, where: str, check: Callable[[Any], bool], expected: str, *, required: bool = True):
+    name = f"{where}{key}"
+    if key not in data:
+        if required:
+            raise _FieldError(name, "is missing")
+        return None
+    value = data[key]
+    if not check(value):
+        raise _FieldError(name, f"must be {expected}, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _fraction(value: Any) -> bool:
+    return _is_number(value) and 0 <= value <= 1
+
+
+def _number_or_null(value: Any) -> bool:
+    return value is None or _is_number(value)
+
+
+def _str_or_null(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, (str, bool)) or _is_number(value)
+
+
+def _params(value: Any) -> bool:
+    return isinstance(value, dict) and all(_scalar(v) for v in value.values())
+
+
+POINT_FIELDS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    # field: (check, what it must be, required)
+    "params": (_params, "an object of numbers, strings or booleans", True),
+    "worst_case_exact_match": (_fraction, "a number in [0, 1]", True),
+    "worst_case_token_accuracy": (_fraction, "a number in [0, 1]", True),
+    "top1_agreement": (lambda v: v is None or _fraction(v), "a number in [0, 1] or null", True),
+    "kl_clean_defended": (_number_or_null, "a number or null", True),
+    "epsilon": (_number_or_null, "a number or null", True),
+    "worst_case_exact_match_attack": (_str_or_null, "a string or null", False),
+    "worst_case_token_accuracy_attack": (_str_or_null, "a string or null", False),
+    "epsilon_per_prompt": (_number_or_null, "a number or null", False),
+    "perplexity_ratio": (_number_or_null, "a number or null", False),
+    "cosine": (_number_or_null, "a number or null", False),
+    "config_hash": (_str_or_null, "a string or null", False),
+    "run_dir": (_str_or_null, "a string or null", False),
+}
+
+
+def _validated(data: Any) -> Curve:
+    if not isinstance(data, dict):
+        raise _FieldError("(top level)", "must be a JSON object")
+    _get(data, "format", "", lambda v: v == FORMAT, f"{FORMAT!r}")
+    points = _get(data, "points", "", lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list")
+    parsed = []
+    for i, point in enumerate(points):
+        where = f"points[{i}]."
+        if not isinstance(point, dict):
+            raise _FieldError(f"points[{i}]", "must be an object")
+        values = {key: _get(point, key, where, check, expected, required=required)
+                  for key, (check, expected, required) in POINT_FIELDS.items()}
+        parsed.append(CurvePoint(**values))
+    is_dict = lambda v: isinstance(v, dict)  # noqa: E731
+    is_str = lambda v: isinstance(v, str) and v != ""  # noqa: E731
+    return Curve(
+        protocol=_get(data, "protocol", "", is_str, "a non-empty string"),
+        defense=_get(data, "defense", "", is_str, "a non-empty string"),
+        points=parsed,
+        grid=_get(data, "grid", "", is_dict, "an object", required=False) or {},
+        defense_spec=_get(data, "defense_spec", "", _str_or_null, "a string or null", required=False),
+        protocol_settings=_get(data, "protocol_settings", "", is_dict, "an object", required=False) or {},
+        versions=_get(data, "versions", "", is_dict, "an object"),
+        created=_get(data, "created", "", _iso_time, "an ISO date-time such as 2026-11-23T08:00:00+00:00"),
+    )
+
+
+def _iso_time(value: Any) -> bool:
+    try:
+        datetime.fromisoformat(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# --- plots --------------------------------------------------------------------------------
+PRIVACY = (("worst_case_exact_match", "exact match", "-", "o"),
+           ("worst_case_token_accuracy", "token accuracy", "--", "s"))
+
+
+def plot_curves(curves: list[Curve], path: Path, *, title: str | None = None,
+                labels: list[str] | None = None, faded: set[int] = frozenset()) -> Path:
+    """Privacy (worst-case exact match, token accuracy) against utility: top-1 agreement on the
+    left panel, KL(clean || defended) on the right; one colour per curve. `faded` curves (by index)
+    are drawn thin and translucent (earlier curves in a comparison)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on servers or CI
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    if not curves:
+        raise CurveError("no curves to plot")
+    labels = labels or [c.defense for c in curves]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), sharey=True, layout="constrained")
+    colours = plt.get_cmap("tab10")
+    for i, (curve, label) in enumerate(zip(curves, labels)):
+        style = {"color": colours(i % 10), "alpha": 0.45 if i in faded else 1.0, "lw": 1.0 if i in faded else 2.0}
+        _draw(left, curve, "top1_agreement", style, annotate=i not in faded)
+        _draw(right, curve, "kl_clean_defended", style, annotate=i not in faded)
+    left.set_xlabel("utility: top-1 agreement with the clean model (higher is better)")
+    right.set_xlabel("cost: KL(clean || defended), nats (lower is better)")
+    _kl_scale(right, curves)
+    left.set_ylabel("privacy leak: worst case over attacks (lower is more private)")
+    left.set_ylim(-0.03, 1.03)
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+    handles = [Line2D([], [], color=colours(i % 10), lw=2, alpha=0.45 if i in faded else 1.0, label=label)
+               for i, label in enumerate(labels)]
+    handles += [Line2D([], [], color="grey", ls=ls, marker=m, label=f"worst-case {name}") for _, name, ls, m in PRIVACY]
+    right.legend(handles=handles, loc="best", fontsize=8)
+    fig.suptitle(title or _default_title(curves))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _draw(ax, curve: Curve, x_key: str, style: dict, *, annotate: bool) -> None:
+    """Both privacy metrics of one curve against one utility metric. Each line runs along x (ties
+    by y), so a grid over several parameters still draws as a curve, not a zig-zag."""
+    points = [p for p in curve.points if getattr(p, x_key) is not None]
+    for key, _, ls, marker in PRIVACY:
+        xy = sorted((getattr(p, x_key), getattr(p, key)) for p in points)
+        ax.plot([x for x, _ in xy], [y for _, y in xy], ls=ls, marker=marker, **style)
+    if annotate:  # one label per spot: grid points that land together share it
+        spots: dict[tuple[float, float], list[str]] = {}
+        for p in points:
+            eps = f" (eps {p.epsilon:.3g})" if p.epsilon is not None else ""
+            spots.setdefault((getattr(p, x_key), p.worst_case_exact_match), []).append(p.label() + eps)
+        for xy, names in spots.items():
+            ax.annotate("; ".join(names), xy, textcoords="offset points", xytext=(4, 6), fontsize=7,
+                        color=style["color"])
+    ax.margins(x=0.08)  # room for the labels of the outermost points
+
+
+def _kl_scale(ax, curves: list[Curve]) -> None:
+    """KL spans decades and is 0 without noise: symlog keeps 0 on the axis, with the linear part
+    ending at a power of ten so that 0 and the first decade label do not collide."""
+    positive = [p.kl_clean_defended for c in curves for p in c.points if (p.kl_clean_defended or 0) > 0]
+    if positive:
+        ax.set_xscale("symlog", linthresh=10 ** math.floor(math.log10(min(positive))))
+
+
+def _default_title(curves: list[Curve]) -> str:
+    protocols = sorted({c.protocol for c in curves})
+    return f"privacy vs utility, protocol {', '.join(protocols)}"
+
+
+def compare(defense: str, protocol_dir: Path, path: Path, *, warn: Callable[[str], None] = print) -> list[Curve]:
+    """Plot a defence's latest curve against its earlier ones; returns the curves plotted, latest last."""
+    curves = [c for c in load_curves(protocol_dir, warn=warn) if c.defense == defense]
+    if not curves:
+        raise CurveError(f"no curves of defence {defense!r} under {curves_dir(protocol_dir)}")
+    labels = [f"{c.defense} {c.created} ({c.digest})" + (" latest" if i == len(curves) - 1 else "")
+              for i, c in enumerate(curves)]
+    plot_curves(curves, path, labels=labels, faded=set(range(len(curves) - 1)),
+                title=f"{defense}: latest curve against earlier ones, protocol {Path(protocol_dir).name}")
+    return curves

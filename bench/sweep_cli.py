@@ -1,0 +1,94 @@
+"""`invbench sweep` and `invbench curve`: privacy-utility curves from the command line.
+
+Registered on the main group at the end of cli.py. Heavy imports (torch, matplotlib, ray) stay
+inside the commands so `invbench --help` stays fast. Errors are SweepError, CurveError,
+ProtocolError or DefenseError (ValueErrors printed as one line by cli.main).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _echo_err(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_curve(curve) -> str:
+    """The sweep's table: one row per grid point."""
+    attacks = curve.protocol_settings.get("attacks") or sorted(
+        {p.worst_case_exact_match_attack for p in curve.points if p.worst_case_exact_match_attack})
+    width = max([len("params")] + [len(p.label()) for p in curve.points])
+    lines = [f"{curve.protocol} | {curve.defense} | {len(curve.points)} points | worst case over "
+             f"{', '.join(attacks) or '-'}",
+             f"{'params':<{width}} {'exact':>6} {'tok acc':>8} {'top-1':>6} {'KL':>9} {'epsilon':>8}  worst attack"]
+    for p in curve.points:
+        lines.append(f"{p.label():<{width}} {_fmt(p.worst_case_exact_match, '.3f'):>6} "
+                     f"{_fmt(p.worst_case_token_accuracy, '.3f'):>8} {_fmt(p.top1_agreement, '.3f'):>6} "
+                     f"{_fmt(p.kl_clean_defended, '.4f'):>9} {_fmt(p.epsilon, '.3g'):>8}  "
+                     f"{p.worst_case_exact_match_attack or '-'}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--defense", required=True, help="Defence name (see `invbench defenses`) or path/to/file.py:ClassName.")
+@click.option("--param", "params", multiple=True, metavar="NAME=V1,V2,...",
+              help="A swept defence parameter and its values (repeatable: several give the cartesian product).")
+@click.option("--protocol", default="quick", show_default=True, help="Protocol (see `invbench protocols`).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: one point after another; ray: grid points as Ray tasks (pip install 'invbench[ray]').")
+@click.option("--address", default=None, help="ray: address of an existing cluster (default: start a local instance).")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--runs-dir", default="runs", show_default=True,
+              help="Run folders go to RUNS_DIR/<protocol>/<defense>/<param=value,...>/; rerunning resumes.")
+@click.option("--board-dir", default="leaderboards", show_default=True,
+              help="The curve goes to BOARD_DIR/<protocol>/curves/<defense>-<date>-<hash>.json (and .png).")
+def sweep(**opts: Any) -> None:
+    """Run a protocol once per grid point of a defence's parameters; write the curve and its plot."""
+    from .curves import plot_curves, save_curve
+    from .sweep import parse_param_lists, sweep as run_sweep
+
+    grid = parse_param_lists(opts["params"])
+    curve = run_sweep(defense=opts["defense"], grid=grid, protocol=opts["protocol"], runs_dir=opts["runs_dir"],
+                      engine=opts["engine"], address=opts["address"], device=opts["device"], echo=_echo_err)
+    path = save_curve(curve, Path(opts["board_dir"]))
+    png = plot_curves([curve], path.with_suffix(".png"))
+    click.echo(format_curve(curve))
+    click.echo(f"curve: {path}")
+    click.echo(f"plot:  {png}")
+
+
+@click.command()
+@click.option("--defense", "defenses", multiple=True,
+              help="Defence to plot (repeatable; default: every defence with a curve under the protocol).")
+@click.option("--protocol", default="quick", show_default=True)
+@click.option("--compare", is_flag=True, help="Plot one defence's latest curve against its earlier ones.")
+@click.option("--board-dir", default="leaderboards", show_default=True)
+@click.option("--out", required=True, help="PNG file to write.")
+def curve(**opts: Any) -> None:
+    """Plot stored curves: the latest of each defence on one figure, or --compare one defence's history."""
+    from .curves import CurveError, compare, latest_curves, load_curves, plot_curves
+
+    protocol_dir = Path(opts["board_dir"]) / opts["protocol"]
+    if opts["compare"]:
+        if len(opts["defenses"]) != 1:
+            raise CurveError("--compare needs exactly one --defense")
+        shown = compare(opts["defenses"][0], protocol_dir, Path(opts["out"]), warn=_echo_err)
+    else:
+        latest = latest_curves(load_curves(protocol_dir, warn=_echo_err))
+        wanted = list(opts["defenses"]) or sorted(latest)
+        missing = [d for d in wanted if d not in latest]
+        if missing or not wanted:
+            raise CurveError(f"no curve of {', '.join(missing) or 'any defence'} under {protocol_dir / 'curves'}; "
+                             "run `invbench sweep` first")
+        shown = [latest[d] for d in wanted]
+        plot_curves(shown, Path(opts["out"]))
+    for c in shown:
+        click.echo(f"{c.defense:<12} {c.created}  {len(c.points)} points  {c.source}")
+    click.echo(f"plot: {opts['out']}")
