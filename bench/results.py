@@ -1,8 +1,14 @@
 """The results folder: config.json, records.jsonl (appended as prompts finish) and summary.json.
 
-Files are written atomically (temp file + os.replace) and records are appended one line per
-prompt and attack, flushed and fsynced, so an interrupted run loses at most the prompt in flight
-and a rerun resumes from what is on disk. A torn last line (killed mid-write) is ignored.
+What survives what:
+- JSON files are written atomically (temp file, fsync, os.replace): a reader, or a run killed at
+  any moment, sees the old file or the new one, never half of one.
+- records.jsonl gets one line per prompt and attack, appended and fsynced as each batch finishes.
+  An append that fails (full disk, Ctrl-C in the middle) is cut back to where it started, so the
+  file holds whole batches only; a process killed mid-append (SIGKILL, power) can leave a torn
+  last line, which readers skip and `repair_records` cuts off before a resume appends again.
+- Writing errors become ResultsError: one line naming the file and the reason, and what was
+  already saved is left as it was.
 """
 from __future__ import annotations
 
@@ -12,49 +18,110 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+FILE_MODE = 0o644  # results are meant to be read by others (mkstemp alone would make them private)
+
+
+class ResultsError(OSError):
+    """A results file cannot be written (disk full, read-only folder, no permission)."""
+
+
+def results_error(path: Path, exc: OSError, *, what: str = "write") -> ResultsError:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    error = ResultsError(f"cannot {what} {path} ({reason}); results saved before are unchanged: free space or "
+                         "choose a writable folder, then rerun the same command to resume")
+    error.errno = exc.errno
+    return error
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path = Path(path)
+    blob = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")  # bad data fails before any I/O
+    tmp = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, FILE_MODE)
+            _write_all(fd, blob)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except OSError as exc:
+        raise results_error(path, exc) from exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def read_records(path: Path) -> list[dict]:
-    """All complete records; a torn last line (no newline, or not JSON) is skipped."""
-    if not path.exists():
+    """All complete records; a torn last line (no newline) and lines that are not JSON objects
+    are skipped."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if not line.endswith("\n"):
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
             break
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
-def repair_records(path: Path) -> None:
-    """Cut a torn last line so that new records start on a line of their own."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        path.write_bytes(data[: data.rfind(b"\n") + 1])
+def repair_records(path: Path) -> int:
+    """Cut a torn last line so that new records start on a line of their own; returns the number
+    of bytes cut. os.truncate changes only the length: nothing before the torn line is rewritten,
+    so being killed here loses nothing."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    if not data or data.endswith(b"\n"):
+        return 0
+    keep = data.rfind(b"\n") + 1
+    try:
+        os.truncate(path, keep)
+    except OSError as exc:
+        raise results_error(path, exc, what="repair the torn last line of") from exc
+    return len(data) - keep
 
 
 def append_records(path: Path, records: Iterable[dict]) -> None:
-    lines = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(lines)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append whole lines, fsynced; on any failure (including Ctrl-C) the file is cut back to its
+    length before the call, so a batch is saved entirely or not at all."""
+    path = Path(path)
+    data = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records).encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    except OSError as exc:
+        raise results_error(path, exc) from exc
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except BaseException as exc:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass  # the torn tail is skipped by read_records and cut by repair_records
+            if isinstance(exc, OSError):
+                raise results_error(path, exc) from exc
+            raise
+    finally:
+        os.close(fd)

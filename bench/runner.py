@@ -5,6 +5,8 @@ One function per stage; each stage sees only what the stage before hands it.
 from __future__ import annotations
 
 import json
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,27 +74,72 @@ def build_attacks(cfg: RunConfig) -> list[Attack]:
 def capture_and_defend(oracle: WhiteBox, prompts: list[Prompt], defense: Defense, *, seed: int,
                        batch_size: int) -> Leak:
     """Targets from one forward pass per batch; noise from one generator per prompt, so a prompt's
-    defended states do not depend on batching, device or resumption."""
+    defended states do not depend on batching, device or resumption.
+
+    A defence only ever sees finite states: NaN or infinite captured states (a broken model or
+    dtype overflow) stop the run here, before any defence or attack."""
     ids = torch.tensor([p.ids for p in prompts])
     clean = torch.cat([oracle.capture(ids[i:i + batch_size]).cpu() for i in range(0, len(ids), batch_size)])
+    finite = torch.isfinite(clean).flatten(1).all(dim=1)
+    if not finite.all():
+        bad = [p.index for p, ok in zip(prompts, finite.tolist()) if not ok]
+        raise RunError(f"the model's hidden states at layer {oracle.layer} are NaN or infinite for {len(bad)} of "
+                       f"{len(prompts)} prompts (first: prompt {bad[0]}); check the model's weights and dtype")
+    check_defense(defense, clean[0])
     defended = torch.stack([defend_one(defense, clean[i], prompt_generator(seed, p.index, DEFENSE_NOISE_STREAM))
                             for i, p in enumerate(prompts)])
     return Leak(prompts, clean, defended)
 
 
+def one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines)[:300] or "(no message)"
+
+
+def defense_label(defense: Defense) -> str:
+    return f"defence {defense.name!r} ({type(defense).__module__}.{type(defense).__name__})"
+
+
+def _check_output(label: str, what: str, out: object, like: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor) or out.shape != like.shape or out.dtype != like.dtype:
+        got = f"shape {tuple(out.shape)} and dtype {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RunError(f"{label}: {what} returned {got}; expected a tensor of shape {tuple(like.shape)} and "
+                       f"dtype {like.dtype}")
+    if out.device != like.device:
+        raise RunError(f"{label}: {what} returned a tensor on {out.device}; expected it on {like.device}")
+    if not torch.isfinite(out).all():
+        bad = (~torch.isfinite(out)).sum().item()
+        raise RunError(f"{label}: {what} returned NaN or infinite values ({bad} of {out.numel()}); "
+                       "a defence must return finite hidden states")
+
+
+def check_defense(defense: Defense, sample: torch.Tensor) -> None:
+    """What attacks use of a (possibly outside) defence, checked once on real states: `simulate`
+    and `noise_std`. A broken plug-in is named here rather than failing deep inside an attack."""
+    label = defense_label(defense)
+    try:
+        simulated = defense.simulate(sample.clone())
+    except Exception as exc:
+        raise RunError(f"{label}: simulate raised {type(exc).__name__}: {one_line(exc)}") from exc
+    _check_output(label, "simulate", simulated, sample)
+    try:
+        std = defense.noise_std
+        ok = isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std) and std >= 0
+    except Exception as exc:
+        raise RunError(f"{label}: noise_std raised {type(exc).__name__}: {one_line(exc)}") from exc
+    if not ok:
+        raise RunError(f"{label}: noise_std is {std!r}; expected a finite number >= 0")
+
+
 def defend_one(defense: Defense, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Apply a (possibly outside) defence to one prompt's states and check what comes back, so a
     broken plug-in is named here rather than failing deep inside an attack."""
-    label = f"defence {defense.name!r} ({type(defense).__module__}.{type(defense).__name__})"
+    label = defense_label(defense)
     try:
-        out = defense.apply(hidden, generator=generator)
+        out = defense.apply(hidden.clone(), generator=generator)
     except Exception as exc:
-        raise RunError(f"{label} raised {type(exc).__name__}: {exc}") from exc
-    if not isinstance(out, torch.Tensor) or out.shape != hidden.shape or out.dtype != hidden.dtype:
-        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise RunError(f"{label} returned {got}; expected a tensor of shape {tuple(hidden.shape)} and dtype {hidden.dtype}")
-    if not torch.isfinite(out).all():
-        raise RunError(f"{label} returned NaN or infinite values")
+        raise RunError(f"{label}: apply raised {type(exc).__name__}: {one_line(exc)}") from exc
+    _check_output(label, "apply", out, hidden)
     return out
 
 
@@ -121,8 +168,10 @@ def prompt_record(attack: str, prompt: Prompt, out: AttackOutput, row: int, deco
 
 
 def attack_pending(attack: Attack, leak: Leak, oracle: WhiteBox, defense: Defense, *, seed: int, batch_size: int,
-                   done: set[int], records_path: Path, decode: Callable) -> None:
-    """Run one attack on the prompts it has not finished, a batch at a time, appending records."""
+                   done: set[int], records_path: Path, decode: Callable,
+                   echo: Callable[[str], None] = print) -> None:
+    """Run one attack on the prompts it has not finished, a batch at a time, appending records.
+    Out of GPU memory, a batch is split in two and retried (one line to `echo` per split)."""
     pending = [i for i, p in enumerate(leak.prompts) if p.index not in done]
     if not pending:
         return
@@ -133,20 +182,23 @@ def attack_pending(attack: Attack, leak: Leak, oracle: WhiteBox, defense: Defens
         while batches:
             rows = batches.pop(0)
             prompts = [leak.prompts[r] for r in rows]
+            position = bar.n
             try:
                 out = attack.run(oracle, leak.defended[rows], defense=defense, prompt_indices=[p.index for p in prompts],
                                  seed=seed, progress=lambda done_, total: bar.update(1))
             except torch.OutOfMemoryError:
                 if len(rows) == 1:
-                    raise RunError(f"{attack.name}: out of memory with a single prompt; use a smaller model or "
+                    raise RunError(f"{attack.name}: out of GPU memory with a single prompt; use a smaller model or "
                                    "--device cpu") from None
                 half = len(rows) // 2
                 batches[:0] = [rows[:half], rows[half:]]  # prompts keep their own seeds: results are unchanged
-                bar.total += 2 * tokens
-                tqdm.write(f"note: {attack.name} ran out of GPU memory on {len(rows)} prompts; retrying as two "
-                           f"batches of {half} and {len(rows) - half}")
+                bar.total += tokens
+                bar.n = position  # the positions the failed batch got through are done again
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                with tqdm.external_write_mode(file=sys.stderr):
+                    echo(f"note: {attack.name} ran out of GPU memory on {len(rows)} prompts; retrying as two "
+                         f"batches of {half} and {len(rows) - half}")
                 continue
             append_records(records_path, [prompt_record(attack.name, p, out, j, decode) for j, p in enumerate(prompts)])
 
@@ -177,60 +229,91 @@ def summarise_attack(records: list[dict], *, flag_threshold: float) -> dict[str,
     }
 
 
-def prepare_out_dir(out: Path, config_record: dict[str, Any]) -> set[tuple[str, int]]:
-    """Create or resume the results folder; returns the (attack, prompt) pairs already done."""
+STALE_TEMP_GLOBS = (".config.json.*.tmp", ".summary.json.*.tmp")  # left by a run killed mid-write
+
+
+def previous_config(out: Path) -> dict[str, Any] | None:
+    """The config.json of an earlier run in `out` (None when there is none), checked before any
+    model loads so that an unusable folder is refused at once."""
     config_path = out / "config.json"
-    if config_path.exists():
-        try:
-            previous = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, OSError) as exc:
-            raise RunError(f"{config_path} is unreadable ({exc}); remove it or choose another --out") from None
-        if previous.get("config_hash") != config_record["config_hash"]:
-            raise RunError(f"{out} holds a different run (config hash {previous.get('config_hash')} vs "
-                           f"{config_record['config_hash']}); choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(config_path, config_record)
     records_path = out / "records.jsonl"
+    if not config_path.exists():
+        if records_path.exists() and records_path.stat().st_size > 0:
+            raise RunError(f"{records_path} has results but {config_path} is missing, so they cannot be matched to "
+                           "this run; choose another --out")
+        return None
+    try:
+        previous = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise RunError(f"{config_path} is unreadable ({type(exc).__name__}: {one_line(exc)}); "
+                       "remove it or choose another --out") from None
+    if not isinstance(previous, dict) or not isinstance(previous.get("config_hash"), str):
+        what = "an object without a config_hash" if isinstance(previous, dict) else f"a JSON {type(previous).__name__}"
+        raise RunError(f"{config_path} is not an invbench config ({what}); remove it or choose another --out")
+    return previous
+
+
+def prepare_out_dir(out: Path, config_record: dict[str, Any]) -> set[tuple[str, int]]:
+    """Create or resume the results folder (its lock held); returns the (attack, prompt) pairs
+    already done. A folder of another configuration, or records without a config, is refused."""
+    previous = previous_config(out)
+    if previous is not None and previous["config_hash"] != config_record["config_hash"]:
+        raise RunError(f"{out} holds a different run (config hash {previous['config_hash']} vs "
+                       f"{config_record['config_hash']}); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in STALE_TEMP_GLOBS:
+        for stale in out.glob(pattern):
+            stale.unlink(missing_ok=True)
+    records_path = out / "records.jsonl"
+    write_json_atomic(out / "config.json", config_record)
     repair_records(records_path)
-    return {(r["attack"], r["prompt_index"]) for r in read_records(records_path)}
+    return {(r.get("attack"), r.get("prompt_index")) for r in read_records(records_path)}
+
+
+def interrupted_message(records_path: Path, total: int) -> str:
+    saved = len(read_records(records_path))
+    return (f"interrupted: {saved} of {total} prompt results are saved in {records_path}; "
+            "rerun the same command to resume")
 
 
 def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Leak, defend, attack, score, record into cfg.out. The results folder is locked first, so a
+    second run into it is refused before loading anything; every stage after that can be killed
+    at any moment and the same command resumes with exactly the records of an uninterrupted run."""
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     defense = make_defense(cfg.defense, cfg.defense_params)
     attacks = build_attacks(cfg)
-    loaded: LoadedModel = load_model(cfg.model, seed=cfg.seed, notify=echo)
-    check_model_fits(loaded, cfg)
-    try:
-        oracle = WhiteBox(loaded.model.to(device), layer=cfg.layer)
-    except ValueError as exc:
-        raise RunError(f"--layer: {exc}") from None
-    prompts, dataset_source = load_prompts(cfg.dataset, tokenizer=loaded.tokenizer, n=cfg.n, tokens=cfg.tokens,
-                                           seed=cfg.seed, notify=echo)
-    defining = {"model": loaded.name, "model_recipe": loaded.recipe, "dataset": cfg.dataset, "n": cfg.n,
-                "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
-                "prompt_ids": [list(p.ids) for p in prompts], "defense": defense.describe(),
-                "attacks": {a.name: a.config_dict() for a in attacks}}
-    chash = config_hash(defining)
     out = Path(cfg.out)
     records_path = out / "records.jsonl"
     with RunLock(out):
+        previous_config(out)  # a foreign or damaged folder is refused before the model loads
+        loaded: LoadedModel = load_model(cfg.model, seed=cfg.seed, notify=echo)
+        check_model_fits(loaded, cfg)
+        try:
+            oracle = WhiteBox(loaded.model.to(device), layer=cfg.layer)
+        except ValueError as exc:
+            raise RunError(f"--layer: {exc}") from None
+        prompts, dataset_source = load_prompts(cfg.dataset, tokenizer=loaded.tokenizer, n=cfg.n, tokens=cfg.tokens,
+                                               seed=cfg.seed, notify=echo)
+        defining = {"model": loaded.name, "model_recipe": loaded.recipe, "dataset": cfg.dataset, "n": cfg.n,
+                    "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
+                    "prompt_ids": [list(p.ids) for p in prompts], "defense": defense.describe(),
+                    "attacks": {a.name: a.config_dict() for a in attacks}}
+        chash = config_hash(defining)
         done = prepare_out_dir(out, {
             "config_hash": chash, "command": cfg.to_dict(), "defining": defining, "model_source": loaded.source,
             "dataset_source": dataset_source, "versions": package_versions(), "git_commit": git_commit(),
             "device": device_name(device)})
         echo(f"model {loaded.name} ({loaded.source}); {len(prompts)} prompts x {cfg.tokens} tokens from {dataset_source}")
-        leak = capture_and_defend(oracle, prompts, defense, seed=cfg.seed, batch_size=cfg.batch_size)
         try:
+            leak = capture_and_defend(oracle, prompts, defense, seed=cfg.seed, batch_size=cfg.batch_size)
             for attack in attacks:
                 finished = {i for name, i in done if name == attack.name}
                 attack_pending(attack, leak, oracle, defense, seed=cfg.seed, batch_size=cfg.batch_size,
-                               done=finished, records_path=records_path, decode=loaded.tokenizer.decode)
+                               done=finished, records_path=records_path, decode=loaded.tokenizer.decode, echo=echo)
         except KeyboardInterrupt:
-            saved = len(read_records(records_path))
-            raise RunInterrupted(f"interrupted: {saved} prompt results are saved in {records_path}; "
-                                 "rerun the same command to resume") from None
+            raise RunInterrupted(interrupted_message(records_path, len(prompts) * len(attacks))) from None
         summary = {
             "model": loaded.name, "model_source": loaded.source, "dataset": cfg.dataset,
             "dataset_source": dataset_source, "n": len(prompts), "tokens": cfg.tokens, "layer": cfg.layer,

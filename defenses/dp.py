@@ -76,12 +76,22 @@ def _positive_float(value: Any, what: str) -> float:
 
 
 def clip_rows(hidden: torch.Tensor, clip: float) -> torch.Tensor:
-    """Scale each vector (last dim) to L2 norm <= clip; differentiable, any leading shape."""
+    """Scale each vector (last dim) to L2 norm <= clip; differentiable, any leading shape, any
+    finite values (huge ones included). Non-finite input gives non-finite output."""
     work = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+    tiny = torch.finfo(work.dtype).tiny
     norm = torch.linalg.vector_norm(work, dim=-1, keepdim=True)
+    # A vector near the dtype's largest values has a norm that overflows to inf (which would clip it
+    # to zero): there, take the norm of the vector scaled by its largest |coordinate| instead.
+    absmax = work.abs().amax(dim=-1, keepdim=True)
+    rescaled = absmax * torch.linalg.vector_norm(work / absmax.clamp_min(tiny), dim=-1, keepdim=True)
+    norm = torch.where(torch.isfinite(norm), norm, rescaled)
     # clamp_min keeps the gradient finite at the zero vector (its scale is 1 anyway)
-    scale = (clip / norm.clamp_min(torch.finfo(work.dtype).tiny)).clamp(max=1.0)
-    return (work * scale).to(hidden.dtype)
+    scale = (clip / norm.clamp_min(tiny)).clamp(max=1.0)
+    # A scale below the dtype's normal range (a huge vector, a small clip) is subnormal and has lost
+    # precision: divide by the norm first there.
+    clipped = torch.where(scale >= tiny, work * scale, work / norm.clamp_min(tiny) * clip)
+    return clipped.to(hidden.dtype)
 
 
 @register_defense

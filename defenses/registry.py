@@ -46,7 +46,8 @@ def load_defense_class(spec: str) -> type[Defense]:
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:  # the plug-in is user code: report, don't trace
-            raise DefenseError(f"could not import defence file {path_str}: {exc}") from exc
+            message = " ".join(str(exc).split()) or "(no message)"
+            raise DefenseError(f"could not import defence file {path_str}: {type(exc).__name__}: {message}") from exc
         if not hasattr(module, cls_name):
             raise DefenseError(f"{path_str} has no class {cls_name!r}")
         return _checked(getattr(module, cls_name), f"{spec}")

@@ -119,6 +119,7 @@ def _load_hub_model(model_id: str, *, alias: str) -> LoadedModel:
     except Exception as exc:
         kind = "local directory" if Path(model_id).is_dir() else "model"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load {kind} {model_id!r}: {first_line[:200]}") from exc
+        allowed = "" if alias in ALIASES else f"; --model takes {', '.join(ALIASES)}, a Hugging Face id or a local model directory"
+        raise ModelLoadError(f"cannot load {kind} {model_id!r}: {first_line[:200]}{allowed}") from exc
     tokenizer = offline_gpt2_tokenizer() if alias == "gpt2" else AutoTokenizer.from_pretrained(model_id, local_files_only=local_only)
     return LoadedModel(model.eval(), tokenizer, alias, f"transformers from_pretrained({model_id!r})")

@@ -154,7 +154,8 @@ def _finish(
 ) -> tuple[list[Prompt], str]:
     prompts, skipped = truncate_texts(texts, tokenizer, n=n, tokens=tokens)
     if not prompts:
-        raise DatasetError(f"no text in {source} has at least {tokens} tokens ({skipped} texts, all shorter)")
+        raise DatasetError(f"none of the {skipped} texts has at least {tokens} tokens (source: {source}); "
+                           "use a smaller --tokens or longer texts")
     if len(prompts) < n:
         notify(f"note: only {len(prompts)} of {n} prompts: the source ran out ({skipped} texts shorter than {tokens} tokens skipped)")
     return prompts, f"{source}; {len(prompts)} prompts of {tokens} tokens, {skipped} shorter texts skipped"

@@ -1,0 +1,214 @@
+"""Bad input, table-driven: every case exits 2 with exactly one line on stderr (`error: ...`) that
+names the bad value and what is allowed, and no traceback; `--debug` shows the traceback."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from invbench.attacks import AttackError
+from invbench.cli import main
+from invbench.leaks import prompts as prompts_module
+from invbench.leaks.models import load_model
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+LONG = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest."
+
+
+def run_args(out: Path) -> list[str]:
+    return ["run", "--model", "tiny-gpt2", "--attack", "continuous", "--preset", "fast", "--steps", "3",
+            "--candidates", "3", "--n", "1", "--tokens", "2", "--device", "cpu", "--out", str(out)]
+
+
+@pytest.fixture
+def files(tmp_path) -> Path:
+    """The bad files the table refers to as {tmp}/NAME."""
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_text("\n  \n\n")
+    (tmp_path / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp_path / "latin1.txt").write_bytes("Caf\xe9 au lait, s'il vous pla\xeet.\n".encode("latin-1"))
+    (tmp_path / "short.txt").write_text("Hi.\nOk.\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "broken\n')
+    (tmp_path / "notext.jsonl").write_text('{"body": "no text field"}\n')
+    (tmp_path / "texts.csv").write_text("text\nhello\n")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really parquet")
+    (tmp_path / "folder.txt").mkdir()
+    (tmp_path / "syntax.py").write_text("class Broken(:\n")
+    (tmp_path / "corrupt-out").mkdir()
+    (tmp_path / "corrupt-out" / "config.json").write_text('{"config_hash": "abc", ')
+    (tmp_path / "list-out").mkdir()
+    (tmp_path / "list-out" / "config.json").write_text("[1, 2, 3]")
+    (tmp_path / "entry.json").write_text('{"entry_id": "x", ')
+    return tmp_path
+
+
+# (id, extra arguments appended to a small valid run, words the error line must contain).
+# {tmp} is the folder of the `files` fixture, {plugins} tests/plugins.
+RUN_CASES = [
+    # unknown names
+    ("unknown model", ["--model", "no-such-model"], ["no-such-model", "tiny-gpt2", "Hugging Face id"]),
+    ("model dir without weights", ["--model", "{tmp}/folder.txt"], ["folder.txt", "local directory"]),
+    ("unknown attack", ["--attack", "nope"], ["nope", "continuous", "projection", "scan"]),
+    ("unknown attack in a list", ["--attack", "continuous,nope"], ["nope", "continuous"]),
+    ("unknown defence", ["--defense", "nope"], ["'nope'", "gaussian", "dp", "quantize", "FILE.py:Class"]),
+    ("defence file missing", ["--defense", "{tmp}/missing.py:X"], ["missing.py", "not found"]),
+    ("defence class missing", ["--defense", "{plugins}/my_defense.py:Nope"], ["'Nope'"]),
+    ("not a defence", ["--defense", "{plugins}/my_defense.py:NotADefense"], ["NotADefense", "Defense"]),
+    ("defence file does not import", ["--defense", "{tmp}/syntax.py:Broken"], ["syntax.py", "SyntaxError"]),
+    ("unknown dataset", ["--dataset", "nope"], ["'nope'", "c4, wikipedia", ".txt"]),
+    ("protocol-like unknown preset", ["--preset", "nope"], ["nope", "fast", "baseline", "high-acc"]),
+    ("unknown device", ["--device", "tpu"], ["tpu", "auto", "cuda", "cpu"]),
+    # numbers
+    ("negative sigma", ["--defense", "gaussian", "--sigma", "-1"], ["-1", ">= 0"]),
+    ("non-numeric sigma", ["--defense", "gaussian", "--sigma", "abc"], ["abc", "float"]),
+    ("nan sigma", ["--defense", "gaussian", "--sigma", "nan"], ["nan", "finite"]),
+    ("non-numeric --param", ["--defense", "gaussian", "--param", "sigma=abc"], ["sigma='abc'", "float"]),
+    ("bits 0", ["--defense", "quantize", "--bits", "0"], ["0", "between 1 and 16"]),
+    ("bits 17", ["--defense", "quantize", "--bits", "17"], ["17", "between 1 and 16"]),
+    ("bits not an integer", ["--defense", "quantize", "--bits", "2.5"], ["2.5", "integer"]),
+    ("unknown scheme", ["--defense", "quantize", "--scheme", "per-row"], ["per-row", "per-vector", "per-tensor"]),
+    ("clip 0", ["--defense", "dp", "--clip", "0", "--noise-multiplier", "1"], ["--clip", "0", "> 0"]),
+    ("negative noise multiplier", ["--defense", "dp", "--clip", "1", "--noise-multiplier", "-1"],
+     ["--noise-multiplier", "-1", "> 0"]),
+    ("delta 2", ["--defense", "dp", "--clip", "1", "--noise-multiplier", "1", "--delta", "2"], ["--delta", "2", "(0, 1)"]),
+    ("epsilon too large", ["--defense", "dp", "--clip", "1", "--epsilon", "1000"], ["--epsilon", "1000", "500"]),
+    ("dp without clip", ["--defense", "dp", "--noise-multiplier", "1"], ["--clip", "required"]),
+    ("dp with two noise levels", ["--defense", "dp", "--clip", "1", "--noise-multiplier", "1", "--epsilon", "1"],
+     ["exactly one of --noise-multiplier or --epsilon"]),
+    ("topk k 0", ["--defense", "topk", "--param", "k=0"], ["--k", "0", ">= 1"]),
+    ("tokens 0", ["--tokens", "0"], ["--tokens", "0", "x>=1"]),
+    ("tokens above the context", ["--tokens", "5000"], ["--tokens 5000", "1024 positions"]),
+    ("layer too high", ["--layer", "9"], ["layer 9", "-3..2"]),
+    ("layer too low", ["--layer", "-9"], ["layer -9", "-3..2"]),
+    ("n 0", ["--n", "0"], ["--n", "0", "x>=1"]),
+    ("n not a number", ["--n", "many"], ["many", "integer"]),
+    ("steps 0", ["--steps", "0"], ["--steps", "0", "x>=1"]),
+    ("negative learning rate", ["--lr", "-1"], ["--lr", "-1", "x>0"]),
+    ("batch size 0", ["--batch-size", "0"], ["--batch-size", "0", "x>=1"]),
+    ("option of another attack", ["--attack", "projection"], ["steps", "projection"]),
+    # --param
+    ("--param without =", ["--param", "sigma"], ["'sigma'", "name=value"]),
+    ("--param with empty name", ["--param", "=1"], ["'=1'", "name=value"]),
+    ("unknown --param name", ["--defense", "gaussian", "--param", "bits=3"], ["'bits'", "allowed: sigma"]),
+    ("unknown option", ["--sigam", "1"], ["--sigam", "--sigma"]),
+    # dataset files
+    ("dataset file missing", ["--dataset", "{tmp}/missing.txt"], ["missing.txt", "not found", ".jsonl"]),
+    ("dataset is a folder", ["--dataset", "{tmp}/folder.txt"], ["folder.txt", "not a file"]),
+    ("dataset file type", ["--dataset", "{tmp}/texts.csv"], ["'.csv'", ".txt, .jsonl or .parquet"]),
+    ("empty dataset file", ["--dataset", "{tmp}/empty.txt"], ["empty.txt", "empty"]),
+    ("blank dataset file", ["--dataset", "{tmp}/blank.txt"], ["blank.txt", "no texts"]),
+    ("binary dataset file", ["--dataset", "{tmp}/binary.txt"], ["binary.txt", "binary", "UTF-8"]),
+    ("non-UTF-8 dataset file", ["--dataset", "{tmp}/latin1.txt"], ["latin1.txt", "not UTF-8", "offset 3"]),
+    ("all texts too short", ["--dataset", "{tmp}/short.txt", "--tokens", "8"], ["none of the 2 texts", "at least 8 tokens", "short.txt", "smaller --tokens"]),
+    ("malformed jsonl", ["--dataset", "{tmp}/bad.jsonl"], ["line 2", "bad.jsonl", "not valid JSON", "'text'"]),
+    ("jsonl without text", ["--dataset", "{tmp}/notext.jsonl"], ["line 1", "notext.jsonl", "'text'"]),
+    ("corrupt parquet", ["--dataset", "{tmp}/broken.parquet"], ["broken.parquet", "parquet", "'text'"]),
+    # the results folder
+    ("corrupt config.json in --out", ["--out", "{tmp}/corrupt-out"], ["corrupt-out/config.json", "unreadable", "--out"]),
+    ("config.json not an object", ["--out", "{tmp}/list-out"], ["list-out/config.json", "not an invbench config", "--out"]),
+]
+if not torch.cuda.is_available():
+    RUN_CASES.append(("cuda without a GPU", ["--device", "cuda"], ["--device cuda", "cpu or auto"]))
+
+OTHER_CASES = [  # other commands
+    ("unknown command", ["runn"], ["runn", "run"]),
+    ("unknown protocol", ["submit", "--defense", "none", "--protocol", "nope", "--name", "x"],
+     ["'nope'", "quick", "c4-gpt2-10tok"]),
+    ("entry id with a path separator", ["submit", "--defense", "none", "--protocol", "quick", "--name", "x",
+                                        "--entry-id", "../evil"], ["'../evil'", "path", "lowercase letters"]),
+    ("malformed entry JSON", ["verify", "{tmp}/entry.json"], ["entry.json"]),
+    ("protocol folder with a path", ["leaderboard", "--protocol", "../etc", "--board-dir", "{tmp}"], ["../etc"]),
+    ("utility with a bad defence", ["utility", "--model", "tiny-gpt2", "--defense", "gaussian", "--sigma", "-0.5"],
+     ["-0.5", ">= 0"]),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return load_model("tiny-gpt2", seed=42)
+
+
+@pytest.fixture
+def quick_model(monkeypatch, tiny_model):
+    """Every case stops before an attack touches the model, so one tiny-gpt2 serves them all."""
+    from invbench import runner
+
+    real = runner.load_model
+    monkeypatch.setattr(runner, "load_model",
+                        lambda name, **kw: tiny_model if name == "tiny-gpt2" and kw.get("seed") == 42 else real(name, **kw))
+
+
+def fill(args: list[str], tmp: Path) -> list[str]:
+    return [a.format(tmp=tmp, plugins=PLUGINS) for a in args]
+
+
+def invoke(args, capsys):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def check_one_line(code: int, err: str, words: list[str]) -> str:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("error: "), line
+    missing = [w for w in words if w not in line]
+    assert not missing, f"{missing} not in {line!r}"
+    return line
+
+
+@pytest.mark.parametrize("extra, words", [c[1:] for c in RUN_CASES], ids=[c[0] for c in RUN_CASES])
+def test_bad_run_input(files, capsys, quick_model, extra, words):
+    out = files / "out"
+    code, _, err = invoke(run_args(out) + fill(extra, files), capsys)
+    check_one_line(code, err, [w.format(tmp=files) for w in words])
+    if "--out" not in extra:
+        assert not out.exists()  # a refused run leaves no results folder behind
+
+
+@pytest.mark.parametrize("args, words", [c[1:] for c in OTHER_CASES], ids=[c[0] for c in OTHER_CASES])
+def test_bad_input_of_other_commands(files, capsys, quick_model, args, words, monkeypatch):
+    monkeypatch.chdir(files)  # submit's default runs/ and leaderboards/ folders, should anything get that far
+    code, _, err = invoke(fill(args, files), capsys)
+    check_one_line(code, err, words)
+
+
+def test_debug_shows_the_traceback(files, capsys):
+    with pytest.raises(AttackError, match="unknown attack 'nope'"):
+        main(["--debug"] + run_args(files / "out") + ["--attack", "nope"])
+
+
+def test_debug_shows_the_traceback_of_a_usage_error(files):
+    import click
+
+    with pytest.raises(click.BadParameter):
+        main(["--debug"] + run_args(files / "out") + ["--sigma", "abc"])
+
+
+def test_short_texts_are_skipped_with_a_count(files, tiny_model):
+    texts = files / "mixed.txt"
+    texts.write_text(f"Hi.\n{LONG}\nOk.\n{LONG} Again.\n")
+    notes: list[str] = []
+    found, source = prompts_module.load_prompts(str(texts), tokenizer=tiny_model.tokenizer, n=3, tokens=8, seed=0,
+                                                notify=notes.append)
+    assert len(found) == 2 and "2 shorter texts skipped" in source
+    assert notes == ["note: only 2 of 3 prompts: the source ran out (2 texts shorter than 8 tokens skipped)"]
+
+
+def test_short_texts_skipped_through_the_cli(files, capsys):
+    texts = files / "mixed.txt"
+    texts.write_text(f"Hi.\n{LONG}\n")
+    code, out, err = invoke(["utility", "--model", "tiny-gpt2", "--device", "cpu", "--n", "2", "--tokens", "8",
+                             "--dataset", str(texts)], capsys)
+    assert code == 0, err
+    assert "only 1 of 2 prompts" in err and "1 texts shorter than 8 tokens skipped" in err
+    assert "1 texts x 8 tokens" in out
