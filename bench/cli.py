@@ -9,7 +9,9 @@ import click
 from . import __version__
 from .config import RunConfig
 
-CPU_REDUCED = {"n": 4, "tokens": 5, "preset": "fast"}  # finishes the main command in minutes on 2 cores
+# A CPU has minutes, not hours: the main command's reduced run (SmolLM2's Adam steps cost ~0.1 s
+# each on 2 cores) finishes in under 5 minutes. A smoke test, not a measurement.
+CPU_REDUCED = {"n": 3, "tokens": 3, "preset": "fast", "steps": 200}
 GPU_DEFAULTS = {"n": 100, "tokens": 10, "preset": "baseline"}
 
 
@@ -20,11 +22,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from invbench.leaks.models import ModelLoadError
     from invbench.leaks.prompts import DatasetError
 
+    from .curves import CurveError
     from .lock import LockedError
     from .protocols import ProtocolError
     from .runner import RunError
+    from .sweep import SweepError
 
-    return AttackError, DefenseError, ModelLoadError, DatasetError, RunError, LockedError, ProtocolError, OSError
+    return (AttackError, DefenseError, ModelLoadError, DatasetError, RunError, LockedError, ProtocolError, SweepError,
+            CurveError, OSError)
 
 
 def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -82,8 +87,8 @@ def defence_params(opts: dict[str, Any]) -> dict[str, Any]:
               "local directory. Default gpt2, falling back to smollm2-135m when GPT-2 is not available offline.")
 @click.option("--dataset", default="c4", show_default=True,
               help="c4, wikipedia, or a file of your own texts (.txt one per line, .jsonl with 'text', .parquet).")
-@click.option("--n", type=click.IntRange(min=1), default=None, help="Number of prompts [GPU: 100; CPU: 4].")
-@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Tokens per prompt [GPU: 10; CPU: 5].")
+@click.option("--n", type=click.IntRange(min=1), default=None, help="Number of prompts [GPU: 100; CPU: 3].")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Tokens per prompt [GPU: 10; CPU: 3].")
 @click.option("--layer", type=int, default=-1, show_default=True,
               help="Leaked layer: index into hidden_states (-1 = last, after the final norm).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed for prompts, noise and attacks.")
@@ -91,7 +96,7 @@ def defence_params(opts: dict[str, Any]) -> dict[str, Any]:
 @click.option("--attack", "attack_spec", default="continuous", show_default=True,
               help="Attack name, comma-separated names, or 'all'.")
 @click.option("--preset", default=None, help="Attack preset: fast, baseline, high-acc [GPU: baseline; CPU: fast].")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="continuous: Adam steps per position (K).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="continuous: Adam steps per position (K) [preset's; CPU: 200].")
 @click.option("--candidates", type=click.IntRange(min=1), default=None, help="continuous: tokens checked at commit (C).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="continuous: Adam learning rate.")
 @click.option("--loss-threshold", type=click.FloatRange(min=0), default=None, help="continuous: early-exit loss.")
@@ -117,10 +122,14 @@ def run(**opts: Any) -> None:
     device = resolve_device(opts["device"])
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_REDUCED
     reduced = [k for k in CPU_REDUCED if opts[k] is None] if device.type == "cpu" else []
+    if "steps" in reduced and ("preset" not in reduced or "continuous" not in parse_attack_list(opts["attack_spec"])):
+        reduced.remove("steps")  # an explicit preset keeps its own step budget
     if reduced:
         click.echo(f"note: no GPU, so this is a reduced run ({', '.join(f'{k}={CPU_REDUCED[k]}' for k in reduced)}); "
-                   "pass --n/--tokens/--preset to change it", err=True)
+                   "pass --n/--tokens/--preset/--steps to change it", err=True)
     defense_params = defence_params(opts)
+    if "steps" in reduced:
+        opts["steps"] = CPU_REDUCED["steps"]
     attack_options = {k: opts[k] for k in ("steps", "candidates", "lr", "loss_threshold", "init", "metric",
                                            "max_steps", "noisy_max_steps", "beam", "chunk_size", "recheck")
                       if opts[k] is not None}
@@ -215,21 +224,51 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def one_line(message: str) -> str:
+    """A message as one line, whatever the raiser put in it."""
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors print one line and exit 2; --debug shows the traceback."""
+    """Entry point: user errors print one line (`error: ...`) and exit 2; --debug shows the
+    traceback instead. Ctrl-C prints what was saved and how to resume, and exits 130."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
         cli.main(args=args, prog_name="invbench", standalone_mode=False)
+    except click.UsageError as exc:  # bad option or value: click's message, without the usage block
+        if debug:
+            raise
+        hint = f" (see: invbench {exc.ctx.command_path.split(' ', 1)[1]} --help)" if exc.ctx and " " in exc.ctx.command_path else ""
+        click.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
+        if debug:
+            raise
         exc.show()
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, click.Abort) as exc:
-        click.echo(str(exc) or "interrupted: finished prompts are saved in the results folder; rerun the same "
-                   "command to resume", err=True)
+        if isinstance(exc, click.Abort) and isinstance(exc.__context__, KeyboardInterrupt):
+            exc = exc.__context__  # click turns Ctrl-C into a bare Abort; the runner's message is on the original
+        click.echo(one_line(str(exc)) or "interrupted: what was saved so far is kept; rerun the same command to "
+                   "resume", err=True)
         sys.exit(130)
     except user_errors() as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {one_line(str(exc)) or type(exc).__name__}", err=True)
         sys.exit(2)
+
+
+from .sweep_cli import curve, sweep  # noqa: E402  (registered last: sweep_cli does not import this module)
+
+cli.add_command(sweep)
+cli.add_command(curve)
+
+
+from .board_cli import leaderboard, protocols, submit, verify  # noqa: E402  (board commands; they import cli lazily)
+
+cli.add_command(submit)
+cli.add_command(verify)
+cli.add_command(leaderboard)
+cli.add_command(protocols)

@@ -1,0 +1,281 @@
+"""Leaderboard entries (schema, slugs) and the board (ranking, floor, Pareto, escaping), on
+constructed entries: no model runs here."""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from invbench.entries import EntryError, Problem, load_entries, read_entry, slugify, validate_entry_id
+from invbench.leaderboard import build_board, escape_md, pareto_frontier, render, render_markdown
+from invbench.protocols import get_protocol
+from invbench.submit import build_entry
+
+QUICK = get_protocol("quick")
+XSS_NAME = "<img src=x onerror=alert(1)>"
+XSS_DEFENCE = "<script>window.pwned=1</script>"
+
+
+def fake_summary(*, em: dict[str, float], top1: float | None, auroc: float | None = 0.8,
+                 defense: str = "gaussian", params: dict | None = None) -> dict:
+    """What `invbench.runner.run` returns, with the given per-attack exact match and top-1 agreement."""
+    attacks = {a: {"n": QUICK.n, "exact_match": v, "token_accuracy": min(1.0, v + 0.1), "similarity": min(1.0, v + 0.2),
+                   "detector_auroc": auroc, "detector_note": None, "detector_tpr_at_1pct_fpr": None,
+                   "detector_threshold": 1e-6, "detector_flag_rate": 0.0, "seconds_per_token": 0.5,
+                   "tokens_per_second": 2.0, "config": {"preset": "fast"}} for a, v in em.items()}
+    worst = {m: {"value": max(x[m] for x in attacks.values()), "attack": max(attacks, key=lambda a: attacks[a][m])}
+             for m in ("exact_match", "token_accuracy", "similarity")}
+    return {"model": QUICK.model, "dataset": QUICK.dataset, "n": QUICK.n, "tokens": QUICK.tokens, "seed": QUICK.seed,
+            "defense": {"name": defense, "params": params if params is not None else {"sigma": 0.01}, "epsilon": None,
+                        "delta": None, "neighbouring": None, "reason": "no formal guarantee"},
+            "utility": {"top1_agreement": top1, "kl_clean_defended": 0.1, "perplexity_ratio": 1.1, "cosine": 0.9},
+            "attacks": attacks, "worst_case": worst, "config_hash": "0123456789abcdef", "device": "cpu (test)",
+            "versions": {"invbench": "0.1.0", "torch": "2.13.0"}, "wall_seconds": 1.0}
+
+
+def make_entry(name: str, *, em: float | dict[str, float] = 0.5, top1: float | None = 0.9, entry_id: str | None = None,
+               defense: str = "gaussian", url: str = "", **kw) -> dict:
+    em = em if isinstance(em, dict) else {a: em for a in QUICK.attacks}
+    return build_entry(fake_summary(em=em, top1=top1, defense=defense, **kw), protocol=QUICK,
+                       entry_id=entry_id or slugify(name), name=name, authors="A. Author", url=url, spec=defense,
+                       day="2025-01-02")
+
+
+def write_entry(board: Path, entry: dict, *, file_id: str | None = None) -> Path:
+    path = board / "quick" / f"{file_id or entry['entry_id']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entry))
+    return path
+
+
+# --- slugs --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, slug", [("Top-k 32", "top-k-32"), ("  Gaussian  sigma=0.01 ", "gaussian-sigma-0-01"),
+                                        ("Défense à l'été", "defense-a-l-ete"), ("../../etc/passwd", "etc-passwd"),
+                                        ("a" * 100, "a" * 64)])
+def test_slugify_makes_valid_ids(name, slug):
+    assert slugify(name) == slug
+    assert validate_entry_id(slug) == slug
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "a\\b", "..", ".hidden", "UPPER", "a--b", "-a", "a-", "", "a b",
+                                 "a.json", "a" * 65, "é"])
+def test_validate_entry_id_rejects_paths_and_non_slugs(bad):
+    with pytest.raises(EntryError):
+        validate_entry_id(bad)
+
+
+def test_path_separators_are_named_in_the_message():
+    with pytest.raises(EntryError, match="looks like a path"):
+        validate_entry_id("quick/../../x")
+
+
+def test_slugify_refuses_names_with_nothing_usable():
+    with pytest.raises(EntryError, match="cannot make an entry id"):
+        slugify("<<>>")
+
+
+# --- the schema ---------------------------------------------------------------------------------
+
+def test_good_entry_passes(tmp_path):
+    path = write_entry(tmp_path, make_entry("Gaussian 0.01"))
+    entries, problems = load_entries(tmp_path / "quick")
+    assert problems == [] and [e.entry_id for e in entries] == ["gaussian-0-01"]
+    assert read_entry(path).worst_exact_match == 0.5
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        data = data[key]
+    if value is DELETE:
+        del data[last]
+    else:
+        data[last] = value
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("field, value, reported, message", [
+    ("attacks.scan.exact_match", 1.5, "attacks.scan.exact_match", "expected a number in [0, 1]"),
+    ("attacks.scan.exact_match", "0.5", "attacks.scan.exact_match", "expected a number in [0, 1]"),
+    ("attacks.scan.exact_match", True, "attacks.scan.exact_match", "expected a number"),
+    ("attacks.continuous.token_accuracy", DELETE, "attacks.continuous.token_accuracy", "missing"),
+    ("attacks.projection.detector_auroc", -0.1, "attacks.projection.detector_auroc", "or null"),
+    ("attacks.scan", DELETE, "attacks", "expected exactly the protocol's attacks"),
+    ("utility.top1_agreement", 2, "utility.top1_agreement", "expected a number in [0, 1]"),
+    ("utility.perplexity_ratio", 0, "utility.perplexity_ratio", "(0, inf)"),
+    ("utility", DELETE, "utility", "expected an object"),
+    ("worst_case.exact_match.value", 0.1, "worst_case.exact_match.value", "not the maximum over attacks"),
+    ("detector_auroc.scan", 0.1, "detector_auroc.scan", "must equal attacks.scan.detector_auroc"),
+    ("defense.params", {"k": [1, 2]}, "defense.params.k", "expected a number, a boolean, null or a string"),
+    ("defense.epsilon", -1, "defense.epsilon", "expected a number in [0, inf) or null"),
+    ("defense.name", "two\nlines", "defense.name", "without control characters"),
+    ("entry_id", "../evil", "entry_id", "looks like a path"),
+    ("name", "", "name", "non-empty"),
+    ("url", "javascript:alert(1)", "url", "an http(s) URL"),
+    ("url", "https://x.org/a b", "url", "an http(s) URL"),
+    ("date", "yesterday", "date", "YYYY-MM-DD"),
+    ("n", 3, "n", "differs from the protocol's 4"),
+    ("model", "gpt2", "model", "differs from the protocol's"),
+    ("config_hash", "xyz", "config_hash", "16 hex digits"),
+    ("protocol.name", "c4-gpt2-10tok", "protocol.name", "does not match the folder"),
+    ("protocol.n", 400, "protocol", "differs from the current definition"),
+    ("hardware", "cpu", "hardware", "expected an object"),
+    ("seed", None, "seed", "expected an integer"),
+    ("schema_version", 2, "schema_version", "expected 1"),
+    ("git_commit", "not-a-commit", "git_commit", "a git commit"),
+])
+def test_each_malformed_field_is_reported_by_file_and_field_and_skipped(tmp_path, field, value, reported, message):
+    good = make_entry("Good one", em=0.2)
+    bad = copy.deepcopy(make_entry("Bad one"))
+    _set(bad, field, value)
+    write_entry(tmp_path, good)
+    bad_path = write_entry(tmp_path, bad, file_id="bad-one")
+    entries, problems = load_entries(tmp_path / "quick")
+    assert [e.entry_id for e in entries] == ["good-one"]  # the bad one is skipped, the good one kept
+    assert any(p.path == bad_path and p.field == reported and message in p.message for p in problems), problems
+    assert all(p.path == bad_path for p in problems)
+    text = str(next(p for p in problems if p.field == reported))
+    assert text.startswith(f"{bad_path}: field {reported}: ")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"), ('{"a": NaN}', "NaN is not valid JSON"),
+    ('{"a": 1, "a": 2}', "duplicate key"), ("[]", "expected an object"),
+])
+def test_unparseable_entries_are_reported_and_skipped(tmp_path, content, message):
+    folder = tmp_path / "quick"
+    folder.mkdir()
+    (folder / "broken.json").write_text(content)
+    entries, problems = load_entries(folder)
+    assert entries == [] and len(problems) >= 1
+    assert problems[0].path == folder / "broken.json" and message in str(problems[0])
+
+
+def test_entry_id_must_be_the_file_name(tmp_path):
+    write_entry(tmp_path, make_entry("Named"), file_id="other-name")
+    _, problems = load_entries(tmp_path / "quick")
+    assert [p.field for p in problems] == ["entry_id"]
+
+
+def test_read_entry_raises_with_every_problem(tmp_path):
+    bad = make_entry("Bad")
+    bad["attacks"]["scan"]["exact_match"] = 7
+    bad["date"] = "soon"
+    path = write_entry(tmp_path, bad)
+    with pytest.raises(EntryError) as info:
+        read_entry(path)
+    assert str(info.value).startswith(f"{path}: field date: expected a date YYYY-MM-DD; ")
+    assert "; field attacks.scan.exact_match: expected a number in [0, 1], got 7" in str(info.value)
+
+
+# --- ranking, floor, Pareto ----------------------------------------------------------------------
+
+def board_of(tmp_path: Path, *entries: dict, floor: float = 0.5):
+    for entry in entries:
+        write_entry(tmp_path, entry)
+    return build_board(tmp_path / "quick", floor=floor)
+
+
+def test_ranked_by_worst_case_exact_match_over_attacks(tmp_path):
+    board = board_of(tmp_path,
+                     make_entry("Strong on average", em={"continuous": 0.0, "projection": 0.0, "scan": 0.9}),
+                     make_entry("Even", em={"continuous": 0.3, "projection": 0.3, "scan": 0.3}),
+                     make_entry("Weak", em=0.6))
+    assert [(r.rank, r.entry.entry_id) for r in board.ranked] == [(1, "even"), (2, "weak"), (3, "strong-on-average")]
+    assert board.ranked[2].entry.worst_attack == "scan"
+
+
+def test_entries_under_the_floor_are_listed_separately(tmp_path):
+    board = board_of(tmp_path, make_entry("Useful", em=0.4, top1=0.8), make_entry("Useless", em=0.0, top1=0.3),
+                     make_entry("No utility", em=0.0, top1=None), floor=0.5)
+    assert [r.entry.entry_id for r in board.ranked] == ["useful"]
+    assert [r.entry.entry_id for r in board.below] == ["useless", "no-utility"]
+    assert all(r.rank is None for r in board.below)
+    markdown = render_markdown(board)
+    assert "at least 0.50 (the utility floor)" in markdown and "Below the utility floor" in markdown
+
+
+def test_floor_is_inclusive_and_configurable(tmp_path):
+    board = board_of(tmp_path, make_entry("Edge", top1=0.7), floor=0.7)
+    assert [r.entry.entry_id for r in board.ranked] == ["edge"]
+    assert build_board(tmp_path / "quick", floor=0.71).ranked == []
+
+
+def test_pareto_frontier_is_marked(tmp_path):
+    board = board_of(tmp_path,
+                     make_entry("Private", em=0.0, top1=0.6),    # frontier: most private
+                     make_entry("Useful", em=0.8, top1=1.0),     # frontier: most useful
+                     make_entry("Middle", em=0.3, top1=0.9),     # frontier
+                     make_entry("Dominated", em=0.5, top1=0.8),  # worse than Middle on both
+                     make_entry("Tied", em=0.3, top1=0.9, entry_id="tied"),  # equal to Middle: not dominated
+                     make_entry("Low", em=0.0, top1=0.2))        # below the floor, dominated by Private
+    marks = {r.entry.entry_id: r.pareto for r in board.ranked + board.below}
+    assert marks == {"private": True, "useful": True, "middle": True, "dominated": False, "tied": True, "low": False}
+    assert pareto_frontier([]) == set()
+
+
+# --- escaping -----------------------------------------------------------------------------------
+
+def hostile_entries() -> list[dict]:
+    return [make_entry(XSS_NAME, entry_id="xss-name", defense=XSS_DEFENCE, params={"p": "a|b`c`<i>"},
+                       url="https://example.org/x?a=1&b=2"),
+            make_entry("pipe | name [link](javascript:alert(1)) *bold*", entry_id="md-name", em=0.1)]
+
+
+@pytest.mark.parametrize("raw, escaped", [
+    ("a|b", "a\\|b"), ("`code`", "\\`code\\`"), ("<img src=x>", "&lt;img src=x&gt;"),
+    ("[x](javascript:y)", "\\[x\\]\\(javascript:y\\)"), ("line\nbreak", "line break"), ("a & b", "a &amp; b"),
+    ("*_~", "\\*\\_\\~"), ("back\\slash", "back\\\\slash"),
+])
+def test_escape_md(raw, escaped):
+    assert escape_md(raw) == escaped
+
+
+def test_markdown_escapes_every_submitted_value(tmp_path):
+    for entry in hostile_entries():
+        write_entry(tmp_path, entry)
+    markdown = render(tmp_path / "quick").markdown.read_text()
+    assert "<" not in markdown and ">" not in markdown.replace("&gt;", "")
+    assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in markdown
+    assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in markdown
+    assert "p=a\\|b\\`c\\`&lt;i&gt;" in markdown
+    assert "pipe \\| name \\[link\\]\\(javascript:alert\\(1\\)\\) \\*bold\\*" in markdown
+    header = next(line for line in markdown.splitlines() if line.startswith("| \\#"))
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and line != header]
+    unescaped_pipes = lambda line: len(re.findall(r"(?<!\\)\|", line))  # noqa: E731
+    assert all(unescaped_pipes(row) == unescaped_pipes(header) for row in rows)  # no cell was split
+
+
+def test_html_escapes_every_submitted_value_and_allows_only_its_own_script(tmp_path):
+    for entry in hostile_entries():
+        write_entry(tmp_path, entry)
+    page = render(tmp_path / "quick").html.read_text()
+    assert XSS_NAME not in page and XSS_DEFENCE not in page and "<i>" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in page
+    assert 'href="https://example.org/x?a=1&amp;b=2"' in page
+    assert page.count("<script>") == 1 and "pwned" not in page.split("<script>")[1]  # the page's own script only
+    assert "Content-Security-Policy" in page and "script-src 'sha256-" in page
+    assert re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', page)
+
+
+def test_problem_messages_are_escaped_too(tmp_path):
+    bad = make_entry("Bad")
+    bad["attacks"]["scan"]["exact_match"] = "<b>x</b>"
+    write_entry(tmp_path, bad)
+    result = render(tmp_path / "quick")
+    assert "<b>" not in result.html.read_text() and "<b>" not in result.markdown.read_text()
+    assert "Skipped entries" in result.markdown.read_text()
+    assert result.board.problems and isinstance(result.board.problems[0], Problem)
+
+
+def test_render_writes_both_files_for_an_empty_board(tmp_path):
+    result = render(tmp_path / "quick")
+    assert "No entry at or above the utility floor yet." in result.markdown.read_text()
+    assert "<table" not in result.html.read_text() and 'id="plot"' in result.html.read_text()

@@ -1,0 +1,248 @@
+"""Submitting and verifying entries: the comparison and its tolerances on constructed summaries,
+then one end to end run through the command line (`invbench submit`, `leaderboard`, `verify`)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+
+from invbench import runner
+from invbench.cli import main
+from invbench.entries import load_entries
+from invbench.protocols import PROTOCOLS
+from invbench.submit import (FULL_PRIVACY_TOL, UTILITY_ABS_TOL, MetricCheck, compare, recorded_spec, sampling_margin)
+from test_leaderboard import fake_summary, make_entry
+
+
+def invoke(args, capsys):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def by_metric(checks: list[MetricCheck]) -> dict[str, MetricCheck]:
+    return {c.metric: c for c in checks}
+
+
+# --- the comparison -----------------------------------------------------------------------------
+
+def test_identical_rerun_passes_every_check():
+    entry = make_entry("Same", em=0.5)
+    checks = compare(entry, fake_summary(em={a: 0.5 for a in entry["attacks"]}, top1=0.9), subset=None)
+    assert all(c.ok is not False for c in checks)
+    assert by_metric(checks)["config_hash"].ok is True
+    assert by_metric(checks)["attacks.scan.seconds_per_token"].ok is None  # shown, never checked
+
+
+def test_a_difference_beyond_the_tolerance_fails_and_names_the_metric():
+    entry = make_entry("Tampered", em=0.5)
+    rerun = fake_summary(em={"continuous": 0.5, "projection": 0.5, "scan": 0.5 + FULL_PRIVACY_TOL + 0.01}, top1=0.9)
+    checks = by_metric(compare(entry, rerun, subset=None))
+    assert checks["attacks.scan.exact_match"].ok is False
+    assert checks["worst_case.exact_match"].ok is False
+    assert checks["attacks.continuous.exact_match"].ok is True
+
+
+def test_within_tolerance_passes():
+    entry = make_entry("Close", em=0.5)
+    rerun = fake_summary(em={a: 0.5 + FULL_PRIVACY_TOL - 0.001 for a in entry["attacks"]},
+                         top1=0.9 + UTILITY_ABS_TOL / 2)
+    assert all(c.ok is not False for c in compare(entry, rerun, subset=None))
+
+
+def test_utility_kl_is_relative_and_full_runs_only():
+    entry = make_entry("KL", em=0.5)
+    rerun = fake_summary(em={a: 0.5 for a in entry["attacks"]}, top1=0.9)
+    rerun["utility"]["kl_clean_defended"] = 0.1 * 1.01  # 1% off: beyond 1e-3 relative
+    assert by_metric(compare(entry, rerun, subset=None))["utility.kl_clean_defended"].ok is False
+    subset_check = by_metric(compare(entry, {**rerun, "n": 2}, subset=2))["utility.kl_clean_defended"]
+    assert subset_check.ok is None and "subset" in subset_check.note
+
+
+def test_subset_tolerance_widens_with_sampling_error_and_skips_the_hash():
+    entry = make_entry("Subset", em=0.5)
+    rerun = fake_summary(em={a: 1.0 for a in entry["attacks"]}, top1=0.9)
+    rerun["n"], rerun["config_hash"] = 2, "fedcba9876543210"
+    checks = by_metric(compare(entry, rerun, subset=2))
+    margin = sampling_margin(0.5, subset=2, n=4)
+    assert checks["attacks.scan.exact_match"].tolerance == pytest.approx(FULL_PRIVACY_TOL + margin)
+    assert checks["attacks.scan.exact_match"].ok is True  # 0.5 off, within 0.05 + 3 standard errors
+    assert "config_hash" not in checks and checks["attacks.scan.detector_auroc"].ok is None
+    assert checks["n"].ok is True
+
+
+def test_sampling_margin():
+    assert sampling_margin(0.0, subset=1, n=100) == 0 and sampling_margin(1.0, subset=1, n=100) == 0
+    assert sampling_margin(0.5, subset=4, n=4) == 0  # the whole population
+    assert sampling_margin(0.5, subset=1, n=4) == pytest.approx(3 * 0.5)
+    assert sampling_margin(0.5, subset=25, n=100) == pytest.approx(3 * 0.5 / 5 * (75 / 99) ** 0.5)
+
+
+def test_auroc_defined_in_one_run_only_is_shown_not_failed():
+    entry = make_entry("Auroc", em=0.5)
+    rerun = fake_summary(em={a: 0.5 for a in entry["attacks"]}, top1=0.9, auroc=None)
+    check = by_metric(compare(entry, rerun, subset=None))["attacks.scan.detector_auroc"]
+    assert check.ok is None and "undefined" in check.note
+
+
+def test_a_different_config_hash_fails_a_full_verification():
+    entry = make_entry("Hash", em=0.5)
+    rerun = fake_summary(em={a: 0.5 for a in entry["attacks"]}, top1=0.9)
+    rerun["config_hash"] = "fedcba9876543210"
+    assert by_metric(compare(entry, rerun, subset=None))["config_hash"].ok is False
+
+
+def test_plug_in_files_are_recorded_by_base_name():
+    assert recorded_spec("/home/me/secret/defs/my_def.py:MyDefense") == "my_def.py:MyDefense"
+    assert recorded_spec("topk") == "topk"
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_quick(monkeypatch):
+    """The quick protocol cut to one attack of 30 steps on 2 prompts x 2 tokens, so the test takes
+    seconds rather than minutes: the machinery is the same for the full protocol."""
+    small = dataclasses.replace(PROTOCOLS["quick"], attacks=("continuous",), n=2, tokens=2,
+                                attack_options={"steps": 30})
+    monkeypatch.setitem(PROTOCOLS, "quick", small)
+    return small
+
+
+def submit_args(tmp_path, *extra):
+    return ["submit", "--defense", "topk", "--param", "k=32", "--protocol", "quick", "--name", "Top-k 32",
+            "--authors", "Test Author", "--url", "https://example.org/topk", "--device", "cpu",
+            "--runs-dir", str(tmp_path / "runs"), "--board-dir", str(tmp_path / "leaderboards"), *extra]
+
+
+def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, small_quick):
+    code, out, err = invoke(submit_args(tmp_path), capsys)
+    assert code == 0, err
+    path = tmp_path / "leaderboards" / "quick" / "top-k-32.json"
+    assert f"entry: {path}" in out
+    entries, problems = load_entries(path.parent)
+    assert problems == [] and [e.entry_id for e in entries] == ["top-k-32"]
+    entry = entries[0].data
+    assert entry["defense"]["name"] == "topk" and entry["defense"]["params"] == {"k": 32, "sigma": 0.0}
+    assert entry["protocol"]["name"] == "quick" and entry["n"] == 2 and set(entry["attacks"]) == {"continuous"}
+    assert entry["hardware"]["device"].startswith("cpu") and entry["versions"]["torch"]
+    assert (tmp_path / "runs" / "quick" / "top-k-32" / "records.jsonl").exists()
+
+    # a rerun of the same submission resumes: nothing is attacked again
+    attacked = []
+    original = runner.attack_pending
+
+    def spy(attack, leak, *a, done, **kw):
+        attacked.extend(p.index for p in leak.prompts if p.index not in done)
+        return original(attack, leak, *a, done=done, **kw)
+
+    monkeypatch.setattr(runner, "attack_pending", spy)
+    assert invoke(submit_args(tmp_path), capsys)[0] == 0
+    assert attacked == []
+
+    code, out, err = invoke(["leaderboard", "--board-dir", str(tmp_path / "leaderboards")], capsys)
+    assert code == 0, err
+    assert "quick: 1 ranked" in out
+    board = (path.parent / "LEADERBOARD.md").read_text()
+    assert "| 1 | [Top-k 32](https://example.org/topk) | Test Author | topk \\(k=32, sigma=0.0\\)" in board
+    assert 'data-entry-id="top-k-32"' in (path.parent / "index.html").read_text()
+
+    monkeypatch.setattr(runner, "attack_pending", original)
+    code, out, err = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 0, out + err
+    assert "verification PASSED" in out and "config_hash" in out and "hardware: entry cpu" in out
+    assert f"git commit: entry {entry['git_commit'] or '-'}; rerun {entry['git_commit'] or '-'}" in out
+
+    tampered = copy.deepcopy(entry)  # claims an exact match the run does not give
+    claimed = entry["attacks"]["continuous"]["exact_match"]
+    tampered["attacks"]["continuous"]["exact_match"] = 0.0 if claimed >= 0.5 else 1.0
+    tampered["worst_case"]["exact_match"]["value"] = tampered["attacks"]["continuous"]["exact_match"]
+    path.write_text(json.dumps(tampered))
+    code, out, _ = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 1
+    assert "verification FAILED: attacks.continuous.exact_match, worst_case.exact_match" in out
+
+    code, out, _ = invoke(["verify", str(path), "--subset", "1", "--device", "cpu",
+                           "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert "first 1 of 2 prompts" in out and code in (0, 1)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--entry-id", "../escape"], "looks like a path"),
+    (["--entry-id", "Not A Slug"], "not a slug"),
+    (["--param", "nope=1"], "has no parameter 'nope'"),
+])
+def test_submit_errors_are_one_line_exit_2(tmp_path, capsys, small_quick, extra, message):
+    code, _, err = invoke(submit_args(tmp_path, *extra), capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # refused before any run
+
+
+def test_unknown_protocol_is_a_usage_error(tmp_path, capsys):
+    args = submit_args(tmp_path)
+    args[args.index("quick")] = "no-such-protocol"
+    code, _, err = invoke(args, capsys)
+    assert code == 2 and "unknown protocol" in err
+
+
+def test_an_entry_id_taken_by_another_defence_is_refused(tmp_path, capsys, small_quick):
+    other = make_entry("Top-k 32", em=0.5, defense="gaussian")
+    other["protocol"] = json.loads(json.dumps(small_quick.to_dict()))
+    target = tmp_path / "leaderboards" / "quick" / "top-k-32.json"
+    target.parent.mkdir(parents=True)
+    target.write_text(json.dumps(other))
+    code, _, err = invoke(submit_args(tmp_path), capsys)
+    assert code == 2 and "already holds a different submission" in err
+    assert json.loads(target.read_text()) == other
+
+
+def test_verify_refuses_a_malformed_entry_and_a_bad_subset(tmp_path, capsys):
+    entry = make_entry("Verify me", em=0.5)
+    path = tmp_path / "quick" / "verify-me.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(entry))
+    code, _, err = invoke(["verify", str(path), "--subset", "9", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "--subset must be between 1 and the entry's 4 prompts" in err
+    entry["attacks"]["scan"]["exact_match"] = 3
+    path.write_text(json.dumps(entry))
+    code, _, err = invoke(["verify", str(path), "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "field attacks.scan.exact_match" in err and len(err.strip().splitlines()) == 1
+
+
+def test_plug_in_file_entries_need_the_file_to_verify(tmp_path, capsys):
+    entry = make_entry("From a file", em=0.5)
+    entry["defense"]["spec"] = "my_def.py:MyDefense"
+    path = tmp_path / "quick" / "from-a-file.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(entry))
+    code, _, err = invoke(["verify", str(path), "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "pass --defense path/to/my_def.py:MyDefense" in err
+
+
+def test_protocols_lists_every_protocol(capsys):
+    code, out, _ = invoke(["protocols"], capsys)
+    assert code == 0 and all(name in out for name in PROTOCOLS)
+
+
+def test_leaderboard_refuses_path_like_protocols(tmp_path, capsys):
+    code, _, err = invoke(["leaderboard", "--protocol", "../x", "--board-dir", str(tmp_path)], capsys)
+    assert code == 2 and "error:" in err
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--url", "javascript:alert(1)", "--url: expected an http(s) URL"),
+    ("--name", "two\nlines", "--name: expected one line of text"),
+])
+def test_bad_submission_fields_are_refused_before_the_run(tmp_path, capsys, small_quick, option, value, message):
+    args = submit_args(tmp_path)
+    args[args.index(option) + 1] = value
+    code, _, err = invoke(args, capsys)
+    assert code == 2 and message in err
+    assert not (tmp_path / "runs").exists()
