@@ -7,7 +7,9 @@ from typing import Any
 import click
 
 from . import __version__
+from .board_cli import leaderboard, protocols, submit, verify
 from .config import RunConfig
+from .sweep_cli import curve, sweep
 
 # A CPU has minutes, not hours: the main command's reduced run (SmolLM2's Adam steps cost ~0.1 s
 # each on 2 cores) finishes in under 5 minutes. A smoke test, not a measurement.
@@ -260,15 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
 
 
-from .sweep_cli import curve, sweep  # noqa: E402  (registered last: sweep_cli does not import this module)
 
-cli.add_command(sweep)
-cli.add_command(curve)
-
-
-from .board_cli import leaderboard, protocols, submit, verify  # noqa: E402  (board commands; they import cli lazily)
-
-cli.add_command(submit)
-cli.add_command(verify)
-cli.add_command(leaderboard)
-cli.add_command(protocols)
+# Commands defined in their own modules (leaderboard and sweeps), registered on the one group.
+for command in (submit, verify, leaderboard, protocols, sweep, curve):
+    cli.add_command(command)
