@@ -31,3 +31,13 @@ def oracle(tiny):
 def prompt_ids(tiny):
     """(3, 4) token ids of real text."""
     return torch.tensor([tiny.tokenizer(t, add_special_tokens=False)["input_ids"][:4] for t in TEXTS])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Attack loops are many tiny ops: when other processes share the 2 cores, a second torch
+    thread mostly waits (runs slowed down 10-25x), so these tests use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -2,13 +2,13 @@
 names the bad value and what is allowed, and no traceback; `--debug` shows the traceback."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from invbench.attacks import AttackError
+from helpers import invoke
 from invbench.cli import main
 from invbench.leaks import prompts as prompts_module
 from invbench.leaks.models import load_model
@@ -143,15 +143,6 @@ def quick_model(monkeypatch, tiny_model):
 def fill(args: list[str], tmp: Path) -> list[str]:
     return [a.format(tmp=tmp, plugins=PLUGINS) for a in args]
 
-
-def invoke(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def check_one_line(code: int, err: str, words: list[str]) -> str:

@@ -4,22 +4,12 @@ import json
 import pytest
 from opacus.accountants.analysis.gdp import eps_from_mu
 
-from invbench.cli import main
+from helpers import invoke
 from invbench import runner
 
 BASE = ["run", "--model", "tiny-gpt2", "--attack", "continuous", "--preset", "fast", "--n", "3", "--tokens", "3",
         "--device", "cpu"]
 
-
-def invoke(args, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_run_writes_config_records_and_summary(tmp_path, capsys):

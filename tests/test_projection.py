@@ -8,15 +8,8 @@ from invbench.attacks.projection import ProjectionAttack, ProjectionConfig, near
 from invbench.defenses import make_defense
 
 NONE = make_defense("none", {})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The loop is many tiny ops; on a shared 2-core machine a second thread only waits (25x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def committed_loss(oracle, tokens, targets, defense):

@@ -14,15 +14,8 @@ from invbench.defenses import make_defense
 from invbench.leaks.oracle import WhiteBox
 
 NONE = make_defense("none", {})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared 2-core machine a second thread mostly waits: one is faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,22 +9,12 @@ import json
 import pytest
 
 from invbench import runner
-from invbench.cli import main
+from helpers import invoke
 from invbench.entries import load_entries
 from invbench.protocols import PROTOCOLS
 from invbench.submit import (FULL_PRIVACY_TOL, UTILITY_ABS_TOL, MetricCheck, compare, recorded_spec, sampling_margin)
 from test_leaderboard import fake_summary, make_entry
 
-
-def invoke(args, capsys):
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def by_metric(checks: list[MetricCheck]) -> dict[str, MetricCheck]:

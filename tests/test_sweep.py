@@ -6,7 +6,6 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from invbench import runner
@@ -23,14 +22,6 @@ CHEAP = dataclasses.replace(PROTOCOLS["quick"], n=2, tokens=2, attacks=("continu
 # span the curve, exact match 1.0 -> 0.5 -> 0.0.
 SIGMAS = [0.0, 1.5, 3.0]
 
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """Two OpenMP threads per process oversubscribe a shared 2-core machine (runs slow down ~10x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
