@@ -98,4 +98,6 @@ def cosine_only(*, clean: torch.Tensor, defended: torch.Tensor) -> dict[str, flo
     clean, defended = _rows(clean).double(), _rows(defended.to(clean.device)).double()
     if clean.shape[0] == 0:
         return {"cosine": None}
-    return {"cosine": F.cosine_similarity(defended, clean, dim=-1, eps=1e-12).mean().item()}
+    # Rounding can put identical vectors at 1 + 2e-16; a cosine is in [-1, 1] by definition.
+    cosines = F.cosine_similarity(defended, clean, dim=-1, eps=1e-12).clamp(-1.0, 1.0)
+    return {"cosine": cosines.mean().item()}

@@ -83,3 +83,9 @@ def test_shape_mismatch_and_keyword_only():
         utility_metrics(lm_head=identity_head(), clean=CLEAN, defended=DEFENDED[:1])
     with pytest.raises(TypeError):
         cosine_only(CLEAN, DEFENDED)
+
+
+def test_cosine_of_identical_vectors_is_exactly_one():
+    """Rounding once gave 1.0000000000000002, which the leaderboard schema rightly rejects."""
+    clean = torch.randn(12, 128, generator=torch.Generator().manual_seed(28)) * 11  # unclamped mean: 1 + 2e-16
+    assert cosine_only(clean=clean, defended=clean.clone())["cosine"] == 1.0
