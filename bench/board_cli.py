@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import click
 
+from .cli_options import defence_flags, defence_params
 from .entries import NAME, EntryError
 from .leaderboard import DEFAULT_UTILITY_FLOOR
 from .protocols import PROTOCOLS, Protocol, ProtocolError, get_protocol
@@ -63,7 +64,7 @@ BOARD_DIR = click.option("--board-dir", type=click.Path(file_okay=False, path_ty
 
 @click.command()
 @click.option("--defense", required=True, help="Defence name (see `invbench defenses`) or path/to/file.py:ClassName.")
-@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Defence parameter (repeatable).")
+@defence_flags
 @click.option("--protocol", required=True, callback=_protocol, help="Protocol (see `invbench protocols`).")
 @click.option("--name", required=True, help="Display name of the entry; its id is made from it.")
 @click.option("--authors", default="", help="Who made the defence.")
@@ -73,13 +74,12 @@ BOARD_DIR = click.option("--board-dir", type=click.Path(file_okay=False, path_ty
 @RUNS_DIR
 @BOARD_DIR
 @one_line_errors
-def submit(defense: str, params: tuple[str, ...], protocol: Protocol, name: str, authors: str, url: str,
-           entry_id: str | None, device: str, runs_dir: Path, board_dir: Path) -> None:
+def submit(defense: str, protocol: Protocol, name: str, authors: str, url: str, entry_id: str | None, device: str,
+           runs_dir: Path, board_dir: Path, **flags: Any) -> None:
     """Run a protocol for one defence and write its leaderboard entry (rerun to resume)."""
-    from .cli import parse_params  # imported here: cli.py imports this module
     from .submit import submit as run_submission
 
-    path = run_submission(defense=defense, defense_params=parse_params(params), protocol=protocol, name=name,
+    path = run_submission(defense=defense, defense_params=defence_params(flags), protocol=protocol, name=name,
                           authors=authors, url=url, entry_id=entry_id, runs_dir=runs_dir, board_dir=board_dir,
                           device=device, echo=_echo_err)
     click.echo(f"entry: {path}")

@@ -8,6 +8,7 @@ import click
 
 from . import __version__
 from .board_cli import leaderboard, protocols, submit, verify
+from .cli_options import defence_options, defence_params
 from .config import RunConfig
 from .sweep_cli import curve, sweep
 
@@ -34,16 +35,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
             CurveError, OSError)
 
 
-def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
-    params = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise click.BadParameter(f"expected name=value, got {pair!r}", param_hint="--param")
-        params[name.strip()] = value.strip()
-    return params
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="invbench")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
@@ -54,34 +45,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
     `invbench run` captures hidden states of real text, applies a defence, runs inversion attacks
     and scores what they recover."""
     ctx.obj = {"debug": debug}
-
-
-def defence_options(func):
-    """--defense with its named parameters and the generic --param."""
-    options = [
-        click.option("--defense", default="none", show_default=True,
-                     help="Defence name (see `invbench defenses`) or path/to/file.py:ClassName."),
-        click.option("--sigma", type=float, default=None, help="gaussian: noise standard deviation."),
-        click.option("--clip", type=float, default=None, help="dp: L2 clipping norm C per vector."),
-        click.option("--noise-multiplier", type=float, default=None, help="dp: noise std / C."),
-        click.option("--epsilon", type=float, default=None, help="dp: target epsilon (instead of --noise-multiplier)."),
-        click.option("--delta", type=float, default=None, help="dp: delta [1e-5]."),
-        click.option("--bits", type=int, default=None, help="quantize: bits (1..16)."),
-        click.option("--scheme", default=None, help="quantize: per-vector or per-tensor."),
-        click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Defence parameter (repeatable)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-NAMED_DEFENCE_FLAGS = ("sigma", "clip", "noise_multiplier", "epsilon", "delta", "bits", "scheme")
-
-
-def defence_params(opts: dict[str, Any]) -> dict[str, Any]:
-    params: dict[str, Any] = parse_params(opts["params"])
-    params.update({k: opts[k] for k in NAMED_DEFENCE_FLAGS if opts[k] is not None})
-    return params
 
 
 @cli.command()
