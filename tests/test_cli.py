@@ -4,8 +4,7 @@ import json
 import pytest
 from opacus.accountants.analysis.gdp import eps_from_mu
 
-from helpers import invoke
-from invbench import runner
+from helpers import invoke, spy_on_attacks
 
 BASE = ["run", "--model", "tiny-gpt2", "--attack", "continuous", "--preset", "fast", "--n", "3", "--tokens", "3",
         "--device", "cpu"]
@@ -33,14 +32,7 @@ def test_rerun_resumes_without_redoing_finished_prompts(tmp_path, capsys, monkey
     path = tmp_path / "records.jsonl"
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:2]) + lines[2][:25])  # the last prompt lost, its line torn mid-write
-    attacked = []
-    original = runner.attack_pending
-
-    def spy(attack, leak, *a, done, **kw):
-        attacked.extend(p.index for p in leak.prompts if p.index not in done)
-        return original(attack, leak, *a, done=done, **kw)
-
-    monkeypatch.setattr(runner, "attack_pending", spy)
+    attacked = spy_on_attacks(monkeypatch)
     assert invoke(args, capsys)[0] == 0
     assert attacked == [2]
     records = [json.loads(line) for line in path.read_text().splitlines()]

@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from invbench import runner
-from helpers import invoke
+from helpers import invoke, spy_on_attacks
 from invbench.entries import load_entries
 from invbench.protocols import PROTOCOLS
 from invbench.submit import (FULL_PRIVACY_TOL, UTILITY_ABS_TOL, MetricCheck, compare, recorded_spec, sampling_margin)
@@ -126,14 +125,7 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     assert (tmp_path / "runs" / "quick" / "top-k-32" / "records.jsonl").exists()
 
     # a rerun of the same submission resumes: nothing is attacked again
-    attacked = []
-    original = runner.attack_pending
-
-    def spy(attack, leak, *a, done, **kw):
-        attacked.extend(p.index for p in leak.prompts if p.index not in done)
-        return original(attack, leak, *a, done=done, **kw)
-
-    monkeypatch.setattr(runner, "attack_pending", spy)
+    attacked = spy_on_attacks(monkeypatch)
     assert invoke(submit_args(tmp_path), capsys)[0] == 0
     assert attacked == []
 
@@ -144,7 +136,6 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     assert "| 1 | [Top-k 32](https://example.org/topk) | Test Author | topk \\(k=32, sigma=0.0\\)" in board
     assert 'data-entry-id="top-k-32"' in (path.parent / "index.html").read_text()
 
-    monkeypatch.setattr(runner, "attack_pending", original)
     code, out, err = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
     assert code == 0, out + err
     assert "verification PASSED" in out and "config_hash" in out and "hardware: entry cpu" in out

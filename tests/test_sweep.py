@@ -1,5 +1,6 @@
 """Sweeps and privacy-utility curves: a 3-point sweep end to end (local and Ray), resume, curve
 files read as validated data, plots, and one-line errors."""
+from helpers import spy_on_attacks
 import dataclasses
 import json
 import struct
@@ -68,14 +69,7 @@ def test_rerun_resumes_without_attack_work(swept, monkeypatch):
     runs = swept["root"] / "runs"
     records = {p: p.read_bytes() for p in runs.rglob("records.jsonl")}
     assert len(records) == 3
-    attacked = []
-    original = runner.attack_pending
-
-    def spy(attack, leak, *args, done, **kwargs):
-        attacked.extend(p.index for p in leak.prompts if p.index not in done)
-        return original(attack, leak, *args, done=done, **kwargs)
-
-    monkeypatch.setattr(runner, "attack_pending", spy)
+    attacked = spy_on_attacks(monkeypatch)
     again = sweep(defense="gaussian", grid={"sigma": SIGMAS}, protocol=CHEAP, runs_dir=runs, device="cpu",
                   echo=lambda line: None)
     assert attacked == []
