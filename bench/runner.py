@@ -71,6 +71,21 @@ def build_attacks(cfg: RunConfig) -> list[Attack]:
     return attacks
 
 
+def load_source(cfg: RunConfig, device: torch.device, *,
+                echo: Callable[[str], None]) -> tuple[LoadedModel, WhiteBox, list[Prompt], str]:
+    """The leak's source: the model (checked against --tokens and --layer), white-box access to it,
+    and the prompts with a one-line description of where they came from."""
+    loaded = load_model(cfg.model, seed=cfg.seed, notify=echo)
+    check_model_fits(loaded, cfg)
+    try:
+        oracle = WhiteBox(loaded.model.to(device), layer=cfg.layer)
+    except ValueError as exc:
+        raise RunError(f"--layer: {exc}") from None
+    prompts, dataset_source = load_prompts(cfg.dataset, tokenizer=loaded.tokenizer, n=cfg.n, tokens=cfg.tokens,
+                                           seed=cfg.seed, notify=echo)
+    return loaded, oracle, prompts, dataset_source
+
+
 def capture_and_defend(oracle: WhiteBox, prompts: list[Prompt], defense: Defense, *, seed: int,
                        batch_size: int) -> Leak:
     """Targets from one forward pass per batch; noise from one generator per prompt, so a prompt's
@@ -288,14 +303,7 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any
     records_path = out / "records.jsonl"
     with RunLock(out):
         previous_config(out)  # a foreign or damaged folder is refused before the model loads
-        loaded: LoadedModel = load_model(cfg.model, seed=cfg.seed, notify=echo)
-        check_model_fits(loaded, cfg)
-        try:
-            oracle = WhiteBox(loaded.model.to(device), layer=cfg.layer)
-        except ValueError as exc:
-            raise RunError(f"--layer: {exc}") from None
-        prompts, dataset_source = load_prompts(cfg.dataset, tokenizer=loaded.tokenizer, n=cfg.n, tokens=cfg.tokens,
-                                               seed=cfg.seed, notify=echo)
+        loaded, oracle, prompts, dataset_source = load_source(cfg, device, echo=echo)
         defining = {"model": loaded.name, "model_recipe": loaded.recipe, "dataset": cfg.dataset, "n": cfg.n,
                     "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
                     "prompt_ids": [list(p.ids) for p in prompts], "defense": defense.describe(),
@@ -361,11 +369,7 @@ def utility_only(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict
     """`invbench utility`: the defence's cost alone (no attack), for privacy-utility curves."""
     device = resolve_device(cfg.device)
     defense = make_defense(cfg.defense, cfg.defense_params)
-    loaded = load_model(cfg.model, seed=cfg.seed, notify=echo)
-    check_model_fits(loaded, cfg)
-    oracle = WhiteBox(loaded.model.to(device), layer=cfg.layer)
-    prompts, dataset_source = load_prompts(cfg.dataset, tokenizer=loaded.tokenizer, n=cfg.n, tokens=cfg.tokens,
-                                           seed=cfg.seed, notify=echo)
+    loaded, oracle, prompts, dataset_source = load_source(cfg, device, echo=echo)
     leak = capture_and_defend(oracle, prompts, defense, seed=cfg.seed, batch_size=cfg.batch_size)
     return metrics.json_safe({
         "model": loaded.name, "dataset": cfg.dataset, "dataset_source": dataset_source, "n": len(prompts),
