@@ -449,7 +449,7 @@ def registered_definition(name: Any) -> dict[str, Any] | None:
 
     if not isinstance(name, str) or name not in PROTOCOLS:
         return None
-    return json.loads(json.dumps(PROTOCOLS[name].to_dict()))
+    return PROTOCOLS[name].to_dict()
 
 
 def read_entry(path: Path) -> Entry:

@@ -38,7 +38,8 @@ class Protocol:
                          batch_size=batch_size, out=out)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As an entry or curve file holds it (JSON: the attacks as a list)."""
+        return {**asdict(self), "attacks": list(self.attacks)}
 
 
 PROTOCOLS = {p.name: p for p in (

@@ -68,10 +68,6 @@ def recorded_spec(spec: str) -> str:
     return spec
 
 
-def protocol_definition(protocol: Protocol) -> dict[str, Any]:
-    return json.loads(json.dumps(protocol.to_dict()))  # tuples as lists, as the entry file will hold them
-
-
 def build_entry(summary: dict[str, Any], *, protocol: Protocol, entry_id: str, name: str, authors: str, url: str,
                 spec: str, day: str | None = None, git_commit: str | None = None) -> dict[str, Any]:
     """The leaderboard entry for one finished run (`summary` as `invbench.runner.run` returns it)."""
@@ -83,7 +79,7 @@ def build_entry(summary: dict[str, Any], *, protocol: Protocol, entry_id: str, n
         "authors": authors,
         "url": url,
         "date": day or datetime.now(timezone.utc).date().isoformat(),
-        "protocol": protocol_definition(protocol),
+        "protocol": protocol.to_dict(),
         "model": summary["model"],
         "dataset": summary["dataset"],
         "n": summary["n"],
@@ -168,7 +164,7 @@ def submit(*, defense: str, defense_params: dict[str, Any], protocol: Protocol |
     entry = build_entry(summary, protocol=protocol, entry_id=entry_id, name=name, authors=authors, url=url,
                         spec=defense, git_commit=run_commit(run_dir))
     problems = check_entry(entry, entry_path, protocol_dir_name=protocol.name,
-                           protocol_definition=protocol_definition(protocol))
+                           protocol_definition=protocol.to_dict())
     if problems:
         raise SubmitError("the entry would not be valid: " + "; ".join(f"{p.field}: {p.message}" for p in problems))
     write_json_atomic(entry_path, entry)
