@@ -1,0 +1,11 @@
+"""The one base class of invbench's user-facing errors.
+
+Every error that means "bad input or an unavailable resource" derives from `InvbenchError`;
+`invbench.cli.main` catches it and prints one line (exit 2). This module imports nothing, so
+every folder (leaks/, defenses/, attacks/, bench/) may import it without breaking the one-way
+data flow of the layout.
+"""
+
+
+class InvbenchError(Exception):
+    """Bad input or an unavailable resource; the message is one line saying what to do."""
