@@ -16,7 +16,6 @@ embeddings the paper's Adam lr of 0.05 overshoots. Recipe, rebuildable from the 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,14 +23,13 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, PreTrainedModel
 
+from invbench.registry import Registry
+
+from .errors import ModelLoadError
 from .hub import hub_reachable
 
 GPT2_HUB_ID = "openai-community/gpt2"
 EMBED_STD = 0.13  # per-coordinate std of trained token embeddings (SmolLM2-135M: 3.15 / sqrt(576))
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,6 @@ RANDOM_MODELS = {
     "tiny-gpt2": RandomGPT2Spec(n_layer=2, n_embd=128, n_head=4),
     "gpt2-random": RandomGPT2Spec(n_layer=12, n_embd=768, n_head=12),
 }
-ALIASES = ("gpt2", "smollm2-135m", *RANDOM_MODELS)
 
 
 @dataclass
@@ -56,11 +53,6 @@ class LoadedModel:
     name: str  # what was actually loaded (alias or id)
     source: str  # one line: where the weights came from
     recipe: dict | None = None  # how to rebuild seeded random weights
-
-
-def cache_root() -> Path:
-    """Where invbench keeps model files: $INVBENCH_CACHE, else ~/.cache/invbench."""
-    return Path(os.environ.get("INVBENCH_CACHE", Path.home() / ".cache" / "invbench"))
 
 
 def offline_gpt2_tokenizer() -> GPT2Tokenizer:
@@ -85,9 +77,45 @@ def random_gpt2(spec: RandomGPT2Spec, *, seed: int) -> GPT2LMHeadModel:
     return model
 
 
+Loader = Callable[..., "LoadedModel"]  # (seed=..., notify=...) -> LoadedModel
+MODELS: Registry[Loader] = Registry("model alias", error=ModelLoadError)
+
+
+def register_model(name: str) -> Callable[[Loader], Loader]:
+    """Decorator: make a loader available as `--model name`."""
+    return lambda loader: MODELS.add(name, loader)
+
+
+@register_model("gpt2")
+def _gpt2(*, seed: int, notify: Callable[[str], None]) -> "LoadedModel":
+    return _load_hub_model(GPT2_HUB_ID, alias="gpt2")
+
+
+@register_model("smollm2-135m")
+def _smollm2(*, seed: int, notify: Callable[[str], None]) -> "LoadedModel":
+    from .smollm2 import load_smollm2
+
+    model, tokenizer, source = load_smollm2(notify=notify)
+    return LoadedModel(model.eval(), tokenizer, "smollm2-135m", source)
+
+
+def _random_loader(name: str, spec: RandomGPT2Spec) -> Loader:
+    def load(*, seed: int, notify: Callable[[str], None]) -> LoadedModel:
+        recipe = {"architecture": "GPT2LMHeadModel", "seed": seed, **asdict(spec),
+                  "init": "transformers default (std 0.02) under torch.manual_seed(seed), then wte *= embed_std / 0.02"}
+        return LoadedModel(random_gpt2(spec, seed=seed).eval(), offline_gpt2_tokenizer(), name,
+                           f"seeded random weights (seed {seed})", recipe)
+    return load
+
+
+for _name, _spec in RANDOM_MODELS.items():
+    MODELS.add(_name, _random_loader(_name, _spec))
+
+
 def load_model(name: str | None, *, seed: int = 0, notify: Callable[[str], None] = print) -> LoadedModel:
-    """Load `name` (alias, hub id or local directory); None means the default `gpt2`, which falls
-    back to `smollm2-135m` with one line when GPT-2 cannot be loaded (no cache, no network)."""
+    """Load `name` (registered alias, hub id or local directory); None means the default `gpt2`,
+    which falls back to `smollm2-135m` with one line when GPT-2 cannot be loaded (no cache, no
+    network)."""
     if name is None:
         try:
             return _load_hub_model(GPT2_HUB_ID, alias="gpt2")
@@ -96,19 +124,8 @@ def load_model(name: str | None, *, seed: int = 0, notify: Callable[[str], None]
                    else str(exc))
             notify(f"note: GPT-2 cannot be loaded ({why}); using smollm2-135m (pretrained, from PyPI) instead")
             name = "smollm2-135m"
-    if name in RANDOM_MODELS:
-        spec = RANDOM_MODELS[name]
-        recipe = {"architecture": "GPT2LMHeadModel", "seed": seed, **asdict(spec),
-                  "init": "transformers default (std 0.02) under torch.manual_seed(seed), then wte *= embed_std / 0.02"}
-        return LoadedModel(random_gpt2(spec, seed=seed).eval(), offline_gpt2_tokenizer(), name,
-                           f"seeded random weights (seed {seed})", recipe)
-    if name == "smollm2-135m":
-        from .smollm2 import load_smollm2
-
-        model, tokenizer, source = load_smollm2(notify=notify)
-        return LoadedModel(model.eval(), tokenizer, name, source)
-    if name == "gpt2":
-        return _load_hub_model(GPT2_HUB_ID, alias="gpt2")
+    if name in MODELS:
+        return MODELS.get(name)(seed=seed, notify=notify)
     return _load_hub_model(name, alias=name)
 
 
@@ -119,7 +136,17 @@ def _load_hub_model(model_id: str, *, alias: str) -> LoadedModel:
     except Exception as exc:
         kind = "local directory" if Path(model_id).is_dir() else "model"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        allowed = "" if alias in ALIASES else f"; --model takes {', '.join(ALIASES)}, a Hugging Face id or a local model directory"
+        allowed = "" if alias in MODELS else f"; --model takes {', '.join(MODELS)}, a Hugging Face id or a local model directory"
         raise ModelLoadError(f"cannot load {kind} {model_id!r}: {first_line[:200]}{allowed}") from exc
     tokenizer = offline_gpt2_tokenizer() if alias == "gpt2" else AutoTokenizer.from_pretrained(model_id, local_files_only=local_only)
     return LoadedModel(model.eval(), tokenizer, alias, f"transformers from_pretrained({model_id!r})")
+
+
+def distinct_token_ids(loaded: LoadedModel) -> list[int]:
+    """The ids a random-token prompt may use: not special, and with an input embedding no other
+    token shares (tokens with one row are indistinguishable to every attack; SmolLM2 has 15)."""
+    embedding = loaded.model.get_input_embeddings().weight.detach().cpu()
+    _, inverse, counts = torch.unique(embedding, dim=0, return_inverse=True, return_counts=True)
+    unique = counts[inverse] == 1
+    special = set(getattr(loaded.tokenizer, "all_special_ids", []) or [])
+    return [i for i in range(len(embedding)) if unique[i] and i not in special]

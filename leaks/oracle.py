@@ -3,34 +3,44 @@
 Attacks never touch transformers internals; they get
 - `embedding`: the token-embedding matrix (V, d),
 - `capture(ids)`: the leaked targets H, one forward pass over whole prompts,
-- `prefix(ids)`: the KV cache of a committed prefix, computed once per position,
+- `prefix(ids)`: the KV cache of a committed prefix, computed once per position, with the state
+  the LM head reads at its last token (for the model's own prior over the next token),
 - `hidden(prefix, embeds)`: the hidden state at the leaked layer of each candidate embedding
   appended after its prompt's prefix, differentiable in `embeds`,
-- `hidden_of_tokens(prefix, ids)`: the same for token ids, chunked, without gradients.
+- `hidden_of_tokens(prefix, ids)`: the same for token ids, chunked, without gradients,
+- `log_prior(prefix)` and `log_prior_of(ids)`: the model's own next-token log-probabilities.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from .cache import weights_fingerprint
+
 
 @dataclass
 class Prefix:
-    """Per-layer (key, value) tensors of B committed prefixes of equal length."""
+    """Per-layer (key, value) tensors of B committed prefixes of equal length, and the final
+    (normed) state at each prefix's last token, which the LM head turns into the prior."""
 
     keys: list[torch.Tensor]  # each (B, heads, t, head_dim)
     values: list[torch.Tensor]
     length: int
     batch: int
+    last_state: torch.Tensor | None = None  # (B, d); None for the empty prefix
 
     def select(self, rows: torch.Tensor) -> "Prefix":
         """The prefixes of a subset of prompts (e.g. those still optimising)."""
         if self.length == 0:
             return Prefix([], [], 0, len(rows))
-        return Prefix([k[rows] for k in self.keys], [v[rows] for v in self.values], self.length, len(rows))
+        return Prefix([k[rows] for k in self.keys], [v[rows] for v in self.values], self.length, len(rows),
+                      self.last_state[rows])
 
     def expanded(self, repeats: int) -> DynamicCache:
         """A fresh cache with each prompt's prefix repeated `repeats` times (prompt-major), so
@@ -41,18 +51,66 @@ class Prefix:
         return cache
 
 
+def cache_keyword(body: torch.nn.Module) -> str:
+    """The name under which this transformers version takes a KV cache: `cache` (5.x; the old
+    name warns on every call) or `past_key_values` (4.x)."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+def document_start_token(tokenizer) -> int | None:
+    """The token a document follows in pretraining, for the prior of a prompt's first token:
+    `<|endoftext|>` where the vocabulary has it (GPT-2, SmolLM2), else the BOS token, else None
+    (a uniform first-token prior). Measured on SmolLM2, 200 C4 documents: after <|endoftext|>
+    the true first token is in the top 64 for 28%, after <|im_start|> (its BOS) for 1.5%."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if "<|endoftext|>" in vocab:
+        return int(vocab["<|endoftext|>"])
+    return getattr(tokenizer, "bos_token_id", None)
+
+
 class WhiteBox:
     """Differentiable oracle f(candidate | prefix) -> hidden state at `layer` (float32)."""
 
-    def __init__(self, model: PreTrainedModel, *, layer: int = -1, chunk_size: int = 1024) -> None:
+    def __init__(self, model: PreTrainedModel, *, layer: int = -1, chunk_size: int = 1024,
+                 start_token: int | None = None, tokenizer=None, name: str = "") -> None:
         n_layers = model.config.num_hidden_layers
         if not -(n_layers + 1) <= layer <= n_layers:
             raise ValueError(f"layer {layer} out of range for a {n_layers}-layer model (allowed {-(n_layers + 1)}..{n_layers})")
         self.model = model.eval().requires_grad_(False)
         self.body = model.base_model  # the transformer without the LM head: no vocabulary-sized logits per call
+        self.head = model.get_output_embeddings()
         self.layer = layer
         self.chunk_size = chunk_size
+        self.start_token = start_token
+        self.tokenizer = tokenizer  # part of white-box knowledge; rankers are fitted with it
+        self.name = name  # the model's alias or id, for artefacts made per model (rankers)
         self.embedding = model.get_input_embeddings().weight.detach()
+        self.vocabulary: torch.Tensor | None = None  # model ids of the candidates when restricted (tests)
+        self._cache_kw = cache_keyword(self.body)
+        self._start_prior: torch.Tensor | None = None
+        self._fingerprint: tuple[int, str] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the model's weights and of the candidate embeddings in use (computed once per
+        embedding matrix): what cached artefacts are checked against."""
+        if self._fingerprint is None or self._fingerprint[0] != id(self.embedding):
+            weights = weights_fingerprint(self.model)
+            own = self.model.get_input_embeddings().weight
+            if self.embedding.data_ptr() != own.data_ptr() or self.embedding.shape != own.shape:
+                digest = hashlib.sha256(weights.encode())  # candidates other than the model's own vocabulary
+                digest.update(self.embedding.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                weights = digest.hexdigest()
+            self._fingerprint = (id(self.embedding), weights)
+        return self._fingerprint[1]
+
+    def restrict_vocabulary(self, ids: torch.Tensor) -> "WhiteBox":
+        """Candidates are only the model's tokens `ids` (sorted), renumbered 0..len-1: the same
+        model with a smaller vocabulary, for fast tests. Priors are renormalised over them."""
+        self.vocabulary = ids.to(self.device)
+        self.embedding = self.model.get_input_embeddings().weight.detach()[self.vocabulary]
+        self._start_prior = None
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -62,13 +120,20 @@ class WhiteBox:
     def vocab_size(self) -> int:
         return self.embedding.shape[0]
 
-    def _forward(self, embeds: torch.Tensor, *, cache: DynamicCache | None, start: int) -> torch.Tensor:
+    @property
+    def layer_index(self) -> int:
+        """The leaked layer as a non-negative index into hidden_states (-1 and L name the same)."""
+        return self.layer % (self.model.config.num_hidden_layers + 1)
+
+    def _run(self, embeds: torch.Tensor, *, cache: DynamicCache | None, start: int, hidden_states: bool):
         rows, length, _ = embeds.shape
         positions = torch.arange(start, start + length, device=embeds.device).expand(rows, length)
         mask = torch.ones(rows, start + length, dtype=torch.long, device=embeds.device)
-        out = self.body(inputs_embeds=embeds, past_key_values=cache, position_ids=positions,
-                        attention_mask=mask, use_cache=cache is not None, output_hidden_states=True)
-        return out.hidden_states[self.layer]
+        return self.body(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=cache is not None,
+                         output_hidden_states=hidden_states, **{self._cache_kw: cache})
+
+    def _forward(self, embeds: torch.Tensor, *, cache: DynamicCache | None, start: int) -> torch.Tensor:
+        return self._run(embeds, cache=cache, start=start, hidden_states=True).hidden_states[self.layer]
 
     @torch.no_grad()
     def capture(self, ids: torch.Tensor) -> torch.Tensor:
@@ -88,11 +153,10 @@ class WhiteBox:
         if length == 0:
             return Prefix([], [], 0, batch)
         cache = DynamicCache()
-        self.body(inputs_embeds=self.embedding[ids.to(self.device)], past_key_values=cache, use_cache=True,
-                  position_ids=torch.arange(length, device=self.device).expand(batch, length))
+        out = self._run(self.embedding[ids.to(self.device)], cache=cache, start=0, hidden_states=False)
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
-        return Prefix(keys, values, length, batch)
+        return Prefix(keys, values, length, batch, out.last_hidden_state[:, -1].float())
 
     def hidden(self, prefix: Prefix, embeds: torch.Tensor) -> torch.Tensor:
         """Hidden state (B, M, d) of each of M candidate embeddings (B, M, d) placed after its
@@ -104,16 +168,59 @@ class WhiteBox:
 
     @torch.no_grad()
     def hidden_of_tokens(self, prefix: Prefix, ids: torch.Tensor,
-                         reduce: Callable[[torch.Tensor, slice], torch.Tensor] | None = None) -> torch.Tensor:
+                         reduce: Callable[[torch.Tensor, slice], torch.Tensor] | None = None, *,
+                         chunk_size: int | None = None) -> torch.Tensor:
         """Hidden state (B, M, d) of candidate token ids (B, M) after each prefix, chunked so that
-        at most `chunk_size` sequences go through the model at once. With `reduce`, each chunk's
-        hidden states (B, m, d) and its column slice are mapped to a smaller result (e.g. distances
-        (B, m)) before concatenation, so (B, M, d) is never held at once."""
+        at most `chunk_size` (default: the oracle's) sequences go through the model at once. With
+        `reduce`, each chunk's hidden states (B, m, d) and its column slice are mapped to a smaller
+        result (e.g. distances (B, m)) before concatenation, so (B, M, d) is never held at once."""
         batch, m = ids.shape
-        per_chunk = max(1, self.chunk_size // batch)
+        per_chunk = max(1, (chunk_size or self.chunk_size) // batch)
         parts = []
         for start in range(0, m, per_chunk):
             columns = slice(start, min(m, start + per_chunk))
             hidden = self.hidden(prefix, self.embedding[ids[:, columns].to(self.device)]).float()
             parts.append(reduce(hidden, columns) if reduce else hidden)
         return torch.cat(parts, dim=1)
+
+    # --- the model's own prior ------------------------------------------------------------------
+    @torch.no_grad()
+    def start_prior(self) -> torch.Tensor:
+        """log p(first token) (V,): the next-token distribution after `start_token`, or uniform."""
+        if self._start_prior is None:
+            if self.start_token is None:
+                self._start_prior = torch.full((self.vocab_size,), -math.log(self.vocab_size), device=self.device)
+            else:
+                start = self.model.get_input_embeddings().weight.detach()[[self.start_token]]  # a model id
+                out = self._run(start[None], cache=None, start=0, hidden_states=False)
+                self._start_prior = self._log_probs(out.last_hidden_state[0, -1:])[0]
+        return self._start_prior
+
+    @torch.no_grad()
+    def log_prior(self, prefix: Prefix) -> torch.Tensor:
+        """log p(next token | prefix) (B, V), from the LM head on each prefix's last state."""
+        if prefix.length == 0:
+            return self.start_prior().expand(prefix.batch, -1)
+        return self._log_probs(prefix.last_state)
+
+    @torch.no_grad()
+    def next_token_log_probs(self, ids: torch.Tensor) -> torch.Tensor:
+        """log p(. | x_<t) (B, T, V) at every position of whole sequences (t = 1: the start prior)."""
+        ids = ids.to(self.device)
+        first = self.start_prior().expand(len(ids), 1, -1)
+        if ids.shape[1] == 1:
+            return first.clone()
+        out = self._run(self.embedding[ids[:, :-1]], cache=None, start=0, hidden_states=False)
+        return torch.cat([first, self._log_probs(out.last_hidden_state)], dim=1)
+
+    @torch.no_grad()
+    def log_prior_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """log p(x_t | x_<t) (B, T) of whole sequences: what the prior says of each of their tokens."""
+        ids = ids.to(self.device)
+        return self.next_token_log_probs(ids).gather(-1, ids[..., None])[..., 0]
+
+    def _log_probs(self, final_state: torch.Tensor) -> torch.Tensor:
+        logits = self.head(final_state.to(self.head.weight.dtype)).float()
+        if self.vocabulary is not None:
+            logits = logits[..., self.vocabulary]
+        return torch.log_softmax(logits, dim=-1)

@@ -7,6 +7,9 @@ skipped and counted.
 Sources
 - c4:        C4 English validation documents in their original order ("the first N documents").
 - wikipedia: English Wikipedia sentences of 25-70 characters, shuffled with the seed.
+- random:    uniformly random token ids (passwords, keys): no text prior helps an attacker; drawn
+             with the seed from the non-special tokens whose embedding row is unique (a token
+             sharing its row with another cannot be told apart from it by any attack).
 - a path:    .txt (one text per non-empty line), .jsonl (field `text`), .parquet (column `text`).
 
 The built-in sources stream from the Hugging Face Hub through `datasets`; when the Hub is out of
@@ -21,13 +24,14 @@ from dataclasses import dataclass
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from invbench.errors import InvbenchError
+
 from .hub import hub_reachable
 
-DATASETS = ("c4", "wikipedia")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 SENTENCE_CHARS = (25, 70)  # the paper's Wikipedia sentence lengths, inclusive
 POOL_FACTOR = 20  # online Wikipedia: collect 20*n sentences, then shuffle, so the draw is varied
@@ -36,8 +40,13 @@ C4_HUB = ("allenai/c4", "en", "validation")
 WIKIPEDIA_HUB = ("wikimedia/wikipedia", "20231101.en", "train")
 C4_SAMPLE = "c4_validation_sample.jsonl"
 WIKIPEDIA_SAMPLE = "wikipedia_sentences.jsonl"
+# Rankers learn from documents no prompt set uses: offline C4 validation documents from 300 on
+# (the bundled sample holds 0-299), online the C4 train split.
+C4_RANKER_TRAIN = "c4_ranker_train.jsonl"
+RANKER_FIRST_DOC = 300
+C4_TRAIN_HUB = ("allenai/c4", "en", "train")
 
-_ALLOWED = "c4, wikipedia, or a path to a .txt, .jsonl or .parquet file"
+_ALLOWED = "c4, wikipedia, random, or a path to a .txt, .jsonl or .parquet file"
 
 # A sentence ends at . ! ? (optionally followed by a closing quote or bracket), then whitespace,
 # then a capital letter (optionally after an opening quote or bracket).
@@ -56,7 +65,7 @@ class Prompt:
     ids: tuple[int, ...]  # the first `tokens` token ids of the source text
 
 
-class DatasetError(ValueError):
+class DatasetError(InvbenchError, ValueError):
     """Bad dataset input; the message is one line naming the bad value and what is allowed."""
 
 
@@ -106,11 +115,13 @@ def load_prompts(
     tokens: int,
     seed: int,
     notify: Callable[[str], None] = print,
+    allowed_ids: Sequence[int] | None = None,
 ) -> tuple[list[Prompt], str]:
     """Up to `n` prompts of exactly `tokens` token ids each, and a one-line source description.
 
-    `dataset` is "c4", "wikipedia" or a path to a .txt, .jsonl or .parquet file. `seed` only
-    affects "wikipedia" (which sentences are drawn); C4 and files are taken in their order,
+    `dataset` is "c4", "wikipedia", "random" or a path to a .txt, .jsonl or .parquet file.
+    `seed` only affects "wikipedia" (which sentences are drawn) and "random" (which ids, from
+    `allowed_ids`, default every non-special token); C4 and files are taken in their order,
     as the paper took the first N C4 documents. Fewer than `n` prompts are returned, with one
     line to `notify`, when the source runs out; none at all raises DatasetError.
     """
@@ -119,6 +130,8 @@ def load_prompts(
     if tokens < 1:
         raise DatasetError(f"tokens per prompt must be at least 1, got {tokens}")
 
+    if dataset == "random":
+        return random_prompts(tokenizer=tokenizer, n=n, tokens=tokens, seed=seed, allowed_ids=allowed_ids)
     if dataset == "c4":
         return _load_builtin(_c4_online, _c4_offline, tokenizer=tokenizer, n=n, tokens=tokens, notify=notify)
     if dataset == "wikipedia":
@@ -159,6 +172,43 @@ def _finish(
     if len(prompts) < n:
         notify(f"note: only {len(prompts)} of {n} prompts: the source ran out ({skipped} texts shorter than {tokens} tokens skipped)")
     return prompts, f"{source}; {len(prompts)} prompts of {tokens} tokens, {skipped} shorter texts skipped"
+
+
+def random_prompts(*, tokenizer, n: int, tokens: int, seed: int,
+                   allowed_ids: Sequence[int] | None = None) -> tuple[list[Prompt], str]:
+    """`n` prompts of `tokens` ids drawn uniformly (with replacement) from `allowed_ids`."""
+    if allowed_ids is None:
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        allowed_ids = [i for i in range(len(tokenizer)) if i not in special]
+    allowed = np.asarray(sorted(set(int(i) for i in allowed_ids)))
+    if len(allowed) == 0:
+        raise DatasetError("no token ids to draw random prompts from")
+    draws = allowed[np.random.default_rng([seed, 0x52414E44]).integers(len(allowed), size=(n, tokens))]
+    prompts = [Prompt(index=i, text=tokenizer.decode([int(x) for x in row], clean_up_tokenization_spaces=False),
+                      ids=tuple(int(x) for x in row)) for i, row in enumerate(draws)]
+    return prompts, f"uniformly random token ids ({len(allowed)} distinct tokens, seed {seed}); {n} prompts of {tokens} tokens"
+
+
+def ranker_training_texts(*, notify: Callable[[str], None] = print,
+                          limit: int = 1200) -> tuple[list[str], str]:
+    """Texts a ranker may learn from, never those of a prompt set: online the first `limit`
+    documents of the C4 English *train* split (prompts come from validation), offline the
+    bundled C4 validation documents 300-1499 (the bundled prompt sample holds 0-299)."""
+    if hub_reachable():
+        try:
+            name, config, split = C4_TRAIN_HUB
+            texts = []
+            for text in _stream_hub(name, config, split):
+                texts.append(text)
+                if len(texts) == limit:
+                    break
+            return texts, f"C4 {config} {split} ({name} via datasets, streamed), first {len(texts)} documents"
+        except Exception as exc:  # noqa: BLE001 - as for prompts: fall back to the bundled file
+            notify(f"note: loading C4 train from the Hugging Face Hub failed ({_one_line(exc)}); using the bundled documents")
+    rows = _bundled_rows(C4_RANKER_TRAIN)[:limit]
+    first, last = rows[0]["document"], rows[-1]["document"]
+    return [row["text"] for row in rows], (f"bundled C4 validation documents {first}-{last} "
+                                          f"(leaks/data/{C4_RANKER_TRAIN}; no prompt set uses them)")
 
 
 # --- built-in sources: online first, bundled sample as fallback ---------------------------------

