@@ -1,6 +1,6 @@
 """Defences: transform leaked hidden states. See defenses/README.md for the interface."""
 from .base import Defense, DefenseError
-from .registry import available_defenses, load_defense_class, make_defense, register_defense
+from .registry import DEFENSES, available_defenses, load_defense_class, make_defense, register_defense
 from . import builtin, dp, quantize  # noqa: F401  (registers the built-in defences; topk comes by entry point)
 
 __all__ = ["Defense", "DefenseError", "available_defenses", "load_defense_class", "make_defense", "register_defense"]

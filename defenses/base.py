@@ -10,8 +10,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from invbench.errors import InvbenchError
 
-class DefenseError(ValueError):
+
+class DefenseError(InvbenchError, ValueError):
     """Raised for invalid defence parameters; the CLI prints it as one line."""
 
 

@@ -7,21 +7,24 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from invbench.registry import Registry
+
 from .base import Defense, DefenseError
 
 ENTRY_POINT_GROUP = "invbench.defenses"
-_BUILTIN: dict[str, type[Defense]] = {}
+DEFENSES: Registry[type[Defense]] = Registry("defence", base=Defense, error=DefenseError)
 
 
 def register_defense(cls: type[Defense]) -> type[Defense]:
-    """Class decorator: make a defence available by its `name`."""
-    _BUILTIN[cls.name] = cls
-    return cls
+    """Class decorator: make a defence available by its `name`. A name already taken by another
+    class raises DefenseError: a plug-in cannot replace a built-in (or another plug-in)."""
+    return DEFENSES.register(cls)
 
 
 def available_defenses() -> dict[str, type[Defense]]:
-    """Built-ins plus every entry point of the group `invbench.defenses`."""
-    found = dict(_BUILTIN)
+    """Registered defences plus every entry point of the group `invbench.defenses`; where an entry
+    point's name is taken, the registered defence wins and the entry point is not loaded."""
+    found = DEFENSES.items()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in found:
             found[ep.name] = _checked(ep.load(), f"entry point {ep.name!r}")

@@ -8,7 +8,6 @@ is imported) and the entry point `topk = "invbench.defenses.topk:TopK"` in pypro
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -45,6 +44,3 @@ class TopK(Defense):
     @property
     def noise_std(self) -> float:
         return self.sigma
-
-    def guarantee(self, tokens: int | None = None) -> dict[str, Any]:
-        return {"epsilon": None, "delta": None, "neighbouring": None, "reason": "no formal guarantee"}

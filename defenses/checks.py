@@ -1,0 +1,64 @@
+"""Checks on what a (possibly outside) defence returns, beside the interface they enforce.
+
+Plug-ins are user code: the runner calls `check_defense` once on real states before any attack,
+and every `apply` through `defend_one`, so a broken plug-in is named in one line rather than
+failing deep inside an attack. What is checked: a tensor of the input's shape, dtype and
+device, all finite; `noise_std` a finite number >= 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Defense, DefenseError
+
+
+def defense_label(defense: Defense) -> str:
+    return f"defence {defense.name!r} ({type(defense).__module__}.{type(defense).__name__})"
+
+
+def one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines)[:300] or "(no message)"
+
+
+def check_output(label: str, what: str, out: object, like: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor) or out.shape != like.shape or out.dtype != like.dtype:
+        got = f"shape {tuple(out.shape)} and dtype {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DefenseError(f"{label}: {what} returned {got}; expected a tensor of shape {tuple(like.shape)} and "
+                           f"dtype {like.dtype}")
+    if out.device != like.device:
+        raise DefenseError(f"{label}: {what} returned a tensor on {out.device}; expected it on {like.device}")
+    if not torch.isfinite(out).all():
+        bad = (~torch.isfinite(out)).sum().item()
+        raise DefenseError(f"{label}: {what} returned NaN or infinite values ({bad} of {out.numel()}); "
+                           "a defence must return finite hidden states")
+
+
+def check_defense(defense: Defense, sample: torch.Tensor) -> None:
+    """What attacks use of a defence, checked once on real states: `simulate` and `noise_std`."""
+    label = defense_label(defense)
+    try:
+        simulated = defense.simulate(sample.clone())
+    except Exception as exc:
+        raise DefenseError(f"{label}: simulate raised {type(exc).__name__}: {one_line(exc)}") from exc
+    check_output(label, "simulate", simulated, sample)
+    try:
+        std = defense.noise_std
+        ok = isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std) and std >= 0
+    except Exception as exc:
+        raise DefenseError(f"{label}: noise_std raised {type(exc).__name__}: {one_line(exc)}") from exc
+    if not ok:
+        raise DefenseError(f"{label}: noise_std is {std!r}; expected a finite number >= 0")
+
+
+def defend_one(defense: Defense, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Apply a defence to one prompt's states (a copy) and check what comes back."""
+    label = defense_label(defense)
+    try:
+        out = defense.apply(hidden.clone(), generator=generator)
+    except Exception as exc:
+        raise DefenseError(f"{label}: apply raised {type(exc).__name__}: {one_line(exc)}") from exc
+    check_output(label, "apply", out, hidden)
+    return out
