@@ -1,24 +1,34 @@
-"""What every attack receives and returns.
+"""What every attack receives and returns, and the one loop over positions they all share.
 
 An attack gets white-box access (`invbench.leaks.oracle.WhiteBox`), the defended targets of a
 batch of prompts (B, T, d), and the defence's public description (its `simulate` and
 `noise_std`). It returns, per prompt and position, the committed token and its discrete loss:
 the MSE between the committed token's (defence-simulated) hidden state and the target. The
 discrete loss is what the ground-truth-free failure detector scores.
+
+Every attack decodes left to right: at position t, with the prefix x1..x(t-1) committed, it
+proposes tokens for x_t. `Attack.run` is that loop, written once: it computes each position's
+prefix, asks the attack to `propose` candidates, keeps the `beam` best prefixes per prompt by
+their summed objective (1: greedy), and times each position. An attack writes only what is its
+own: `prepare` (per-run state, e.g. random starts) and `propose` (one position).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, ClassVar
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar, Callable
 
 import numpy as np
 import torch
 
+from invbench.errors import InvbenchError
+
 # Progress callback: called once per finished position with (position, total positions).
 Progress = Callable[[int, int], None]
+Notify = Callable[[str], None]  # one-line notes for the user
 
 
-class AttackError(ValueError):
+class AttackError(InvbenchError, ValueError):
     """Invalid attack name or option; printed by the CLI as one line."""
 
 
@@ -28,6 +38,31 @@ class AttackOutput:
     discrete_loss: torch.Tensor  # (B, T) MSE of the committed token's hidden state vs the target
     seconds: torch.Tensor  # (B, T) wall time per position, amortised over the prompts in the batch
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, T) per-position diagnostics
+
+
+@dataclass
+class Candidates:
+    """What an attack proposes at one position, for each of R rows (prompts, or their beams)."""
+
+    tokens: torch.Tensor  # (R, K) candidate ids, best first
+    losses: torch.Tensor  # (R, K) their discrete losses (MSE of the simulated state vs the target)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # (R,) diagnostics of this position
+    objective: torch.Tensor | None = None  # (R, K) what beams sum and rank, lower is better; default: losses
+
+
+CHUNK_SIZE_HELP = "sequences per forward pass."  # the option several attacks share
+
+
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A config field that is also a command-line option (`--name-with-dashes`) with this help
+    (the CLI prefixes the names of the attacks that take it). `metadata` may bound numbers
+    (`min`, `min_open`) or list `choices`."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def command_line_options(config_class: type) -> dict[str, Any]:
+    """name -> dataclass field of a config's command-line options (fields made with `option`)."""
+    return {f.name: f for f in fields(config_class) if "help" in f.metadata}
 
 
 def prompt_generator(seed: int, prompt_index: int, stream: int = 0) -> torch.Generator:
@@ -52,15 +87,25 @@ def simulate_with_gradient(defense, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class Attack:
-    """Base class: subclasses set `name`, `config_class` (a dataclass with `validate()`), their
-    `presets` (name -> field values) and implement `run`."""
+    """Base class: subclasses set `name`, `config_class` (a dataclass with `validate()`, whose
+    command-line options are made with `option`), their `presets` (name -> field values) and
+    implement `propose` (and `prepare` if they keep per-run state)."""
 
     name: ClassVar[str] = "attack"
     config_class: ClassVar[type]
     presets: ClassVar[dict[str, dict[str, Any]]] = {"fast": {}, "baseline": {}, "high-acc": {}}
     default_preset: ClassVar[str] = "baseline"
-    #: Options (CLI flags such as --steps) this attack accepts as overrides.
+    #: Per-position extras that are codes of named outcomes, e.g. {"ended": ("certified", ...)}:
+    #: records store the names.
+    extra_labels: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    #: The options (CLI flags such as --steps) this attack takes: its config's `option` fields.
     option_names: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__:
+            cls.option_names = frozenset(command_line_options(cls.config_class))
 
     def __init__(self, config) -> None:
         config.validate()
@@ -80,6 +125,89 @@ class Attack:
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)
 
-    def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
-            progress: Progress | None = None) -> AttackOutput:
+    @property
+    def beam(self) -> int:
+        return getattr(self.config, "beam", 1)
+
+    # --- what a subclass writes -----------------------------------------------------------------
+    def prepare(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
+                notify: Notify = print) -> Any:
+        """Per-run state handed to every `propose` call (default: none). `notify` takes one-line
+        notes for the user (e.g. that a cache is being built)."""
+        return None
+
+    def propose(self, oracle, prefix, goal: torch.Tensor, *, defense, position: int, owner: torch.Tensor,
+                state: Any) -> Candidates:
+        """Candidates for position `position` of R rows: `prefix` holds each row's committed
+        tokens, `goal` (R, d) its defended target, `owner` (R,) the batch index of its prompt."""
         raise NotImplementedError
+
+    # --- the shared loop --------------------------------------------------------------------------
+    def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
+            progress: Progress | None = None, notify: Notify = print) -> AttackOutput:
+        batch, length, _ = targets.shape
+        targets = targets.to(oracle.device)
+        device = oracle.device
+        state = self.prepare(oracle, targets, defense=defense, prompt_indices=prompt_indices, seed=seed, notify=notify)
+        # Per prompt: k live prefixes (k = 1 before the first position), their summed objective,
+        # and per-position histories that follow each prefix when beams are reordered.
+        seqs = torch.zeros(batch, 1, 0, dtype=torch.long, device=device)
+        scores = torch.zeros(batch, 1, device=device)
+        history: dict[str, torch.Tensor] = {}
+        seconds = torch.zeros(batch, length)
+        for t in range(length):
+            start = time.perf_counter()
+            k = seqs.shape[1]
+            owner = torch.arange(batch, device=device).repeat_interleave(k)  # row b * k + j is beam j of prompt b
+            prefix = oracle.prefix(seqs.reshape(batch * k, t))
+            found = self.propose(oracle, prefix, targets[owner, t], defense=defense, position=t, owner=owner,
+                                 state=state)
+            width = found.tokens.shape[1]
+            objective = found.losses if found.objective is None else found.objective
+            total = (scores.reshape(batch * k, 1) + objective).reshape(batch, k * width)
+            best = total.topk(min(self.beam, k * width), dim=1, largest=False)  # ascending: beam 0 is best
+            parent, column = best.indices // width, best.indices % width
+            prompt = torch.arange(batch, device=device)[:, None]
+            flat = prompt * k + parent  # row of each kept extension in the (B k) layout
+            seqs = torch.cat([seqs[prompt, parent], found.tokens[flat, column][..., None]], dim=2)
+            steps = {"discrete_loss": found.losses[flat, column], **{n: v[flat] for n, v in found.extras.items()}}
+            for name, value in steps.items():
+                past = history.get(name, torch.zeros(batch, k, 0, device=device))
+                history[name] = torch.cat([past[prompt, parent], value.to(device).float()[..., None]], dim=2)
+            scores = best.values
+            seconds[:, t] = (time.perf_counter() - start) / batch
+            if progress:
+                progress(t + 1, length)
+        losses = history.pop("discrete_loss")
+        return AttackOutput(seqs[:, 0].cpu(), losses[:, 0].cpu(), seconds, {n: v[:, 0].cpu() for n, v in history.items()})
+
+    # --- what the harness asks of every attack ------------------------------------------------------
+    @torch.no_grad()
+    def objective(self, oracle, targets: torch.Tensor, tokens: torch.Tensor, *, defense) -> torch.Tensor:
+        """This attack's own per-position loss (B, T) of given sequences against the defended
+        targets, lower is better: what it tries to minimise. The benchmark compares the truth's
+        with the attack's answer to tell a search failure from a defence's success. Default: the
+        discrete loss, MSE of each token's simulated state (one forward of the whole sequence)."""
+        return mse(defense.simulate(oracle.capture(tokens.to(oracle.device))), targets.to(oracle.device))
+
+    def flops_per_token(self, out: AttackOutput, *, params: int, vocab: int) -> float:
+        """Matmul FLOPs this attack did per token in `out`: 2 * params per sequence forward (the
+        prefix is cached and not counted), 3x that with a backward pass."""
+        raise NotImplementedError
+
+    def diagnostics(self, records: list[dict], *, defense) -> dict[str, Any]:
+        """The attack's own figures for the run summary, from its records (default: none)."""
+        return {}
+
+
+def position_values(records: list[dict], key: str) -> list:
+    """Every position's value of a per-position record field, over all records that have it."""
+    return [v for r in records for v in r.get(key, [])]
+
+
+def distribution(values: list[float]) -> dict[str, float] | None:
+    """Mean, median and 99th percentile, or None for no values."""
+    if not values:
+        return None
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), "median": float(np.median(array)), "p99": float(np.percentile(array, 99))}

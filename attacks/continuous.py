@@ -21,10 +21,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .base import Attack, AttackError, AttackOutput, Progress, mse, prompt_generator, simulate_with_gradient
+from .base import (Attack, AttackError, AttackOutput, Candidates, Notify, Progress, distribution, mse, option,
+                   position_values, prompt_generator,
+                   simulate_with_gradient)
 from .registry import register_attack
 
 PRESETS = {
@@ -36,17 +39,17 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class ContinuousConfig:
-    steps: int = 1000  # K: Adam steps per position at most
-    candidates: int = 2000  # C: nearest tokens checked at commit
-    lr: float = 0.05
+    steps: int = option(1000, "Adam steps per position (K).", min=1)
+    candidates: int = option(2000, "tokens checked at commit (C).", min=1)
+    lr: float = option(0.05, "Adam learning rate.", min=0, min_open=True)
     weight_decay: float = 1e-5
     clip_norm: float = 1.0
-    loss_threshold: float = 1e-4  # early exit of the continuous loop
+    loss_threshold: float = option(1e-4, "early-exit loss.", min=0)  # early exit of the continuous loop
     # Acceptance of a candidate's discrete loss. The true token scores ~1e-11 in float32 and the
     # nearest wrong token was seen as low as 1.4e-4 (SmolLM2), so 1e-5 separates them safely.
     verify_threshold: float = 1e-5
-    init: str = "random"  # random | zeros
-    metric: str = "l1"  # l1 | l2 | cosine
+    init: str = option("random", "proxy start.", choices=("random", "zeros"))
+    metric: str = option("l1", "candidate metric.", choices=("l1", "l2", "cosine"))
     # Reference mode: one prompt at a time, no KV cache, torch.optim.Adam and a candidate loop that
     # stops at the first pass, as the published code does it. For speed comparisons and equivalence.
     reference: bool = False
@@ -111,31 +114,38 @@ class ContinuousAttack(Attack):
     name = "continuous"
     config_class = ContinuousConfig
     presets = PRESETS
-    option_names = frozenset(ContinuousConfig.__dataclass_fields__) - {"betas", "eps"}
 
     def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
-            progress: Progress | None = None) -> AttackOutput:
-        batch, length, _ = targets.shape
-        targets = targets.to(oracle.device)
-        init_ids = torch.stack([torch.randint(oracle.vocab_size, (length,), generator=prompt_generator(seed, i))
-                                for i in prompt_indices])
+            progress: Progress | None = None, notify: Notify = print) -> AttackOutput:
         if self.config.reference:
-            return self._run_reference(oracle, targets, init_ids, defense, progress)
-        tokens = torch.zeros(batch, length, dtype=torch.long)
-        out = {key: torch.zeros(batch, length) for key in ("discrete_loss", "seconds", "continuous_loss", "steps", "fallback")}
-        for t in range(length):
-            start = time.perf_counter()
-            prefix = oracle.prefix(tokens[:, :t])
-            proxy, steps, cont_loss = self._optimise(oracle, prefix, targets[:, t], init_ids[:, t], defense)
-            chosen, disc_loss, fallback = self._commit(oracle, prefix, proxy, targets[:, t], defense)
-            tokens[:, t] = chosen.cpu()
-            for key, value in (("discrete_loss", disc_loss), ("continuous_loss", cont_loss), ("steps", steps),
-                               ("fallback", fallback)):
-                out[key][:, t] = value.float().cpu()
-            out["seconds"][:, t] = (time.perf_counter() - start) / batch
-            if progress:
-                progress(t + 1, length)
-        return AttackOutput(tokens, out.pop("discrete_loss"), out.pop("seconds"), out)
+            init_ids = self.prepare(oracle, targets, defense=defense, prompt_indices=prompt_indices, seed=seed)
+            return self._run_reference(oracle, targets.to(oracle.device), init_ids.cpu(), defense, progress)
+        return super().run(oracle, targets, defense=defense, prompt_indices=prompt_indices, seed=seed,
+                           progress=progress, notify=notify)
+
+    def prepare(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
+                notify: Notify = print) -> torch.Tensor:
+        """The random start token of every prompt and position (B, T), from the prompt's own generator."""
+        length = targets.shape[1]
+        return torch.stack([torch.randint(oracle.vocab_size, (length,), generator=prompt_generator(seed, i))
+                            for i in prompt_indices]).to(oracle.device)
+
+    def propose(self, oracle, prefix, goal: torch.Tensor, *, defense, position: int, owner: torch.Tensor,
+                state: torch.Tensor) -> Candidates:
+        proxy, steps, cont_loss = self._optimise(oracle, prefix, goal, state[owner, position], defense)
+        chosen, disc_loss, fallback = self._commit(oracle, prefix, proxy, goal, defense)
+        return Candidates(chosen[:, None], disc_loss[:, None],
+                          extras={"continuous_loss": cont_loss, "steps": steps, "fallback": fallback})
+
+    def diagnostics(self, records: list[dict], *, defense) -> dict[str, Any]:
+        """Adam steps per position and how often the commit fell back to the nearest candidate."""
+        fallback = position_values(records, "fallback")
+        return {"steps_per_token": distribution(position_values(records, "steps")),
+                "fallback_rate": sum(fallback) / len(fallback) if fallback else None}
+
+    def flops_per_token(self, out: AttackOutput, *, params: int, vocab: int) -> float:
+        forward = 2 * params
+        return float(out.extras["steps"].mean()) * 3 * forward + min(self.config.candidates, vocab) * forward
 
     def _optimise(self, oracle, prefix, target: torch.Tensor, init_ids: torch.Tensor, defense):
         """Adam on the proxy of every prompt until each exits early or K steps are spent."""

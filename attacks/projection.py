@@ -31,20 +31,21 @@ per prompt per step is checked, as in the reference.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .base import Attack, AttackError, AttackOutput, Progress, mse, prompt_generator, simulate_with_gradient
+from .base import (Attack, AttackError, AttackOutput, Candidates, Notify, distribution, mse, option,
+                   position_values, prompt_generator, simulate_with_gradient)
 from .registry import register_attack
 
 
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    max_steps: int = 5000  # candidates checked per position at most (clean or deterministic defence)
-    noisy_max_steps: int = 200  # the same under a noisy defence, where acceptance cannot fire
+    max_steps: int = option(5000, "step budget per position.", min=1)  # clean or deterministic defence
+    noisy_max_steps: int = option(200, "step budget per position under a noisy defence.", min=1)
     lr: float = 1.0  # SGD lr at step 0 ...
     lr_min: float = 0.01  # ... decayed linearly to this over the first reset_every steps, then held
     reset_base: int = 50  # reset_every after the first position; times 1 + V // 25000 at the first
@@ -91,35 +92,32 @@ def nearest_unbanned(proxy: torch.Tensor, embedding: torch.Tensor, sq_norms: tor
 class ProjectionAttack(Attack):
     name = "projection"
     config_class = ProjectionConfig
-    option_names = frozenset({"max_steps", "noisy_max_steps"})
 
-    def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
-            progress: Progress | None = None) -> AttackOutput:
-        cfg = self.config
-        batch, length, _ = targets.shape
-        targets = targets.to(oracle.device)
-        vocab = oracle.vocab_size
+    def prepare(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
+                notify: Notify = print) -> dict:
+        """Every prompt's random start tokens (B, T), the step budget and the embeddings' squared norms."""
+        cfg, length, vocab = self.config, targets.shape[1], oracle.vocab_size
         init_ids = torch.stack([torch.randint(vocab, (length,), generator=prompt_generator(seed, i))
                                 for i in prompt_indices]).to(oracle.device)
         budget = cfg.noisy_max_steps if defense.noise_std > 0 else cfg.max_steps
         budget = min(budget, vocab)  # candidates never repeat: after V steps every token was checked
-        sq_norms = oracle.embedding.pow(2).sum(dim=-1)
-        tokens = torch.zeros(batch, length, dtype=torch.long)
-        out = {key: torch.zeros(batch, length) for key in ("discrete_loss", "seconds", "steps", "exhausted")}
-        for t in range(length):
-            start = time.perf_counter()
-            prefix = oracle.prefix(tokens[:, :t])
-            period = reset_period(vocab, t, base=cfg.reset_base)
-            chosen, loss, steps, accepted = self._search(oracle, prefix, targets[:, t], init_ids[:, t], defense,
-                                                         budget=budget, period=period, sq_norms=sq_norms)
-            tokens[:, t] = chosen.cpu()
-            out["discrete_loss"][:, t] = loss.cpu()
-            out["steps"][:, t] = steps.float().cpu()
-            out["exhausted"][:, t] = (~accepted).float().cpu()
-            out["seconds"][:, t] = (time.perf_counter() - start) / batch
-            if progress:
-                progress(t + 1, length)
-        return AttackOutput(tokens, out.pop("discrete_loss"), out.pop("seconds"), out)
+        return {"init": init_ids, "budget": budget, "sq_norms": oracle.embedding.pow(2).sum(dim=-1)}
+
+    def propose(self, oracle, prefix, goal: torch.Tensor, *, defense, position: int, owner: torch.Tensor,
+                state: dict) -> Candidates:
+        period = reset_period(oracle.vocab_size, position, base=self.config.reset_base)
+        chosen, loss, steps, accepted = self._search(oracle, prefix, goal, state["init"][owner, position], defense,
+                                                     budget=state["budget"], period=period, sq_norms=state["sq_norms"])
+        return Candidates(chosen[:, None], loss[:, None], extras={"steps": steps, "exhausted": ~accepted})
+
+    def diagnostics(self, records: list[dict], *, defense) -> dict[str, Any]:
+        """Candidates checked per position and how often the step budget ran out."""
+        exhausted = position_values(records, "exhausted")
+        return {"steps_per_token": distribution(position_values(records, "steps")),
+                "budget_exhausted_rate": sum(exhausted) / len(exhausted) if exhausted else None}
+
+    def flops_per_token(self, out: AttackOutput, *, params: int, vocab: int) -> float:
+        return float(out.extras["steps"].mean()) * 4 * 2 * params  # one forward/backward of the proxy, one check
 
     def _search(self, oracle, prefix, target: torch.Tensor, init: torch.Tensor, defense, *, budget: int,
                 period: int, sq_norms: torch.Tensor):

@@ -4,28 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from invbench.registry import Registry
+
 from .base import Attack, AttackError
 
-_ATTACKS: dict[str, type[Attack]] = {}
-
-
-def register_attack(cls: type[Attack]) -> type[Attack]:
-    _ATTACKS[cls.name] = cls
-    return cls
+ATTACKS: Registry[type[Attack]] = Registry("attack", base=Attack, error=AttackError)
+register_attack = ATTACKS.register
 
 
 def available_attacks() -> dict[str, type[Attack]]:
-    return dict(_ATTACKS)
+    return ATTACKS.items()
 
 
 def parse_attack_list(spec: str) -> list[str]:
     """`continuous`, `continuous,scan` or `all` -> attack names, validated, in order."""
-    names = list(_ATTACKS) if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in _ATTACKS]
+    names = ATTACKS.names() if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in ATTACKS]
     if unknown or not names:
-        raise AttackError(f"unknown attack {', '.join(unknown) or spec!r}; choose from {', '.join(_ATTACKS)} or all")
+        raise AttackError(f"unknown attack {', '.join(unknown) or spec!r}; choose from {', '.join(ATTACKS)} or all")
     return list(dict.fromkeys(names))
 
 
 def make_attack(name: str, *, preset: str | None = None, overrides: dict[str, Any] | None = None) -> Attack:
-    return _ATTACKS[name].from_options(preset=preset, overrides=overrides or {})
+    return ATTACKS.get(name).from_options(preset=preset, overrides=overrides or {})

@@ -10,23 +10,23 @@ likelihood token for that position. Recorded per position: the committed token's
 position was decided (large on clean states, small once noise swamps the differences).
 
 Beam search (`beam` > 1) keeps the `beam` prefixes of smallest cumulative MSE per prompt; the
-prefixes then differ, so each prompt's batch rows are its beams (B * beam rows).
+prefixes then differ, so each prompt's batch rows are its beams (B * beam rows); the shared loop
+in attacks/base.py keeps the beams, this module proposes the nearest tokens of each row.
 
 Precision: on CUDA the scan runs under bf16 autocast, which can rank the vocabulary but not decide
-between near ties (DESIGN.md: tf32 put the true token at 1.4e-5, wrong ones from 1.4e-4), so the
+between near ties (measured on an H100: tf32 put the true token at 1.4e-5, wrong ones from 1.4e-4), so the
 `recheck` nearest by the low-precision distance are recomputed in float32 and the float32
 distances decide. On CPU (where bf16 is slower, not faster) everything runs in float32; the
 `precision` field forces either path for tests.
 """
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 
-from .base import Attack, AttackError, AttackOutput, Progress, mse
+from .base import CHUNK_SIZE_HELP, Attack, AttackError, AttackOutput, Candidates, mse, option
 from .registry import register_attack
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -34,9 +34,9 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 
 @dataclass(frozen=True)
 class ScanConfig:
-    beam: int = 1  # prefixes kept per prompt (1: greedy)
-    chunk_size: int = 4096  # sequences per forward pass (all prompts' and beams' rows together)
-    recheck: int = 64  # shortlist recomputed in float32 after a low-precision scan
+    beam: int = option(1, "beam width over positions (prefixes kept per prompt; 1: greedy).", min=1)
+    chunk_size: int = option(4096, CHUNK_SIZE_HELP, min=1)
+    recheck: int = option(64, "shortlist re-checked in float32 after a bf16 scan (CUDA).", min=2)
     precision: str = "auto"  # auto: bfloat16 on CUDA, float32 elsewhere
 
     def validate(self) -> None:
@@ -92,43 +92,14 @@ def vocabulary_distances(oracle, prefix, target: torch.Tensor, defense, *, chunk
 class ScanAttack(Attack):
     name = "scan"
     config_class = ScanConfig
-    option_names = frozenset({"beam", "chunk_size", "recheck"})
 
-    def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
-            progress: Progress | None = None) -> AttackOutput:
-        batch, length, _ = targets.shape
-        targets = targets.to(oracle.device)
-        device = oracle.device
-        # Beam state per prompt: k live prefixes (k = 1 before the first position), their cumulative
-        # MSE, and per-position histories that follow each prefix when beams are reordered.
-        seqs = torch.zeros(batch, 1, 0, dtype=torch.long, device=device)
-        scores = torch.zeros(batch, 1, device=device)
-        losses = torch.zeros(batch, 1, 0, device=device)
-        margins = torch.zeros(batch, 1, 0, device=device)
-        seconds = torch.zeros(batch, length)
-        for t in range(length):
-            start = time.perf_counter()
-            k = seqs.shape[1]
-            prefix = oracle.prefix(seqs.reshape(batch * k, t))
-            goal = targets[:, t].repeat_interleave(k, dim=0)  # row b * k + j is beam j of prompt b
-            ids, dist = self._shortlist(oracle, prefix, goal, defense)  # (B k, K), ascending float32 MSE
-            width = ids.shape[1]
-            # extend every beam by every shortlisted token; keep the best `beam` per prompt
-            total = (scores.reshape(batch * k, 1) + dist).reshape(batch, k * width)
-            best = total.topk(min(self.config.beam, k * width), dim=1, largest=False)
-            parent, column = best.indices // width, best.indices % width
-            prompt = torch.arange(batch, device=device)[:, None]
-            flat = prompt * k + parent  # row of each kept extension in the (B k) layout
-            seqs = torch.cat([seqs[prompt, parent], ids[flat, column][..., None]], dim=2)
-            losses = torch.cat([losses[prompt, parent], dist[flat, column][..., None]], dim=2)
-            margin = dist[:, 1] - dist[:, 0]  # per expanded row: runner-up minus best
-            margins = torch.cat([margins[prompt, parent], margin[flat][..., None]], dim=2)
-            scores = best.values
-            seconds[:, t] = (time.perf_counter() - start) / batch
-            if progress:
-                progress(t + 1, length)
-        # topk sorts ascending: beam 0 has the smallest cumulative MSE
-        return AttackOutput(seqs[:, 0].cpu(), losses[:, 0].cpu(), seconds, {"margin": margins[:, 0].cpu()})
+    def propose(self, oracle, prefix, goal: torch.Tensor, *, defense, position: int, owner: torch.Tensor,
+                state: None) -> Candidates:
+        ids, dist = self._shortlist(oracle, prefix, goal, defense)  # (R, K), ascending float32 MSE
+        return Candidates(ids, dist, extras={"margin": dist[:, 1] - dist[:, 0]})  # runner-up minus best
+
+    def flops_per_token(self, out: AttackOutput, *, params: int, vocab: int) -> float:
+        return vocab * 2 * params  # every vocabulary entry once per position
 
     def _shortlist(self, oracle, prefix, goal: torch.Tensor, defense) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row, the nearest tokens (R, K) and their float32 MSE (R, K), nearest first. K covers
