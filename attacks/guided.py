@@ -1,0 +1,254 @@
+"""guided: ranked verification with a certified stop (ours; exact like `scan`, at a fraction of its cost).
+
+`scan` verifies every vocabulary token at every position; almost all of that work confirms what a
+cheap ranker already knew. Per position t, with the prefix x1..x(t-1) committed:
+
+1. Position 1 has no prefix, so h_1 depends on x_1 alone: the position-1 states of the whole
+   vocabulary are a fixed codebook per (model, layer) (`invbench.leaks.codebook`, built once and
+   cached). Position 1 is a lookup: the defence's `simulate` is applied to the codebook and the
+   nearest entry wins, exactly as a full scan would decide.
+2. Positions 2 and up: every token is ranked by the model's own prior p(x_t | prefix) plus a
+   learned ranker's log p(x_t | h~_t) (`invbench.attacks.ranker`). The order verified is that
+   ranking interleaved with the learned ranker's alone, so text the prior misjudges (random
+   ids: passwords, keys) costs at most twice as much. Candidates are verified in that order with
+   exact float32 forward passes after the committed prefix (its KV cache), in rounds that double
+   (8, 8, 16, 32, ...), every prompt of the batch together; a prompt that stops costs no more work.
+3. The stop:
+   - noise-free defences: the first candidate whose (simulated) state is within `tolerance`
+     (MSE) of the target is the token: certified, since the map from tokens to states is
+     injective and float32 puts the true token at ~1e-12 and the nearest wrong one far above
+     (measured: see `TOLERANCE_NOTE`);
+   - Gaussian noise of known std sigma: a candidate passes when its MSE is below the level the
+     true token stays under with probability 1 - `miss_probability` (`acceptance_threshold`:
+     sigma^2 chi2_d quantile / d). Several wrong tokens can pass once noise is large, so after
+     the first pass verification goes on to `lookahead` times that many candidates (at least
+     `min_noisy_candidates`) and the best verified candidate is committed;
+   - no candidate passes: verification goes on through the whole vocabulary and commits the
+     best, which is what `scan` commits. guided is never less exact than scan, only slower on
+     hard positions.
+4. Scoring of the candidates: `ml` commits the nearest simulated state (maximum likelihood under
+   Gaussian noise, as `scan`); `map` (noisy defences only) the highest Gaussian log-likelihood
+   plus log prior, -d MSE / (2 sigma^2) + log p(x_t | prefix), which wins once noise is large.
+
+Recorded per position: `candidates` (exact forward passes; 0 at a codebook lookup) and `ended`
+(certified, exhausted: the whole vocabulary verified, or codebook).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from scipy.stats import chi2
+
+from invbench.leaks.codebook import Codebook
+
+from .base import (CHUNK_SIZE_HELP, Attack, AttackError, AttackOutput, Candidates, distribution, mse, option,
+                   position_values)
+from .ranker import Ranker, load_ranker
+from .registry import register_attack
+
+ENDINGS = ("certified", "exhausted", "codebook")
+CERTIFIED, EXHAUSTED, CODEBOOK = range(3)
+SCORINGS = ("ml", "map")
+TOLERANCE_NOTE = "measured in bench/GUIDED.md"
+
+
+def acceptance_threshold(*, noise_std: float, dim: int, miss_probability: float, tolerance: float) -> float:
+    """The MSE under which the true token's simulated state lies, given the defended target.
+    Noise-free: `tolerance` (float32 error). With N(0, sigma^2) noise per coordinate the true
+    token's MSE is sigma^2 chi2_d / d, below sigma^2 chi2.ppf(1 - miss, d) / d with probability
+    1 - miss; `tolerance` is added for float32 error."""
+    if noise_std == 0:
+        return tolerance
+    return noise_std ** 2 * float(chi2.ppf(1 - miss_probability, dim)) / dim + tolerance
+
+
+def interleaved_order(scores: list[torch.Tensor]) -> torch.Tensor:
+    """One ranking (R, V) of token ids from several scores (each (R, V), higher is better):
+    first of the first, first of the second, ..., second of the first, ..., each token at its
+    earliest place. Rank r of score j gets key k r + j (distinct), and keys are sorted."""
+    k = len(scores)
+    key = None
+    for j, score in enumerate(scores):
+        rank = score.argsort(dim=1, descending=True).argsort(dim=1)
+        slot = rank * k + j
+        key = slot if key is None else torch.minimum(key, slot)
+    return key.argsort(dim=1)
+
+
+@dataclass(frozen=True)
+class GuidedConfig:
+    ranker: str = option("auto", "auto: the learned ranker (shipped, cached or fitted once) with the model's "
+                         "prior; prior: the prior alone; or a ranker .safetensors file.")
+    scoring: str = option("ml", "ml: nearest simulated state; map: Gaussian log-likelihood plus log prior "
+                          "(noisy defences).", choices=SCORINGS)
+    chunk_size: int = option(4096, CHUNK_SIZE_HELP, min=1)
+    first_round: int = 8  # candidates verified per prompt in the first two rounds; then doubling
+    # Noise-free certified stop (MSE). The true token's MSE through the KV-cached path is ~1e-12 in
+    # float32 and the nearest wrong token's >= 1e-4 on SmolLM2 and GPT-2-shaped models.
+    tolerance: float = 1e-7
+    miss_probability: float = 1e-4  # noisy stop: the true token fails the test with at most this
+    lookahead: float = 4.0  # noisy stop: verify this many times the candidates of the first pass
+    min_noisy_candidates: int = 64
+    codebook: bool = True  # position 1 by codebook lookup (else ranked verification, as later ones)
+
+    def validate(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise AttackError(f"guided: --scoring must be ml or map, got {self.scoring!r}")
+        if not isinstance(self.ranker, str) or not (self.ranker in ("auto", "prior") or Path(self.ranker).is_file()):
+            raise AttackError(f"guided: --ranker {self.ranker!r} is not a file; use auto, prior or a ranker "
+                              ".safetensors file")
+        if self.chunk_size < 1 or self.first_round < 1 or self.min_noisy_candidates < 1:
+            raise AttackError("guided: --chunk-size, first_round and min_noisy_candidates must be >= 1")
+        if not (0 < self.miss_probability < 1 and self.tolerance >= 0 and self.lookahead >= 1):
+            raise AttackError("guided: miss_probability in (0, 1), tolerance >= 0 and lookahead >= 1 are required")
+
+
+@dataclass
+class GuidedState:
+    """What one run needs at every position: the ranker, the simulated codebook, the stop level."""
+
+    ranker: Ranker | None
+    codebook: torch.Tensor | None  # (V, d) simulate(position-1 states)
+    threshold: float
+    noise_std: float
+    map: bool  # MAP scoring (noisy defences with scoring=map)
+
+
+@register_attack
+class GuidedAttack(Attack):
+    name = "guided"
+    config_class = GuidedConfig
+    extra_labels = {"ended": ENDINGS}
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self._resources: dict[tuple, Any] = {}  # per (weights, layer): ranker and codebook, loaded once
+        self.ranker_description: str | None = None
+
+    def prepare(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
+                notify: Callable[[str], None] = print) -> GuidedState:
+        cfg = self.config
+        key = (oracle.fingerprint, oracle.layer_index, cfg.ranker, cfg.codebook)
+        if key not in self._resources:
+            ranker = load_ranker(oracle, spec=cfg.ranker, notify=notify)
+            codebook = Codebook(oracle, notify=notify).states() if cfg.codebook else None
+            self._resources = {key: (ranker, codebook)}
+        ranker, codebook = self._resources[key]
+        self.ranker_description = ranker.description if ranker is not None else "the model's prior alone"
+        noise = float(defense.noise_std)
+        threshold = acceptance_threshold(noise_std=noise, dim=oracle.embedding.shape[1],
+                                         miss_probability=cfg.miss_probability, tolerance=cfg.tolerance)
+        simulated = defense.simulate(codebook) if codebook is not None else None
+        return GuidedState(ranker, simulated, threshold, noise, map=cfg.scoring == "map" and noise > 0)
+
+    def propose(self, oracle, prefix, goal: torch.Tensor, *, defense, position: int, owner: torch.Tensor,
+                state: GuidedState) -> Candidates:
+        if position == 0 and state.codebook is not None:
+            return self._lookup(oracle, goal, state)
+        prior = oracle.log_prior(prefix)
+        if state.ranker is None:
+            order = prior.argsort(dim=1, descending=True)
+        else:
+            learned = state.ranker.log_probs(goal, state.noise_std)
+            order = interleaved_order([learned + prior, learned])
+        return self._verify(oracle, prefix, goal, order, prior, defense, state)
+
+    def _lookup(self, oracle, goal: torch.Tensor, state: GuidedState) -> Candidates:
+        """Position 1: nearest codebook entry (exact over the whole vocabulary, no forward pass)."""
+        dim = goal.shape[-1]
+        # cdist's direct kernel keeps tiny distances exact (the true token's MSE is ~0)
+        dist = torch.cdist(goal, state.codebook, compute_mode="donot_use_mm_for_euclid_dist").pow(2) / dim
+        objective = self._objective(dist, oracle.start_prior()[None, :], state, dim)
+        best = objective.argmin(dim=1, keepdim=True)
+        rows = len(goal)
+        return Candidates(best, dist.gather(1, best), objective=objective.gather(1, best),
+                          extras={"candidates": torch.zeros(rows), "ended": torch.full((rows,), float(CODEBOOK))})
+
+    @staticmethod
+    def _objective(dist: torch.Tensor, log_prior: torch.Tensor, state: GuidedState, dim: int) -> torch.Tensor:
+        """What is minimised among verified candidates: MSE (ml), or the negative log posterior
+        under N(0, sigma^2) noise, d MSE / (2 sigma^2) - log prior (map)."""
+        if not state.map:
+            return dist
+        return dim * dist / (2 * state.noise_std ** 2) - log_prior
+
+    def _verify(self, oracle, prefix, goal: torch.Tensor, order: torch.Tensor, prior: torch.Tensor, defense,
+                state: GuidedState) -> Candidates:
+        """Verify candidates in `order` (R, V), all rows in lockstep rounds, until each row stops."""
+        cfg = self.config
+        rows, vocab, dim = order.shape[0], order.shape[1], goal.shape[-1]
+        device = goal.device
+        best_token = torch.zeros(rows, dtype=torch.long, device=device)
+        best_loss = torch.full((rows,), float("inf"), device=device)
+        best_objective = torch.full((rows,), float("inf"), device=device)
+        first_pass = torch.zeros(rows, dtype=torch.long, device=device)  # candidates verified at the first pass; 0: none
+        verified = torch.zeros(rows, dtype=torch.long, device=device)
+        ended = torch.full((rows,), float(EXHAUSTED), device=device)
+        active = torch.arange(rows, device=device)
+        done_so_far, size = 0, cfg.first_round
+        while len(active):
+            columns = slice(done_so_far, min(vocab, done_so_far + size))
+            ids = order[active, columns]
+            goal_a = goal[active]
+            losses = oracle.hidden_of_tokens(prefix.select(active), ids, chunk_size=cfg.chunk_size,
+                                             reduce=lambda hidden, _: mse(defense.simulate(hidden), goal_a[:, None, :]))
+            objective = self._objective(losses, prior[active].gather(1, ids), state, dim)
+            round_best = objective.argmin(dim=1)
+            better = objective.gather(1, round_best[:, None])[:, 0] < best_objective[active]
+            take = active[better]
+            best_objective[take] = objective[better, round_best[better]]
+            best_loss[take] = losses[better, round_best[better]]
+            best_token[take] = ids[better, round_best[better]]
+            done_so_far = columns.stop
+            verified[active] = done_so_far
+            passes = losses < state.threshold
+            newly = passes.any(dim=1) & (first_pass[active] == 0)
+            first_pass[active[newly]] = columns.start + passes[newly].int().argmax(dim=1) + 1
+            stop = self._stop(first_pass[active], done_so_far, noisy=state.noise_std > 0)
+            finished = stop | (done_so_far >= vocab)
+            ended[active[finished & (first_pass[active] > 0)]] = float(CERTIFIED)
+            active = active[~finished]
+            size = cfg.first_round if done_so_far < 2 * cfg.first_round else done_so_far
+        return Candidates(best_token[:, None], best_loss[:, None], objective=best_objective[:, None],
+                          extras={"candidates": verified.float(), "ended": ended})
+
+    def _stop(self, first_pass: torch.Tensor, verified: int, *, noisy: bool) -> torch.Tensor:
+        """Which rows stop after `verified` candidates, given where each first passed (0: not yet)."""
+        passed = first_pass > 0
+        if not noisy:
+            return passed  # certified: the passing candidate is the token
+        enough = torch.clamp(torch.ceil(first_pass.float() * self.config.lookahead), min=self.config.min_noisy_candidates)
+        return passed & (verified >= enough)
+
+    # --- what the harness asks of every attack ----------------------------------------------------
+    @torch.no_grad()
+    def objective(self, oracle, targets: torch.Tensor, tokens: torch.Tensor, *, defense) -> torch.Tensor:
+        """MSE per position (ml), or the negative log posterior d MSE / (2 sigma^2) - log p(x_t | x_<t)
+        under MAP scoring with a noisy defence."""
+        loss = super().objective(oracle, targets, tokens, defense=defense)
+        if self.config.scoring != "map" or defense.noise_std == 0:
+            return loss
+        dim = targets.shape[-1]
+        return dim * loss / (2 * defense.noise_std ** 2) - oracle.log_prior_of(tokens)
+
+    def flops_per_token(self, out: AttackOutput, *, params: int, vocab: int) -> float:
+        return float(out.extras["candidates"].mean()) * 2 * params
+
+    def diagnostics(self, records: list[dict], *, defense) -> dict[str, Any]:
+        """Candidates verified per token (forward passes; a codebook lookup needs none), how the
+        positions ended, and which scoring ran."""
+        endings = position_values(records, "ended")
+        return {"scoring": self.scoring_used(defense),
+                "candidates_per_token": distribution(position_values(records, "candidates")),
+                "ended": {name: endings.count(name) / len(endings) for name in ENDINGS} if endings else {},
+                "ranker": self.ranker_description}
+
+    def scoring_used(self, defense) -> str:
+        """Which scoring ran: map needs Gaussian noise (without it MAP is ML)."""
+        if self.config.scoring == "map" and defense.noise_std > 0:
+            return f"map (Gaussian likelihood, sigma {defense.noise_std:g}, plus the model's prior)"
+        return "ml (nearest simulated state)" + (" (map asked; the defence has no noise)" if self.config.scoring == "map" else "")
