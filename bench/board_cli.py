@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import click
 
-from .cli_options import defence_flags, defence_params
+from .cli_options import DEVICE, defense_flags, defense_params
 from .entries import NAME, EntryError
 from .leaderboard import DEFAULT_UTILITY_FLOOR
 from .protocols import PROTOCOLS, Protocol, ProtocolError, get_protocol
@@ -55,7 +55,6 @@ def _echo_err(line: str) -> None:
     click.echo(line, err=True)
 
 
-DEVICE = click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 RUNS_DIR = click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
                         show_default=True, help="Where runs are written (resumable).")
 BOARD_DIR = click.option("--board-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -64,7 +63,7 @@ BOARD_DIR = click.option("--board-dir", type=click.Path(file_okay=False, path_ty
 
 @click.command()
 @click.option("--defense", required=True, help="Defence name (see `invbench defenses`) or path/to/file.py:ClassName.")
-@defence_flags
+@defense_flags
 @click.option("--protocol", required=True, callback=_protocol, help="Protocol (see `invbench protocols`).")
 @click.option("--name", required=True, help="Display name of the entry; its id is made from it.")
 @click.option("--authors", default="", help="Who made the defence.")
@@ -79,7 +78,7 @@ def submit(defense: str, protocol: Protocol, name: str, authors: str, url: str, 
     """Run a protocol for one defence and write its leaderboard entry (rerun to resume)."""
     from .submit import submit as run_submission
 
-    path = run_submission(defense=defense, defense_params=defence_params(flags), protocol=protocol, name=name,
+    path = run_submission(defense=defense, defense_params=defense_params(flags), protocol=protocol, name=name,
                           authors=authors, url=url, entry_id=entry_id, runs_dir=runs_dir, board_dir=board_dir,
                           device=device, echo=_echo_err)
     click.echo(f"entry: {path}")

@@ -1,38 +1,19 @@
 """The `invbench` command line."""
 from __future__ import annotations
 
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
 from .board_cli import leaderboard, protocols, submit, verify
-from .cli_options import defence_options, defence_params
-from .config import RunConfig
+from .cli_options import DEVICE, attack_options, defense_options, defense_params, given_attack_options
+from .config import DEVICE_DEFAULTS, RunConfig
+from .errors import InvbenchError
 from .sweep_cli import curve, sweep
-
-# A CPU has minutes, not hours: the main command's reduced run (SmolLM2's Adam steps cost ~0.1 s
-# each on 2 cores) finishes in under 5 minutes. A smoke test, not a measurement.
-CPU_REDUCED = {"n": 3, "tokens": 3, "preset": "fast", "steps": 200}
-GPU_DEFAULTS = {"n": 100, "tokens": 10, "preset": "baseline"}
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input or an unavailable resource: one line, exit 2."""
-    from invbench.attacks import AttackError
-    from invbench.defenses import DefenseError
-    from invbench.leaks.models import ModelLoadError
-    from invbench.leaks.prompts import DatasetError
-
-    from .curves import CurveError
-    from .lock import LockedError
-    from .protocols import ProtocolError
-    from .runner import RunError
-    from .sweep import SweepError
-
-    return (AttackError, DefenseError, ModelLoadError, DatasetError, RunError, LockedError, ProtocolError, SweepError,
-            CurveError, OSError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,63 +28,46 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _device_default(key: str) -> str:
+    values = {device: getattr(d, key) for device, d in DEVICE_DEFAULTS.items()}
+    shown = {device: ",".join(v) if isinstance(v, tuple) else v for device, v in values.items()}
+    return f"[GPU: {shown['cuda']}; CPU: {shown['cpu']}]"
+
+
 @cli.command()
 @click.option("--model", default=None, help="Alias (gpt2, smollm2-135m, tiny-gpt2, gpt2-random), Hugging Face id or "
               "local directory. Default gpt2, falling back to smollm2-135m when GPT-2 is not available offline.")
 @click.option("--dataset", default="c4", show_default=True,
-              help="c4, wikipedia, or a file of your own texts (.txt one per line, .jsonl with 'text', .parquet).")
-@click.option("--n", type=click.IntRange(min=1), default=None, help="Number of prompts [GPU: 100; CPU: 3].")
-@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Tokens per prompt [GPU: 10; CPU: 3].")
+              help="c4, wikipedia, random (uniformly random token ids), or a file of your own texts (.txt one per line, "
+                   ".jsonl with 'text', .parquet).")
+@click.option("--n", type=click.IntRange(min=1), default=None, help=f"Number of prompts {_device_default('n')}.")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help=f"Tokens per prompt {_device_default('tokens')}.")
 @click.option("--layer", type=int, default=-1, show_default=True,
               help="Leaked layer: index into hidden_states (-1 = last, after the final norm).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed for prompts, noise and attacks.")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@click.option("--attack", "attack_spec", default="continuous", show_default=True,
-              help="Attack name, comma-separated names, or 'all'.")
-@click.option("--preset", default=None, help="Attack preset: fast, baseline, high-acc [GPU: baseline; CPU: fast].")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="continuous: Adam steps per position (K) [preset's; CPU: 200].")
-@click.option("--candidates", type=click.IntRange(min=1), default=None, help="continuous: tokens checked at commit (C).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="continuous: Adam learning rate.")
-@click.option("--loss-threshold", type=click.FloatRange(min=0), default=None, help="continuous: early-exit loss.")
-@click.option("--init", type=click.Choice(["random", "zeros"]), default=None, help="continuous: proxy start.")
-@click.option("--metric", type=click.Choice(["l1", "l2", "cosine"]), default=None, help="continuous: candidate metric.")
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="projection: step budget per position.")
-@click.option("--noisy-max-steps", type=click.IntRange(min=1), default=None,
-              help="projection: step budget per position under a noisy defence.")
-@click.option("--beam", type=click.IntRange(min=1), default=None, help="scan: beam width over positions.")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=None, help="scan: sequences per forward pass.")
-@click.option("--recheck", type=click.IntRange(min=2), default=None,
-              help="scan: shortlist re-checked in float32 after a bf16 scan (CUDA).")
-@defence_options
+@DEVICE
+@click.option("--attack", "attack_spec", default=None,
+              help=f"Attack name, comma-separated names, or 'all' {_device_default('attacks')}.")
+@click.option("--preset", default=None, help="Attack preset: fast, baseline, high-acc "
+              f"{_device_default('preset')}; on a CPU the preset left out also caps continuous at "
+              f"{DEVICE_DEFAULTS['cpu'].capped.get('steps')} steps.")
+@attack_options
+@defense_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Prompts attacked together.")
 @click.option("--out", default="runs/latest", show_default=True,
               help="Results folder (config.json, records.jsonl, summary.json); rerunning resumes.")
 def run(**opts: Any) -> None:
-    """Leak, defend, attack, score: write results to --out and print a table."""
-    from .runner import resolve_device, run as run_benchmark
+    """Leak, defend, attack, score: write results to --out and print a table with a verdict."""
     from invbench.attacks import parse_attack_list
 
-    device = resolve_device(opts["device"])
-    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_REDUCED
-    reduced = [k for k in CPU_REDUCED if opts[k] is None] if device.type == "cpu" else []
-    if "steps" in reduced and ("preset" not in reduced or "continuous" not in parse_attack_list(opts["attack_spec"])):
-        reduced.remove("steps")  # an explicit preset keeps its own step budget
-    if reduced:
-        click.echo(f"note: no GPU, so this is a reduced run ({', '.join(f'{k}={CPU_REDUCED[k]}' for k in reduced)}); "
-                   "pass --n/--tokens/--preset/--steps to change it", err=True)
-    defense_params = defence_params(opts)
-    if "steps" in reduced:
-        opts["steps"] = CPU_REDUCED["steps"]
-    attack_options = {k: opts[k] for k in ("steps", "candidates", "lr", "loss_threshold", "init", "metric",
-                                           "max_steps", "noisy_max_steps", "beam", "chunk_size", "recheck")
-                      if opts[k] is not None}
-    cfg = RunConfig(model=opts["model"], dataset=opts["dataset"], n=opts["n"] or defaults["n"],
-                    tokens=opts["tokens"] or defaults["tokens"], layer=opts["layer"], seed=opts["seed"],
-                    device=opts["device"], attacks=parse_attack_list(opts["attack_spec"]),
-                    preset=opts["preset"] or defaults["preset"], attack_options=attack_options,
-                    defense=opts["defense"], defense_params=defense_params, batch_size=opts["batch_size"],
-                    out=opts["out"])
+    from .runner import run as run_benchmark
+
+    cfg = RunConfig(model=opts["model"], dataset=opts["dataset"], n=opts["n"], tokens=opts["tokens"], layer=opts["layer"],
+                    seed=opts["seed"], device=opts["device"],
+                    attacks=parse_attack_list(opts["attack_spec"]) if opts["attack_spec"] else None,
+                    preset=opts["preset"], attack_options=given_attack_options(opts), defense=opts["defense"],
+                    defense_params=defense_params(opts), batch_size=opts["batch_size"], out=opts["out"])
     summary = run_benchmark(cfg, echo=lambda line: click.echo(line, err=True))
     click.echo(format_summary(summary))
     click.echo(f"results: {cfg.out}/summary.json (per prompt: {cfg.out}/records.jsonl)")
@@ -116,8 +80,23 @@ def defenses() -> None:
 
     for name, cls in sorted(available_defenses().items()):
         params = ", ".join(f"{p}: {t.__name__}" for p, t in cls.param_types.items()) or "no parameters"
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        click.echo(f"{name:<10} {params:<60} {doc}")
+        click.echo(f"{name:<10} {params:<60} {first_line(cls.__doc__)}")
+
+
+@cli.command()
+def attacks() -> None:
+    """List every registered attack with its presets and options."""
+    from invbench.attacks import available_attacks
+
+    for name, cls in available_attacks().items():
+        click.echo(f"{name:<11} {first_line(sys.modules[cls.__module__].__doc__)}")
+        options = ", ".join(f"--{o.replace('_', '-')}" for o in sorted(cls.option_names)) or "none"
+        click.echo(f"{'':<11} presets {', '.join(cls.presets)}; options {options}")
+
+
+def first_line(doc: str | None) -> str:
+    """The first non-blank line of a docstring ('' for none or a blank one)."""
+    return next((line.strip() for line in (doc or "").splitlines() if line.strip()), "")
 
 
 @cli.command()
@@ -127,8 +106,8 @@ def defenses() -> None:
 @click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens per text.")
 @click.option("--layer", type=int, default=-1, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
-@defence_options
+@DEVICE
+@defense_options
 @click.option("--out", default=None, help="Also write the result as JSON to this file.")
 def utility(**opts: Any) -> None:
     """The defence's cost alone (no attack): LM-head agreement, KL, perplexity ratio, cosine."""
@@ -137,16 +116,48 @@ def utility(**opts: Any) -> None:
 
     cfg = RunConfig(model=opts["model"], dataset=opts["dataset"], n=opts["n"], tokens=opts["tokens"],
                     layer=opts["layer"], seed=opts["seed"], device=opts["device"], defense=opts["defense"],
-                    defense_params=defence_params(opts))
+                    defense_params=defense_params(opts))
     result = utility_only(cfg, echo=lambda line: click.echo(line, err=True))
     click.echo(format_utility(result))
     if opts["out"]:
-        from pathlib import Path
-
         write_json_atomic(Path(opts["out"]), result)
 
 
-def format_defence(defense: dict[str, Any]) -> str:
+@cli.command("fit-ranker")
+@click.option("--model", default="smollm2-135m", show_default=True, help="As for `invbench run`.")
+@click.option("--layer", type=int, default=-1, show_default=True)
+@click.option("--documents", type=click.IntRange(min=2), default=None,
+              help="Training documents [the recipe's: 1200, the last 100 held out].")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of seeded random models (as for run).")
+@DEVICE
+@click.option("--out", default=None, help="Ranker file to write [the invbench cache, where `guided` finds it].")
+def fit_ranker(model: str, layer: int, documents: int | None, seed: int, device: str, out: str | None) -> None:
+    """Fit the `guided` attack's learned ranker on the model's states of public text (resumable)."""
+    from dataclasses import replace
+
+    from invbench.attacks.ranker import Recipe, cache_path, fit_ranker as fit
+    from invbench.leaks.models import load_model
+    from invbench.leaks.oracle import WhiteBox, document_start_token
+    from invbench.leaks.prompts import ranker_training_texts
+
+    from .runner import resolve_device
+
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    loaded = load_model(model, seed=seed, notify=echo)
+    oracle = WhiteBox(loaded.model.to(resolve_device(device)), layer=layer, tokenizer=loaded.tokenizer,
+                      name=loaded.name, start_token=document_start_token(loaded.tokenizer))
+    recipe = Recipe() if documents is None else replace(Recipe(), documents=documents)
+    texts, data = ranker_training_texts(notify=echo, limit=recipe.documents)
+    path = Path(out) if out else cache_path(oracle, data, recipe)
+    fit(oracle, texts=texts, data=data, out=path, recipe=recipe, notify=echo, model_name=loaded.name,
+        command="invbench " + shlex.join(["fit-ranker", *sys.argv[2:]]) if sys.argv[1:2] == ["fit-ranker"]
+        else "invbench fit-ranker")
+    click.echo(f"ranker: {path}")
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+def format_defense(defense: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
     text = f"defence {defense['name']}{f' ({params})' if params else ''}"
     if defense.get("epsilon") is not None:
@@ -161,7 +172,7 @@ def format_defence(defense: dict[str, Any]) -> str:
 def format_utility(result: dict[str, Any]) -> str:
     u = result["utility"]
     lines = [f"{result['model']} | {result['dataset']} | {result['n']} texts x {result['tokens']} tokens | "
-             f"{format_defence(result['defense'])}"]
+             f"{format_defense(result['defense'])}"]
     lines += [f"  {key:<18} {fmt(value, '.4f')}" for key, value in u.items() if key != "note"]
     if u.get("note"):
         lines.append(f"  note: {u['note']}")
@@ -172,20 +183,29 @@ def fmt(value: Any, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """The result table printed at the end of a run."""
-    lines = [f"{summary['model']} | {summary['dataset']} | {summary['n']} prompts x {summary['tokens']} tokens | "
-             f"{format_defence(summary['defense'])}",
-             f"{'attack':<12} {'exact':>6} {'tok acc':>8} {'similar':>8} {'det AUROC':>10} {'s/token':>9} {'tok/s':>8}"]
-    for name, m in summary["attacks"].items():
-        lines.append(f"{name:<12} {fmt(m['exact_match']):>6} {fmt(m['token_accuracy']):>8} {fmt(m['similarity']):>8} "
-                     f"{fmt(m['detector_auroc']):>10} {fmt(m['seconds_per_token'], '.4f'):>9} "
-                     f"{fmt(m['tokens_per_second'], '.1f'):>8}")
-    u = summary.get("utility", {})
-    lines.append("utility: " + ", ".join(f"{k} {fmt(v, '.4f')}" for k, v in u.items() if k != "note"))
-    if len(summary["attacks"]) > 1:
-        w = summary["worst_case"]
-        lines.append("worst case: " + ", ".join(f"{k} {fmt(v['value'])} ({v['attack']})" for k, v in w.items()))
+def format_summary(summary) -> str:
+    """The result table printed at the end of a run (`summary`: a RunSummary), its verdict in words."""
+    lines = [f"{summary.model} | {summary.dataset} | {summary.n} prompts x {summary.tokens} tokens | "
+             f"{format_defense(summary.defense)}",
+             f"{'attack':<12} {'exact':>6} {'tok acc':>8} {'similar':>8} {'search fail':>11} {'det AUROC':>10} "
+             f"{'s/token':>9} {'verdict':>13}"]
+    for name, m in summary.attacks.items():
+        lines.append(f"{name:<12} {fmt(m.exact_match):>6} {fmt(m.token_accuracy):>8} {fmt(m.similarity):>8} "
+                     f"{fmt(m.search_failure_rate):>11} {fmt(m.detector_auroc):>10} {fmt(m.seconds_per_token, '.4f'):>9} "
+                     f"{m.verdict or '-':>13}")
+    lines.append("utility: " + ", ".join(f"{k} {fmt(v, '.4f')}" for k, v in summary.utility.items() if k != "note"))
+    if len(summary.attacks) > 1:
+        lines.append("worst case: " + ", ".join(f"{k} {fmt(w.value)} ({w.attack})" for k, w in summary.worst_case.items()))
+    for name, m in summary.attacks.items():
+        if "candidates_per_token" in m.diagnostics and m.diagnostics["candidates_per_token"]:
+            c = m.diagnostics["candidates_per_token"]
+            lines.append(f"{name}: {c['mean']:.1f} candidates verified per token (median {c['median']:.0f}, "
+                         f"p99 {c['p99']:.0f}); scoring {m.diagnostics['scoring']}")
+    if summary.radius:
+        r = summary.radius
+        lines.append(f"certified radius ({r['scope']}): median {r['median_radius']:.3g}; {r['note']}")
+    if summary.verdict:
+        lines.append(f"verdict: {summary.verdict.says}")
     return "\n".join(lines)
 
 
@@ -195,8 +215,9 @@ def one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors print one line (`error: ...`) and exit 2; --debug shows the
-    traceback instead. Ctrl-C prints what was saved and how to resume, and exits 130."""
+    """Entry point: user errors (InvbenchError, and the system's OSError such as a full disk)
+    print one line (`error: ...`) and exit 2; --debug shows the traceback instead. Ctrl-C prints
+    what was saved and how to resume, and exits 130."""
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
@@ -218,12 +239,11 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(one_line(str(exc)) or "interrupted: what was saved so far is kept; rerun the same command to "
                    "resume", err=True)
         sys.exit(130)
-    except user_errors() as exc:
+    except (InvbenchError, OSError) as exc:
         if debug:
             raise
         click.echo(f"error: {one_line(str(exc)) or type(exc).__name__}", err=True)
         sys.exit(2)
-
 
 
 # Commands defined in their own modules (leaderboard and sweeps), registered on the one group.

@@ -1,9 +1,14 @@
-"""Command-line options shared by several commands: how a defence and its parameters are given."""
+"""Command-line options shared by several commands, each declared once: the device, how a defence
+and its parameters are given, and every attack's options (made from the attacks' own configs)."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import MISSING
+from typing import Any, Callable
 
 import click
+
+DEVICE = click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+                      help="Where the model runs (auto: a CUDA GPU if there is one).")
 
 
 def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -16,7 +21,7 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
     return params
 
 
-def defence_flags(func):
+def defense_flags(func):
     """A defence's named parameters (--sigma, --clip, ...) and the generic --param."""
     options = [
         click.option("--sigma", type=float, default=None, help="gaussian: noise standard deviation."),
@@ -33,17 +38,59 @@ def defence_flags(func):
     return func
 
 
-def defence_options(func):
+def defense_options(func):
     """--defense (default none) with its parameters, for `run` and `utility`."""
-    func = defence_flags(func)
+    func = defense_flags(func)
     return click.option("--defense", default="none", show_default=True,
                         help="Defence name (see `invbench defenses`) or path/to/file.py:ClassName.")(func)
 
 
-NAMED_DEFENCE_FLAGS = ("sigma", "clip", "noise_multiplier", "epsilon", "delta", "bits", "scheme")
+NAMED_DEFENSE_FLAGS = ("sigma", "clip", "noise_multiplier", "epsilon", "delta", "bits", "scheme")
 
 
-def defence_params(opts: dict[str, Any]) -> dict[str, Any]:
+def defense_params(opts: dict[str, Any]) -> dict[str, Any]:
     params: dict[str, Any] = parse_params(opts["params"])
-    params.update({k: opts[k] for k in NAMED_DEFENCE_FLAGS if opts[k] is not None})
+    params.update({k: opts[k] for k in NAMED_DEFENSE_FLAGS if opts[k] is not None})
     return params
+
+
+# --- attack options: one flag per option field of the registered attacks ---------------------------
+
+def attack_option_specs() -> dict[str, dict[str, Any]]:
+    """option name -> {help, type, metadata, defaults per attack}, from every attack's config."""
+    from invbench.attacks import available_attacks
+    from invbench.attacks.base import command_line_options
+
+    specs: dict[str, dict[str, Any]] = {}
+    for name, cls in available_attacks().items():
+        for option_name, f in command_line_options(cls.config_class).items():
+            spec = specs.setdefault(option_name, {"help": f.metadata["help"], "metadata": f.metadata,
+                                                  "kind": type(f.default), "defaults": {}})
+            spec["defaults"][name] = f.default if f.default is not MISSING else None
+    return specs
+
+
+def _click_type(kind: type, metadata: dict[str, Any]) -> Any:
+    if "choices" in metadata:
+        return click.Choice(list(metadata["choices"]))
+    if kind is int:
+        return click.IntRange(min=metadata.get("min"))
+    if kind is float:
+        return click.FloatRange(min=metadata.get("min"), min_open=metadata.get("min_open", False))
+    return str
+
+
+def attack_options(func: Callable) -> Callable:
+    """Add `--<option>` for every attack option; the help names the attacks that take it and
+    their defaults (presets may change them)."""
+    for option_name, spec in sorted(attack_option_specs().items(), reverse=True):
+        owners = ", ".join(spec["defaults"])
+        defaults = ", ".join(f"{a}: {d}" for a, d in spec["defaults"].items())
+        func = click.option(f"--{option_name.replace('_', '-')}", option_name, type=_click_type(spec["kind"], spec["metadata"]),
+                            default=None, help=f"{owners}: {spec['help']} [{defaults}]")(func)
+    return func
+
+
+def given_attack_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """The attack options the user gave (those left out stay the attack's or preset's own)."""
+    return {k: opts[k] for k in attack_option_specs() if opts.get(k) is not None}

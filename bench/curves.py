@@ -16,12 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import InvbenchError
 from .results import write_json_atomic
 
 FORMAT = "invbench-curve/1"
 
 
-class CurveError(ValueError):
+class CurveError(InvbenchError, ValueError):
     """A curve file is missing or malformed, or there is nothing to plot; one line."""
 
 
@@ -43,24 +44,33 @@ class CurvePoint:
     cosine: float | None = None
     config_hash: str | None = None
     run_dir: str | None = None
+    verdict: str | None = None  # leaks | protected | inconclusive (None: not measured)
+    noise_std: float | None = None  # the defence's noise per coordinate, where it adds noise
+    sigma_certified: float | None = None  # below this noise std nothing protects the prompts (radius)
+    radius_scope: str | None = None  # which positions the radius covers
 
     @classmethod
-    def from_summary(cls, params: dict[str, Any], summary: dict[str, Any], run_dir: str) -> "CurvePoint":
-        """A point from a run's summary.json (runner.run's return value)."""
-        worst, utility, defense = summary["worst_case"], summary.get("utility", {}), summary["defense"]
+    def from_summary(cls, params: dict[str, Any], summary, run_dir: str) -> "CurvePoint":
+        """A point from a run's RunSummary (runner.run's return value)."""
+        worst, utility, defense = summary.worst_case, summary.utility, summary.defense
+        noise = defense.get("derived", {}).get("noise_std", defense["params"].get("sigma"))
         return cls(params=dict(params),
-                   worst_case_exact_match=worst["exact_match"]["value"],
-                   worst_case_token_accuracy=worst["token_accuracy"]["value"],
+                   worst_case_exact_match=worst["exact_match"].value,
+                   worst_case_token_accuracy=worst["token_accuracy"].value,
                    top1_agreement=utility.get("top1_agreement"),
                    kl_clean_defended=utility.get("kl_clean_defended"),
                    epsilon=defense.get("epsilon"),
-                   worst_case_exact_match_attack=worst["exact_match"]["attack"],
-                   worst_case_token_accuracy_attack=worst["token_accuracy"]["attack"],
+                   worst_case_exact_match_attack=worst["exact_match"].attack,
+                   worst_case_token_accuracy_attack=worst["token_accuracy"].attack,
                    epsilon_per_prompt=defense.get("epsilon_per_prompt"),
                    perplexity_ratio=utility.get("perplexity_ratio"),
                    cosine=utility.get("cosine"),
-                   config_hash=summary.get("config_hash"),
-                   run_dir=run_dir)
+                   config_hash=summary.config_hash,
+                   run_dir=run_dir,
+                   verdict=summary.verdict.verdict if summary.verdict else None,
+                   noise_std=float(noise) if isinstance(noise, (int, float)) else None,
+                   sigma_certified=summary.radius["min_sigma_certified"] if summary.radius else None,
+                   radius_scope=summary.radius["scope"] if summary.radius else None)
 
     def label(self) -> str:
         return ",".join(f"{k}={format_value(v)}" for k, v in self.params.items())
@@ -217,6 +227,10 @@ POINT_FIELDS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
     "cosine": (_number_or_null, "a number or null", False),
     "config_hash": (_str_or_null, "a string or null", False),
     "run_dir": (_str_or_null, "a string or null", False),
+    "verdict": (lambda v: v in (None, "leaks", "protected", "inconclusive"), "leaks, protected, inconclusive or null", False),
+    "noise_std": (_number_or_null, "a number or null", False),
+    "sigma_certified": (_number_or_null, "a number or null", False),
+    "radius_scope": (_str_or_null, "a string or null", False),
 }
 
 
@@ -263,8 +277,11 @@ PRIVACY = (("worst_case_exact_match", "exact match", "-", "o"),
 def plot_curves(curves: list[Curve], path: Path, *, title: str | None = None,
                 labels: list[str] | None = None, faded: set[int] = frozenset()) -> Path:
     """Privacy (worst-case exact match, token accuracy) against utility: top-1 agreement on the
-    left panel, KL(clean || defended) on the right; one colour per curve. `faded` curves (by index)
-    are drawn thin and translucent (earlier curves in a comparison)."""
+    left panel, KL(clean || defended) on the right, and, where the defences add noise, against the
+    noise std with the certified radius as a marked line ("below this sigma, Gaussian noise cannot
+    protect these prompts"). One colour per curve; points whose verdict is inconclusive (the
+    attacks' misses are search failures) are drawn hollow. `faded` curves (by index) are drawn
+    thin and translucent (earlier curves in a comparison)."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display on servers or CI
     import matplotlib.pyplot as plt
@@ -273,23 +290,32 @@ def plot_curves(curves: list[Curve], path: Path, *, title: str | None = None,
     if not curves:
         raise CurveError("no curves to plot")
     labels = labels or [c.defense for c in curves]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), sharey=True, layout="constrained")
+    noisy = any(p.noise_std for c in curves for p in c.points)
+    fig, axes = plt.subplots(1, 3 if noisy else 2, figsize=(17 if noisy else 12, 5.2), sharey=True,
+                             layout="constrained")
     colours = plt.get_cmap("tab10")
     for i, (curve, label) in enumerate(zip(curves, labels)):
         style = {"color": colours(i % 10), "alpha": 0.45 if i in faded else 1.0, "lw": 1.0 if i in faded else 2.0}
-        _draw(left, curve, "top1_agreement", style, annotate=i not in faded)
-        _draw(right, curve, "kl_clean_defended", style, annotate=i not in faded)
-    left.set_xlabel("utility: top-1 agreement with the clean model (higher is better)")
-    right.set_xlabel("cost: KL(clean || defended), nats (lower is better)")
-    _kl_scale(right, curves)
-    left.set_ylabel("privacy leak: worst case over attacks (lower is more private)")
-    left.set_ylim(-0.03, 1.03)
-    for ax in (left, right):
+        _draw(axes[0], curve, "top1_agreement", style, annotate=i not in faded)
+        _draw(axes[1], curve, "kl_clean_defended", style, annotate=i not in faded)
+        if noisy:
+            _draw(axes[2], curve, "noise_std", style, annotate=False)
+    axes[0].set_xlabel("utility: top-1 agreement with the clean model (higher is better)")
+    axes[1].set_xlabel("cost: KL(clean || defended), nats (lower is better)")
+    _kl_scale(axes[1], curves)
+    if noisy:
+        _noise_panel(axes[2], curves)
+    axes[0].set_ylabel("privacy leak: worst case over attacks (lower is more private)")
+    axes[0].set_ylim(-0.03, 1.03)
+    for ax in axes:
         ax.grid(True, alpha=0.3)
     handles = [Line2D([], [], color=colours(i % 10), lw=2, alpha=0.45 if i in faded else 1.0, label=label)
                for i, label in enumerate(labels)]
     handles += [Line2D([], [], color="grey", ls=ls, marker=m, label=f"worst-case {name}") for _, name, ls, m in PRIVACY]
-    right.legend(handles=handles, loc="best", fontsize=8)
+    if any(p.verdict == "inconclusive" for c in curves for p in c.points):
+        handles.append(Line2D([], [], color="grey", ls="", marker="o", markerfacecolor="white",
+                              label="inconclusive: misses are search failures"))
+    axes[1].legend(handles=handles, loc="best", fontsize=8)
     fig.suptitle(title or _default_title(curves))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -300,11 +326,16 @@ def plot_curves(curves: list[Curve], path: Path, *, title: str | None = None,
 
 def _draw(ax, curve: Curve, x_key: str, style: dict, *, annotate: bool) -> None:
     """Both privacy metrics of one curve against one utility metric. Each line runs along x (ties
-    by y), so a grid over several parameters still draws as a curve, not a zig-zag."""
-    points = [p for p in curve.points if getattr(p, x_key) is not None]
+    by y), so a grid over several parameters still draws as a curve, not a zig-zag. Inconclusive
+    points are hollow."""
+    points = [p for p in curve.points if getattr(p, x_key) is not None and (x_key != "noise_std" or p.noise_std > 0)]
     for key, _, ls, marker in PRIVACY:
-        xy = sorted((getattr(p, x_key), getattr(p, key)) for p in points)
-        ax.plot([x for x, _ in xy], [y for _, y in xy], ls=ls, marker=marker, **style)
+        xy = sorted((getattr(p, x_key), getattr(p, key), p.verdict == "inconclusive") for p in points)
+        ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], ls=ls, marker=marker, **style)
+        hollow = [(x, y) for x, y, inconclusive in xy if inconclusive]
+        if hollow:
+            ax.plot(*zip(*hollow), ls="", marker=marker, markersize=8, markerfacecolor="white",
+                    markeredgecolor=style["color"], zorder=3)
     if annotate:  # one label per spot: grid points that land together share it
         spots: dict[tuple[float, float], list[str]] = {}
         for p in points:
@@ -314,6 +345,21 @@ def _draw(ax, curve: Curve, x_key: str, style: dict, *, annotate: bool) -> None:
             ax.annotate("; ".join(names), xy, textcoords="offset points", xytext=(4, 6), fontsize=7,
                         color=style["color"])
     ax.margins(x=0.08)  # room for the labels of the outermost points
+
+
+def _noise_panel(ax, curves: list[Curve]) -> None:
+    """Privacy against the defence's noise std (log scale), with the certified radius: below it,
+    nearest-state decoding provably recovers every prompt."""
+    ax.set_xscale("log")
+    ax.set_xlabel("defence noise std per coordinate (sigma), log scale")
+    certified = [(p.sigma_certified, p.radius_scope) for c in curves for p in c.points if p.sigma_certified]
+    if certified:
+        sigma, scope = min(certified)
+        ax.axvline(sigma, color="black", ls=":", lw=1.5)
+        where = "" if scope == "all positions" else " (from position 1)"
+        ax.annotate(f"certified radius{where}: below sigma {sigma:.2g}\nGaussian noise cannot protect these prompts",
+                    (sigma, 0.5), xycoords=("data", "axes fraction"), textcoords="offset points", xytext=(6, 0),
+                    fontsize=8, rotation=90, va="center")
 
 
 def _kl_scale(ax, curves: list[Curve]) -> None:

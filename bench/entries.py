@@ -17,7 +17,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Callable
 
-SCHEMA_VERSION = 1
+from .errors import InvbenchError
+from .metrics import worst_case
+from .verdicts import run_verdict
+
+SCHEMA_VERSION = 2  # 2: verdicts (per attack and for the entry) and the certified radius
 ENTRY_ID_PATTERN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 ENTRY_ID_MAX = 64
 MAX_ENTRY_BYTES = 1_000_000  # an entry is a few KB; refuse anything that could stall the renderer
@@ -27,9 +31,10 @@ URL_PATTERN = re.compile(r"https?://[^\s<>()\[\]{}|\\^`\"']+")
 CONFIG_HASH_PATTERN = re.compile(r"[0-9a-f]{16}")
 GIT_COMMIT_PATTERN = re.compile(r"[0-9a-f]{7,40}")
 PRIVACY_METRICS = ("exact_match", "token_accuracy", "similarity")
+VERDICTS = ("leaks", "protected", "inconclusive", None)
 
 
-class EntryError(ValueError):
+class EntryError(InvbenchError, ValueError):
     """A bad entry id, or an entry file that does not pass the schema; printed as one line."""
 
 
@@ -233,6 +238,7 @@ DEFENSE: dict[str, Checker] = {
     "delta": number(0, 1, nullable=True),
     "neighbouring": text(nullable=True),
 }
+VERDICT: Checker = lambda v: None if v in VERDICTS else "expected leaks, protected, inconclusive or null"  # noqa: E731
 ATTACK: dict[str, Checker] = {
     "n": integer(1),
     "exact_match": FRACTION,
@@ -241,6 +247,14 @@ ATTACK: dict[str, Checker] = {
     "detector_auroc": FRACTION_OR_NULL,
     "detector_tpr_at_1pct_fpr": FRACTION_OR_NULL,
     "seconds_per_token": number(0, nullable=True),
+    "search_failure_rate": FRACTION_OR_NULL,
+    "verdict": VERDICT,
+}
+ENTRY_VERDICT: dict[str, Checker] = {
+    "verdict": VERDICT,
+    "attack": lambda v: None if v is None else NAME(v),
+    "says": text(max_len=600, allow_empty=True),
+    "blind_token_accuracy": FRACTION_OR_NULL,
 }
 UTILITY: dict[str, Checker] = {
     "top1_agreement": FRACTION_OR_NULL,
@@ -290,6 +304,10 @@ def check_entry(data: Any, path: Path, *, protocol_dir_name: str | None = None,
     attacks = _check_attacks(v, data.get("attacks"), protocol)
     _check_worst_case(v, data.get("worst_case"), attacks)
     _check_detector(v, data.get("detector_auroc"), attacks)
+    _check_verdict(v, data.get("verdict"), attacks)
+    if data.get("radius") is not None and (radius := v.obj(data["radius"], "radius")) is not None:
+        v.fields(radius, "radius.", {"scope": text(), "min_sigma_certified": number(0), "median_radius": number(0),
+                                     "note": text(max_len=600)})
     if (utility := v.obj(data.get("utility"), "utility")) is not None:
         v.fields(utility, "utility.", UTILITY)
     v.mapping(data.get("versions"), "versions", NAME, text(max_len=80, nullable=True))
@@ -368,9 +386,24 @@ def _check_worst_case(v: _Validator, data: Any, attacks: dict[str, dict]) -> Non
             continue
         v.fields(item, f"{field}.", {"value": FRACTION, "attack": NAME})
         if attacks and _is_number(item.get("value")):
-            true_worst = max(m[metric] for m in attacks.values())
-            if abs(item["value"] - true_worst) > 1e-12:
-                v.fail(f"{field}.value", f"{short(item['value'])} is not the maximum over attacks ({true_worst!r})")
+            rule = worst_case(attacks)[metric]  # the one rule for the strongest attack, ties included
+            if abs(item["value"] - rule["value"]) > 1e-12:
+                v.fail(f"{field}.value", f"{short(item['value'])} is not the maximum over attacks ({rule['value']!r})")
+            elif item.get("attack") != rule["attack"]:
+                v.fail(f"{field}.attack", f"{short(item.get('attack'))} is not the strongest attack by the rule of "
+                       f"invbench.metrics.worst_case ({rule['attack']!r})")
+
+
+def _check_verdict(v: _Validator, data: Any, attacks: dict[str, dict]) -> None:
+    verdict = v.obj(data, "verdict")
+    if verdict is None:
+        return
+    v.fields(verdict, "verdict.", ENTRY_VERDICT)
+    if attacks and all("verdict" in m for m in attacks.values()):
+        expected, on = run_verdict({a: m["verdict"] for a, m in attacks.items()})
+        if verdict.get("verdict") != expected:
+            v.fail("verdict.verdict", f"{short(verdict.get('verdict'))} does not follow from the attacks' verdicts "
+                   f"({expected!r})")
 
 
 def _check_detector(v: _Validator, data: Any, attacks: dict[str, dict]) -> None:
@@ -406,7 +439,17 @@ class Entry:
 
     @property
     def worst_attack(self) -> str:
-        return max(self.data["attacks"], key=lambda a: (self.data["attacks"][a]["exact_match"], a))
+        """The strongest attack as the entry states it (checked against metrics.worst_case)."""
+        return self.data["worst_case"]["exact_match"]["attack"]
+
+    @property
+    def verdict(self) -> str | None:
+        return self.data["verdict"]["verdict"]
+
+    @property
+    def conclusive(self) -> bool:
+        """Whether the entry's privacy (or leak) is established rather than resting on search failures."""
+        return self.verdict in ("leaks", "protected")
 
     @property
     def worst_token_accuracy(self) -> float:

@@ -16,15 +16,14 @@ import base64
 import hashlib
 import html
 import io
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import __version__
 from .entries import Entry, Problem, load_entries, registered_definition
+from .results import write_bytes_atomic
 
 DEFAULT_UTILITY_FLOOR = 0.5
 PARETO_MARK = "\u25c6"  # a filled diamond
@@ -62,7 +61,10 @@ def pareto_frontier(entries: Iterable[Entry]) -> set[str]:
 
 
 def rank_key(entry: Entry) -> tuple:
-    return entry.worst_exact_match, entry.worst_token_accuracy, -(entry.top1_agreement or 0.0), entry.entry_id
+    """Conclusive entries first (an inconclusive one never ranks above them), then worst-case exact
+    match (lower is more private), worst-case token accuracy, top-1 agreement (higher)."""
+    return (not entry.conclusive, entry.worst_exact_match, entry.worst_token_accuracy, -(entry.top1_agreement or 0.0),
+            entry.entry_id)
 
 
 def rank_entries(entries: list[Entry], *, floor: float) -> tuple[list[Row], list[Row]]:
@@ -100,6 +102,12 @@ def defence_text(defense: dict[str, Any]) -> str:
     return f"{defense['name']} ({params})" if params else defense["name"]
 
 
+def verdict_text(entry: Entry) -> str:
+    """The verdict as the board shows it; inconclusive entries are marked so in words."""
+    return {"leaks": "leaks", "protected": "protected", "inconclusive": "inconclusive (search failures)"}.get(
+        entry.verdict, "-")
+
+
 def epsilon_text(defense: dict[str, Any]) -> str:
     if defense.get("epsilon") is None:
         return "-"
@@ -115,7 +123,8 @@ class Column:
 
 def columns(board: Board) -> list[Column]:
     return ([Column("#", "number"), Column("Entry", "text"), Column("Authors", "text"), Column("Defence", "text"),
-             Column("epsilon", "number"), Column("Worst-case EM", "number"), Column("Strongest attack", "text")]
+             Column("epsilon", "number"), Column("Verdict", "text"), Column("Worst-case EM", "number"),
+             Column("Strongest attack", "text")]
             + [Column(f"EM {a}", "number") for a in board.attacks]
             + [Column("Worst tok acc", "number")]
             + [Column(f"AUROC {a}", "number") for a in board.attacks]
@@ -136,7 +145,7 @@ def cells(row: Row, attacks: list[str]) -> list[tuple[str, Any]]:
     return ([num(row.rank, "d"), (data["name"], data["name"].lower()), (data["authors"], data["authors"].lower()),
              (defence_text(data["defense"]), defence_text(data["defense"]).lower()),
              (epsilon_text(data["defense"]), data["defense"].get("epsilon")),
-             num(e.worst_exact_match), (e.worst_attack, e.worst_attack)]
+             (verdict_text(e), e.verdict or ""), num(e.worst_exact_match), (e.worst_attack, e.worst_attack)]
             + [num(metrics.get(a, {}).get("exact_match")) for a in attacks]
             + [num(e.worst_token_accuracy)]
             + [num(metrics.get(a, {}).get("detector_auroc")) for a in attacks]
@@ -149,7 +158,9 @@ def floor_text(board: Board, escape: Callable[[Any], str]) -> str:
     attacks = ", ".join(map(escape, board.attacks))
     return (f"Ranked by worst-case exact match over the protocol's attacks ({attacks}; lower is more private) "
             f"among entries whose top-1 agreement is at least {board.floor:.2f} (the utility floor). "
-            f"Ties: lower worst-case token accuracy, then higher top-1 agreement. {PARETO_MARK} marks the Pareto "
+            f"Ties: lower worst-case token accuracy, then higher top-1 agreement. An entry whose verdict is inconclusive "
+            f"(its attacks' misses are search failures: the truth fits the defended states better than their answers) "
+            f"ranks below every conclusive one, whatever its numbers. {PARETO_MARK} marks the Pareto "
             "frontier of worst-case exact match against top-1 agreement.")
 
 
@@ -366,25 +377,14 @@ class Rendered:
     board: Board
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render(protocol_dir: Path, *, utility_floor: float = DEFAULT_UTILITY_FLOOR) -> Rendered:
     """Write `LEADERBOARD.md` and `index.html` into `protocol_dir` from its entries."""
     protocol_dir = Path(protocol_dir)
     board = build_board(protocol_dir, floor=utility_floor)
     protocol_dir.mkdir(parents=True, exist_ok=True)
     markdown, page = protocol_dir / "LEADERBOARD.md", protocol_dir / "index.html"
-    _write_text_atomic(markdown, render_markdown(board))
-    _write_text_atomic(page, render_html(board, plot_png(board)))
+    write_bytes_atomic(markdown, render_markdown(board).encode("utf-8"))
+    write_bytes_atomic(page, render_html(board, plot_png(board)).encode("utf-8"))
     return Rendered(markdown, page, board)
 
 

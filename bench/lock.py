@@ -17,6 +17,7 @@ import errno
 import os
 from pathlib import Path
 
+from .errors import InvbenchError
 from .results import ResultsError, results_error
 
 try:
@@ -27,7 +28,7 @@ except ImportError:  # not POSIX
 LOCK_NAME = ".invbench.lock"
 
 
-class LockedError(ValueError):
+class LockedError(InvbenchError, ValueError):
     """Another live process is writing to the same results folder."""
 
 

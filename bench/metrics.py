@@ -73,10 +73,11 @@ def default_flag_threshold(*, noise_std: float, tokens: int, dim: int, float_flo
 
 def worst_case(attacks: dict[str, dict]) -> dict[str, dict]:
     """For each privacy metric, the highest value over attacks (the strongest attack) and which
-    attack reached it."""
+    attack reached it. The one rule for "the strongest attack": ties go to the attack whose name
+    sorts first, whatever order the attacks come in, so a run, its entry and the board agree."""
     out = {}
     for key in ("exact_match", "token_accuracy", "similarity"):
-        name = max(attacks, key=lambda a: attacks[a][key])
+        name = min(attacks, key=lambda a: (-attacks[a][key], a))
         out[key] = {"value": attacks[name][key], "attack": name}
     return out
 

@@ -9,9 +9,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import RunConfig
+from .errors import InvbenchError
+from .registry import Registry
 
 
-class ProtocolError(ValueError):
+class ProtocolError(InvbenchError, ValueError):
     """Unknown protocol; printed as one line."""
 
 
@@ -25,7 +27,7 @@ class Protocol:
     tokens: int
     seed: int = 42
     layer: int = -1
-    attacks: tuple[str, ...] = ("continuous", "projection", "scan")
+    attacks: tuple[str, ...] = ("guided", "continuous", "projection", "scan")
     preset: str = "baseline"
     attack_options: dict[str, Any] = field(default_factory=dict)
 
@@ -42,7 +44,8 @@ class Protocol:
         return {**asdict(self), "attacks": list(self.attacks)}
 
 
-PROTOCOLS = {p.name: p for p in (
+PROTOCOLS: Registry[Protocol] = Registry("protocol", error=ProtocolError)
+for _protocol in (
     Protocol("c4-gpt2-10tok", "The paper's setting: GPT-2 small, first 10 tokens of 100 C4 validation documents, "
              "all attacks (continuous baseline preset). Needs GPT-2's weights and a GPU.",
              model="gpt2", dataset="c4", n=100, tokens=10),
@@ -50,13 +53,12 @@ PROTOCOLS = {p.name: p for p in (
              "recipe, all attacks. Runs without the Hub; a GPU is advised.",
              model="smollm2-135m", dataset="c4", n=100, tokens=10),
     Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 3 tokens, "
-             "all attacks (continuous: fast preset capped at 200 steps). About 2 minutes on 2 cores; not "
-             "comparable to real models.",
-             model="tiny-gpt2", dataset="c4", n=4, tokens=3, preset="fast", attack_options={"steps": 200}),
-)}
+             "all attacks (continuous: fast preset capped at 200 steps; guided: the prior alone, as a random model has "
+             "no shipped ranker). About a minute on 2 cores; not comparable to real models.",
+             model="tiny-gpt2", dataset="c4", n=4, tokens=3, preset="fast", attack_options={"steps": 200, "ranker": "prior"}),
+):
+    PROTOCOLS.add(_protocol.name, _protocol)
 
 
 def get_protocol(name: str) -> Protocol:
-    if name not in PROTOCOLS:
-        raise ProtocolError(f"unknown protocol {name!r}; choose from {', '.join(PROTOCOLS)}")
-    return PROTOCOLS[name]
+    return PROTOCOLS.get(name)

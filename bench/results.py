@@ -18,10 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from .errors import InvbenchError
+
 FILE_MODE = 0o644  # results are meant to be read by others (mkstemp alone would make them private)
 
 
-class ResultsError(OSError):
+class ResultsError(InvbenchError, OSError):
     """A results file cannot be written (disk full, read-only folder, no permission)."""
 
 
@@ -40,8 +42,13 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
     blob = (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")  # bad data fails before any I/O
+    write_bytes_atomic(path, blob)
+
+
+def write_bytes_atomic(path: Path, blob: bytes) -> None:
+    """Temp file beside `path`, fsync, os.replace; readable by others (FILE_MODE)."""
+    path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

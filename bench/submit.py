@@ -33,10 +33,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
+from .errors import InvbenchError
 from .entries import (DEFENSE, NAME, PRIVACY_METRICS, SCHEMA_VERSION, TOP_LEVEL, EntryError, check_entry, read_entry,
                       registered_definition, scalar, slugify, validate_entry_id)
 from .protocols import Protocol, get_protocol
+from .folder import read_config
 from .results import write_json_atomic
+from .summary import RunSummary
 
 FULL_PRIVACY_TOL = 0.05
 AUROC_TOL = 0.10
@@ -45,10 +48,11 @@ UTILITY_REL_TOL = 1e-3
 SUBSET_SIGMAS = 3.0
 ATTACK_FIELDS = ("n", "exact_match", "token_accuracy", "similarity", "detector_auroc", "detector_note",
                  "detector_tpr_at_1pct_fpr", "detector_threshold", "detector_flag_rate", "seconds_per_token",
-                 "tokens_per_second", "config")
+                 "tokens_per_second", "config", "search_failure_rate", "verdict", "diagnostics")
+RADIUS_FIELDS = ("scope", "min_radius", "median_radius", "min_sigma_certified", "median_sigma_certified", "note")
 
 
-class SubmitError(ValueError):
+class SubmitError(InvbenchError, ValueError):
     """A submission or verification cannot go ahead; printed as one line."""
 
 
@@ -68,10 +72,12 @@ def recorded_spec(spec: str) -> str:
     return spec
 
 
-def build_entry(summary: dict[str, Any], *, protocol: Protocol, entry_id: str, name: str, authors: str, url: str,
+def build_entry(summary: RunSummary, *, protocol: Protocol, entry_id: str, name: str, authors: str, url: str,
                 spec: str, day: str | None = None, git_commit: str | None = None) -> dict[str, Any]:
-    """The leaderboard entry for one finished run (`summary` as `invbench.runner.run` returns it)."""
-    attacks = {a: {k: m[k] for k in ATTACK_FIELDS if k in m} for a, m in summary["attacks"].items()}
+    """The leaderboard entry for one finished run (the RunSummary `invbench.runner.run` returns)."""
+    data = summary.to_dict()
+    attacks = {a: {k: m[k] for k in ATTACK_FIELDS} for a, m in data["attacks"].items()}
+    verdict = data["verdict"] or {"verdict": None, "attack": None, "says": "", "blind_token_accuracy": None}
     return {
         "schema_version": SCHEMA_VERSION,
         "entry_id": entry_id,
@@ -80,22 +86,24 @@ def build_entry(summary: dict[str, Any], *, protocol: Protocol, entry_id: str, n
         "url": url,
         "date": day or datetime.now(timezone.utc).date().isoformat(),
         "protocol": protocol.to_dict(),
-        "model": summary["model"],
-        "dataset": summary["dataset"],
-        "n": summary["n"],
-        "tokens": summary["tokens"],
-        "seed": summary["seed"],
-        "defense": {**summary["defense"], "spec": recorded_spec(spec)},
+        "model": data["model"],
+        "dataset": data["dataset"],
+        "n": data["n"],
+        "tokens": data["tokens"],
+        "seed": data["seed"],
+        "defense": {**data["defense"], "spec": recorded_spec(spec)},
         "attacks": attacks,
-        "worst_case": summary["worst_case"],
+        "worst_case": data["worst_case"],
         "detector_auroc": {a: m["detector_auroc"] for a, m in attacks.items()},
-        "utility": summary["utility"],
-        "versions": summary["versions"],
-        "config_hash": summary["config_hash"],
-        "hardware": {"device": summary["device"]},
+        "verdict": {k: verdict[k] for k in ("verdict", "attack", "says", "blind_token_accuracy")},
+        "radius": {k: data["radius"][k] for k in RADIUS_FIELDS} if data["radius"] else None,
+        "utility": data["utility"],
+        "versions": data["versions"],
+        "config_hash": data["config_hash"],
+        "hardware": {"device": data["device"]},
         "invbench_version": __version__,
         "git_commit": git_commit,  # the package version alone does not pin the attacks' code
-        "wall_seconds": summary.get("wall_seconds"),
+        "wall_seconds": data["wall_seconds"],
     }
 
 
@@ -120,12 +128,9 @@ def _refuse_foreign(entry_path: Path, run_dir: Path, described: dict[str, Any]) 
             existing = None
         if not isinstance(existing, dict) or {k: existing.get(k) for k in described} != described:
             raise SubmitError(f"{entry_path} already holds a different submission; choose another --name or --entry-id")
-    config_path = run_dir / "config.json"
-    if config_path.exists():
-        try:
-            previous = json.loads(config_path.read_text(encoding="utf-8"))["defining"]["defense"]
-        except (OSError, ValueError, KeyError, TypeError):
-            previous = None
+    config = read_config(run_dir)  # a damaged config.json is refused there, in one line
+    if config is not None:
+        previous = config.get("defining", {}).get("defense") if isinstance(config.get("defining"), dict) else None
         if previous != described:
             raise SubmitError(f"{run_dir} holds a run of another defence configuration; choose another --name "
                               "or --entry-id, or remove that folder")
@@ -133,10 +138,7 @@ def _refuse_foreign(entry_path: Path, run_dir: Path, described: dict[str, Any]) 
 
 def run_commit(run_dir: Path) -> str | None:
     """The project's git commit a run recorded in its config.json (None outside a checkout)."""
-    try:
-        commit = json.loads((run_dir / "config.json").read_text(encoding="utf-8")).get("git_commit")
-    except (OSError, ValueError, AttributeError):
-        return None
+    commit = (read_config(run_dir) or {}).get("git_commit")
     return commit if isinstance(commit, str) else None
 
 
@@ -255,8 +257,9 @@ def _within(check: MetricCheck, tolerance: float, *, relative: bool = False) -> 
     return check
 
 
-def compare(entry: dict[str, Any], summary: dict[str, Any], *, subset: int | None) -> list[MetricCheck]:
+def compare(entry: dict[str, Any], summary: RunSummary, *, subset: int | None) -> list[MetricCheck]:
     """Every metric of the entry against the rerun's summary, with the tolerances of this module."""
+    summary = summary.to_dict()
     n = entry["n"]
     full = subset is None
 
@@ -333,7 +336,7 @@ def verify(entry_path: Path, *, subset: int | None = None, device: str = "auto",
                               device=device, n=subset)
     summary = run(cfg, echo=echo)
     return VerifyReport(Path(entry_path), run_dir, subset, n, compare(entry, summary, subset=subset),
-                        hardware=(entry["hardware"]["device"], summary["device"]),
+                        hardware=(entry["hardware"]["device"], summary.device),
                         commits=(entry.get("git_commit"), run_commit(run_dir)))
 
 

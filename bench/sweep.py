@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 from tqdm.auto import tqdm
 
 from .config import RunConfig, package_versions
+from .errors import InvbenchError
 from .curves import Curve, CurvePoint, format_value, slug
 from .protocols import Protocol, get_protocol
 from invbench.defenses import load_defense_class, make_defense
@@ -22,7 +23,7 @@ from invbench.defenses import load_defense_class, make_defense
 ENGINES = ("local", "ray")
 
 
-class SweepError(ValueError):
+class SweepError(InvbenchError, ValueError):
     """A sweep cannot start or finish (bad --param grid, unknown engine, Ray missing or failing); one line."""
 
 
@@ -87,14 +88,14 @@ def _dir_name(params: dict[str, Any]) -> str:
 
 
 # --- running -------------------------------------------------------------------------------
-def run_point(cfg: RunConfig, label: str) -> dict[str, Any]:
+def run_point(cfg: RunConfig, label: str):
     """One grid point: a full (resumable) protocol run. Module-level so Ray can ship it by name."""
     from .runner import run
 
     return run(cfg, echo=lambda line: print(f"[{label}] {line}", flush=True))
 
 
-def _run_local(jobs: list[tuple[GridPoint, RunConfig]], echo: Callable[[str], None]) -> list[dict[str, Any]]:
+def _run_local(jobs: list[tuple[GridPoint, RunConfig]], echo: Callable[[str], None]) -> list:
     from . import runner
 
     summaries = []
@@ -185,7 +186,7 @@ def sweep(*, defense: str, grid: dict[str, list[Any]], protocol: Protocol | str,
     return Curve(protocol=proto.name, defense=name, defense_spec=defense,
                  grid={k: _typed_values(points, k) for k in sorted(grid)},
                  points=[CurvePoint.from_summary(p.params, s, _shown(p.out)) for p, s in zip(points, summaries)],
-                 protocol_settings=proto.to_dict(), versions=summaries[0].get("versions") or package_versions())
+                 protocol_settings=proto.to_dict(), versions=summaries[0].versions or package_versions())
 
 
 def _absolute_plugin_path(spec: str) -> str:

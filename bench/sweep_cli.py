@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from .cli_options import DEVICE
+
 
 def _echo_err(line: str) -> None:
     click.echo(line, err=True)
@@ -44,7 +46,7 @@ def format_curve(curve) -> str:
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: one point after another; ray: grid points as Ray tasks (pip install 'invbench[ray]').")
 @click.option("--address", default=None, help="ray: address of an existing cluster (default: start a local instance).")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@DEVICE
 @click.option("--runs-dir", default="runs", show_default=True,
               help="Run folders go to RUNS_DIR/<protocol>/<defense>/<param=value,...>/; rerunning resumes.")
 @click.option("--board-dir", default="leaderboards", show_default=True,

@@ -1,0 +1,94 @@
+"""The results folder of one run as one object: its lock, config.json, records.jsonl and summary.json.
+
+The file primitives (atomic JSON, whole-batch appends, torn-line repair) are in `results.py`, the
+writer's lock in `lock.py`; this is where a run meets them, and the one place config.json is read.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import InvbenchError
+from .lock import RunLock
+from .results import append_records, read_records, repair_records, write_json_atomic
+
+STALE_TEMP_GLOBS = (".config.json.*.tmp", ".summary.json.*.tmp")  # left by a run killed mid-write
+
+
+class FolderError(InvbenchError, ValueError):
+    """A results folder that cannot be used for this run (foreign, damaged)."""
+
+
+def read_config(folder: Path) -> dict[str, Any] | None:
+    """The config.json of a results folder, or None when there is none. The one place it is
+    parsed: unreadable, not JSON, or without a config hash raises FolderError in one line."""
+    config_path = Path(folder) / "config.json"
+    if not config_path.exists():
+        return None
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise FolderError(f"{config_path} is unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+                          "remove it or choose another --out") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config_hash"), str):
+        what = "an object without a config_hash" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise FolderError(f"{config_path} is not an invbench config ({what}); remove it or choose another --out")
+    return data
+
+
+class ResultsFolder:
+    """One run's folder: config.json, records.jsonl and summary.json, behind a lock.
+
+    Entering takes the lock (a second writer is refused) and checks an existing folder before
+    anything is loaded: records without a config, or a damaged config, are refused. `start`
+    refuses a folder of another configuration, writes config.json, repairs a torn records file
+    and returns what is already done; `append` saves a batch of records whole; `write_summary`
+    writes summary.json."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.records_path = self.path / "records.jsonl"
+        self._lock = RunLock(self.path)
+        self.previous: dict[str, Any] | None = None
+
+    def __enter__(self) -> "ResultsFolder":
+        self._lock.__enter__()
+        try:
+            self.previous = read_config(self.path)
+            if self.previous is None and self.records_path.exists() and self.records_path.stat().st_size > 0:
+                raise FolderError(f"{self.records_path} has results but {self.path / 'config.json'} is missing, so they "
+                                  "cannot be matched to this run; choose another --out")
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.__exit__(*exc)
+
+    def start(self, config: dict[str, Any]) -> set[tuple[str, int]]:
+        """Create or resume: returns the (attack, prompt index) pairs already recorded."""
+        if self.previous is not None and self.previous["config_hash"] != config["config_hash"]:
+            raise FolderError(f"{self.path} holds a different run (config hash {self.previous['config_hash']} vs "
+                              f"{config['config_hash']}); choose another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for pattern in STALE_TEMP_GLOBS:
+            for stale in self.path.glob(pattern):
+                stale.unlink(missing_ok=True)
+        write_json_atomic(self.path / "config.json", config)
+        repair_records(self.records_path)
+        return {(r.get("attack"), r.get("prompt_index")) for r in read_records(self.records_path)}
+
+    def append(self, records: Iterable[dict]) -> None:
+        append_records(self.records_path, records)
+
+    def records(self) -> list[dict]:
+        return read_records(self.records_path)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.path / "summary.json", summary)
+
+    def interrupted_message(self, total: int) -> str:
+        return (f"interrupted: {len(self.records())} of {total} prompt results are saved in {self.records_path}; "
+                "rerun the same command to resume")
