@@ -47,7 +47,8 @@ def test_foreign_output_folder_is_refused(tmp_path, capsys):
 
 
 def test_dp_run_reports_opacus_epsilon_and_utility(tmp_path, capsys):
-    args = ["run", "--model", "tiny-gpt2", "--defense", "dp", "--clip", "1", "--noise-multiplier", "1", "--n", "2",
+    args = ["run", "--model", "tiny-gpt2", "--attack", "continuous", "--defense", "dp", "--clip", "1",
+            "--noise-multiplier", "1", "--n", "2",
             "--tokens", "2", "--steps", "30", "--device", "cpu", "--out", str(tmp_path)]
     assert invoke(args, capsys)[0] == 0
     defense = json.loads((tmp_path / "summary.json").read_text())["defense"]

@@ -32,7 +32,7 @@ def gen(seed: int) -> torch.Generator:
 # --- dp: the guarantee -------------------------------------------------------------------
 @pytest.mark.parametrize("z, expected", [(0.5, 10.00), (1, 4.38), (2, 1.99), (5, 0.73)])
 def test_gdp_reference_table(z, expected):
-    # DESIGN.md's table is at mu = 1/Z; check our independent solver reproduces it
+    # the project's reference table is at mu = 1/Z; check our independent solver reproduces it
     assert gdp_epsilon(1 / z, 1e-5) == pytest.approx(expected, abs=0.005)
 
 

@@ -12,7 +12,10 @@ import pytest
 from invbench.entries import EntryError, Problem, load_entries, read_entry, slugify, validate_entry_id
 from invbench.leaderboard import build_board, escape_md, pareto_frontier, render, render_markdown
 from invbench.protocols import get_protocol
+from invbench.metrics import worst_case
 from invbench.submit import build_entry
+from invbench.summary import RunSummary
+from invbench.verdicts import Evidence, attack_verdict, run_verdict
 
 QUICK = get_protocol("quick")
 XSS_NAME = "<img src=x onerror=alert(1)>"
@@ -20,20 +23,26 @@ XSS_DEFENCE = "<script>window.pwned=1</script>"
 
 
 def fake_summary(*, em: dict[str, float], top1: float | None, auroc: float | None = 0.8,
-                 defense: str = "gaussian", params: dict | None = None) -> dict:
-    """What `invbench.runner.run` returns, with the given per-attack exact match and top-1 agreement."""
+                 defense: str = "gaussian", params: dict | None = None, search_failure: float = 0.0) -> RunSummary:
+    """What `invbench.runner.run` returns, with the given per-attack exact match, top-1 agreement
+    and search-failure rate (verdicts by the real rule)."""
     attacks = {a: {"n": QUICK.n, "exact_match": v, "token_accuracy": min(1.0, v + 0.1), "similarity": min(1.0, v + 0.2),
                    "detector_auroc": auroc, "detector_note": None, "detector_tpr_at_1pct_fpr": None,
                    "detector_threshold": 1e-6, "detector_flag_rate": 0.0, "seconds_per_token": 0.5,
-                   "tokens_per_second": 2.0, "config": {"preset": "fast"}} for a, v in em.items()}
-    worst = {m: {"value": max(x[m] for x in attacks.values()), "attack": max(attacks, key=lambda a: attacks[a][m])}
-             for m in ("exact_match", "token_accuracy", "similarity")}
-    return {"model": QUICK.model, "dataset": QUICK.dataset, "n": QUICK.n, "tokens": QUICK.tokens, "seed": QUICK.seed,
-            "defense": {"name": defense, "params": params if params is not None else {"sigma": 0.01}, "epsilon": None,
-                        "delta": None, "neighbouring": None, "reason": "no formal guarantee"},
-            "utility": {"top1_agreement": top1, "kl_clean_defended": 0.1, "perplexity_ratio": 1.1, "cosine": 0.9},
-            "attacks": attacks, "worst_case": worst, "config_hash": "0123456789abcdef", "device": "cpu (test)",
-            "versions": {"invbench": "0.1.0", "torch": "2.13.0"}, "wall_seconds": 1.0}
+                   "tokens_per_second": 2.0, "config": {"preset": "fast"}, "search_failure_rate": search_failure,
+                   "verdict": attack_verdict(Evidence(v, min(1.0, v + 0.1), search_failure), blind_token_accuracy=0.1),
+                   "diagnostics": {}} for a, v in em.items()}
+    verdict, attack = run_verdict({a: m["verdict"] for a, m in attacks.items()})
+    return RunSummary.from_dict({
+        "schema_version": 1, "model": QUICK.model, "model_source": "test", "dataset": QUICK.dataset,
+        "dataset_source": "test", "n": QUICK.n, "tokens": QUICK.tokens, "layer": -1, "seed": QUICK.seed,
+        "defense": {"name": defense, "params": params if params is not None else {"sigma": 0.01}, "epsilon": None,
+                    "delta": None, "neighbouring": None, "reason": "no formal guarantee"},
+        "utility": {"top1_agreement": top1, "kl_clean_defended": 0.1, "perplexity_ratio": 1.1, "cosine": 0.9},
+        "attacks": attacks, "worst_case": worst_case(attacks), "config_hash": "0123456789abcdef",
+        "device": "cpu (test)", "versions": {"invbench": "0.1.0", "torch": "2.13.0"}, "wall_seconds": 1.0,
+        "verdict": {"verdict": verdict, "attack": attack, "says": "test", "blind_token_accuracy": 0.1,
+                    "thresholds": {}}, "radius": None})
 
 
 def make_entry(name: str, *, em: float | dict[str, float] = 0.5, top1: float | None = 0.9, entry_id: str | None = None,
@@ -127,7 +136,7 @@ DELETE = object()
     ("protocol.n", 400, "protocol", "differs from the current definition"),
     ("hardware", "cpu", "hardware", "expected an object"),
     ("seed", None, "seed", "expected an integer"),
-    ("schema_version", 2, "schema_version", "expected 1"),
+    ("schema_version", 1, "schema_version", "expected 2"),
     ("git_commit", "not-a-commit", "git_commit", "a git commit"),
 ])
 def test_each_malformed_field_is_reported_by_file_and_field_and_skipped(tmp_path, field, value, reported, message):
@@ -184,11 +193,34 @@ def board_of(tmp_path: Path, *entries: dict, floor: float = 0.5):
 
 def test_ranked_by_worst_case_exact_match_over_attacks(tmp_path):
     board = board_of(tmp_path,
-                     make_entry("Strong on average", em={"continuous": 0.0, "projection": 0.0, "scan": 0.9}),
-                     make_entry("Even", em={"continuous": 0.3, "projection": 0.3, "scan": 0.3}),
+                     make_entry("Strong on average", em={"guided": 0.0, "continuous": 0.0, "projection": 0.0, "scan": 0.9}),
+                     make_entry("Even", em={"guided": 0.3, "continuous": 0.3, "projection": 0.3, "scan": 0.3}),
                      make_entry("Weak", em=0.6))
     assert [(r.rank, r.entry.entry_id) for r in board.ranked] == [(1, "even"), (2, "weak"), (3, "strong-on-average")]
     assert board.ranked[2].entry.worst_attack == "scan"
+
+
+def test_an_inconclusive_entry_never_outranks_a_conclusive_one(tmp_path):
+    """No attack recovers anything from "Masked", but its misses are search failures: its zero is no
+    evidence, so it ranks below a defence that leaks a little, conclusively."""
+    masked = make_entry("Masked", em=0.0, search_failure=0.8)
+    assert masked["verdict"]["verdict"] == "inconclusive"
+    board = board_of(tmp_path, masked, make_entry("Leaky", em=0.2), make_entry("Private", em=0.0))
+    assert [r.entry.entry_id for r in board.ranked] == ["private", "leaky", "masked"]
+    assert [r.entry.verdict for r in board.ranked] == ["protected", "leaks", "inconclusive"]
+    markdown = render_markdown(board)
+    assert "inconclusive \\(search failures\\)" in markdown and "ranks below every conclusive one" in markdown
+
+
+def test_ties_name_the_same_strongest_attack_in_the_run_the_entry_and_the_board(tmp_path):
+    entry = make_entry("Tie", em={"guided": 1.0, "continuous": 0.2, "projection": 0.2, "scan": 1.0})
+    assert entry["worst_case"]["exact_match"]["attack"] == "guided"  # ties: the name that sorts first
+    board = board_of(tmp_path, entry)
+    assert board.ranked[0].entry.worst_attack == "guided"
+    entry["worst_case"]["exact_match"]["attack"] = "scan"  # the same value, another name: refused
+    write_entry(tmp_path, entry, file_id="tie")
+    _, problems = load_entries(tmp_path / "quick")
+    assert [p.field for p in problems] == ["worst_case.exact_match.attack"]
 
 
 def test_entries_under_the_floor_are_listed_separately(tmp_path):

@@ -255,7 +255,7 @@ def test_directory_is_not_a_file(tokenizer, tmp_path):
 
 
 def test_unknown_dataset_name(tokenizer):
-    with pytest.raises(DatasetError, match=r"unknown dataset 'openwebtext': expected c4, wikipedia, or a path"):
+    with pytest.raises(DatasetError, match=r"unknown dataset 'openwebtext': expected c4, wikipedia, random, or a path"):
         load("openwebtext", tokenizer)
 
 

@@ -53,7 +53,8 @@ CHILD = textwrap.dedent("""
     if hook == "kill-in-capture":  # config.json written, the forward pass under way
         runner.WhiteBox.capture = lambda self, ids: die()
     elif hook == "kill-mid-write":  # the second record half written to disk, then killed
-        append, calls = runner.append_records, []
+        from invbench import folder
+        append, calls = folder.append_records, []
 
         def torn_append(path, records):
             calls.append(path)
@@ -66,7 +67,7 @@ CHILD = textwrap.dedent("""
                 die()
             append(path, records)
 
-        runner.append_records = torn_append
+        folder.append_records = torn_append
     elif hook == "slow":  # each batch's attack takes at least a second: time for the test to strike
         cls = available_attacks()["continuous"]
         attack_run = cls.run
@@ -333,7 +334,8 @@ def test_lock_file_naming_a_live_unrelated_process_does_not_block(tmp_path):
     lock blocks."""
     tmp_path.joinpath(LOCK_NAME).write_text(str(os.getppid()))
     with RunLock(tmp_path):
-        pass
+        assert tmp_path.joinpath(LOCK_NAME).read_text() == str(os.getpid())  # taken over, now ours
+    assert not tmp_path.joinpath(LOCK_NAME).exists()
 
 
 def test_lock_held_by_a_killed_process_is_released(tmp_path):

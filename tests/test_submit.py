@@ -32,7 +32,8 @@ def test_identical_rerun_passes_every_check():
 
 def test_a_difference_beyond_the_tolerance_fails_and_names_the_metric():
     entry = make_entry("Tampered", em=0.5)
-    rerun = fake_summary(em={"continuous": 0.5, "projection": 0.5, "scan": 0.5 + FULL_PRIVACY_TOL + 0.01}, top1=0.9)
+    rerun = fake_summary(em={"guided": 0.5, "continuous": 0.5, "projection": 0.5, "scan": 0.5 + FULL_PRIVACY_TOL + 0.01},
+                         top1=0.9)
     checks = by_metric(compare(entry, rerun, subset=None))
     assert checks["attacks.scan.exact_match"].ok is False
     assert checks["worst_case.exact_match"].ok is False
@@ -49,16 +50,16 @@ def test_within_tolerance_passes():
 def test_utility_kl_is_relative_and_full_runs_only():
     entry = make_entry("KL", em=0.5)
     rerun = fake_summary(em={a: 0.5 for a in entry["attacks"]}, top1=0.9)
-    rerun["utility"]["kl_clean_defended"] = 0.1 * 1.01  # 1% off: beyond 1e-3 relative
+    rerun.utility["kl_clean_defended"] = 0.1 * 1.01  # 1% off: beyond 1e-3 relative
     assert by_metric(compare(entry, rerun, subset=None))["utility.kl_clean_defended"].ok is False
-    subset_check = by_metric(compare(entry, {**rerun, "n": 2}, subset=2))["utility.kl_clean_defended"]
+    subset_check = by_metric(compare(entry, dataclasses.replace(rerun, n=2), subset=2))["utility.kl_clean_defended"]
     assert subset_check.ok is None and "subset" in subset_check.note
 
 
 def test_subset_tolerance_widens_with_sampling_error_and_skips_the_hash():
     entry = make_entry("Subset", em=0.5)
     rerun = fake_summary(em={a: 1.0 for a in entry["attacks"]}, top1=0.9)
-    rerun["n"], rerun["config_hash"] = 2, "fedcba9876543210"
+    rerun.n, rerun.config_hash = 2, "fedcba9876543210"
     checks = by_metric(compare(entry, rerun, subset=2))
     margin = sampling_margin(0.5, subset=2, n=4)
     assert checks["attacks.scan.exact_match"].tolerance == pytest.approx(FULL_PRIVACY_TOL + margin)
@@ -84,7 +85,7 @@ def test_auroc_defined_in_one_run_only_is_shown_not_failed():
 def test_a_different_config_hash_fails_a_full_verification():
     entry = make_entry("Hash", em=0.5)
     rerun = fake_summary(em={a: 0.5 for a in entry["attacks"]}, top1=0.9)
-    rerun["config_hash"] = "fedcba9876543210"
+    rerun.config_hash = "fedcba9876543210"
     assert by_metric(compare(entry, rerun, subset=None))["config_hash"].ok is False
 
 
@@ -101,8 +102,8 @@ def small_quick(monkeypatch):
     seconds rather than minutes: the machinery is the same for the full protocol."""
     small = dataclasses.replace(PROTOCOLS["quick"], attacks=("continuous",), n=2, tokens=2,
                                 attack_options={"steps": 30})
-    monkeypatch.setitem(PROTOCOLS, "quick", small)
-    return small
+    with PROTOCOLS.override("quick", small):
+        yield small
 
 
 def submit_args(tmp_path, *extra):

@@ -31,10 +31,11 @@ def swept(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("sweep")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setitem(PROTOCOLS, "quick", CHEAP)
-        result = CliRunner().invoke(cli, ["sweep", "--defense", "gaussian", "--param", "sigma=0,1.5,3",
-                                          "--protocol", "quick", "--device", "cpu", "--runs-dir", str(root / "runs"),
-                                          "--board-dir", str(root / "boards")], catch_exceptions=False)
+        with PROTOCOLS.override("quick", CHEAP):
+            result = CliRunner().invoke(cli, ["sweep", "--defense", "gaussian", "--param", "sigma=0,1.5,3",
+                                              "--protocol", "quick", "--device", "cpu", "--runs-dir",
+                                              str(root / "runs"), "--board-dir", str(root / "boards")],
+                                        catch_exceptions=False)
     assert result.exit_code == 0, result.output
     curve_files = list((root / "boards" / "quick" / "curves").glob("*.json"))
     assert len(curve_files) == 1
