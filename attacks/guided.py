@@ -23,15 +23,20 @@ cheap ranker already knew. Per position t, with the prefix x1..x(t-1) committed:
      sigma^2 chi2_d quantile / d). Several wrong tokens can pass once noise is large, so after
      the first pass verification goes on to `lookahead` times that many candidates (at least
      `min_noisy_candidates`) and the best verified candidate is committed;
-   - no candidate passes: verification goes on through the whole vocabulary and commits the
-     best, which is what `scan` commits. guided is never less exact than scan, only slower on
-     hard positions.
+   - no candidate passes: verification goes on through the whole vocabulary (or `max_candidates`,
+     a stated budget) and commits the best, which is what `scan` commits. guided is never less
+     exact than scan, only slower on hard positions;
+   - a prompt whose position found no passing candidate almost surely has a wrong prefix (an
+     earlier commit was wrong, so no token reproduces the target): its later positions verify at
+     most `after_failure` candidates until one passes again. Exact match is lost either way, as
+     it is for scan; this only stops a failed prompt from costing a full scan at every position.
 4. Scoring of the candidates: `ml` commits the nearest simulated state (maximum likelihood under
    Gaussian noise, as `scan`); `map` (noisy defences only) the highest Gaussian log-likelihood
    plus log prior, -d MSE / (2 sigma^2) + log p(x_t | prefix), which wins once noise is large.
 
 Recorded per position: `candidates` (exact forward passes; 0 at a codebook lookup) and `ended`
-(certified, exhausted: the whole vocabulary verified, or codebook).
+(certified; exhausted: the whole vocabulary verified without a pass; budget: stopped at
+`max_candidates` or `after_failure` without a pass; codebook).
 """
 from __future__ import annotations
 
@@ -50,8 +55,8 @@ from .base import (CHUNK_SIZE_HELP, Attack, AttackError, AttackOutput, Candidate
 from .ranker import Ranker, load_ranker
 from .registry import register_attack
 
-ENDINGS = ("certified", "exhausted", "codebook")
-CERTIFIED, EXHAUSTED, CODEBOOK = range(3)
+ENDINGS = ("certified", "exhausted", "codebook", "budget")
+CERTIFIED, EXHAUSTED, CODEBOOK, BUDGET = range(4)
 SCORINGS = ("ml", "map")
 TOLERANCE_NOTE = "measured in bench/GUIDED.md"
 
@@ -86,6 +91,9 @@ class GuidedConfig:
     scoring: str = option("ml", "ml: nearest simulated state; map: Gaussian log-likelihood plus log prior "
                           "(noisy defences).", choices=SCORINGS)
     chunk_size: int = option(4096, CHUNK_SIZE_HELP, min=1)
+    max_candidates: int = option(0, "candidates verified per position at most when none passes (0: the whole "
+                                 "vocabulary, exact like scan).", min=0)
+    after_failure: int = 64  # candidates per position once a prompt's position found none that passes
     first_round: int = 8  # candidates verified per prompt in the first two rounds; then doubling
     # Noise-free certified stop (MSE). The true token's MSE through the KV-cached path is ~1e-12 in
     # float32 and the nearest wrong token's >= 1e-4 on SmolLM2 and GPT-2-shaped models.
@@ -101,8 +109,10 @@ class GuidedConfig:
         if not isinstance(self.ranker, str) or not (self.ranker in ("auto", "prior") or Path(self.ranker).is_file()):
             raise AttackError(f"guided: --ranker {self.ranker!r} is not a file; use auto, prior or a ranker "
                               ".safetensors file")
-        if self.chunk_size < 1 or self.first_round < 1 or self.min_noisy_candidates < 1:
-            raise AttackError("guided: --chunk-size, first_round and min_noisy_candidates must be >= 1")
+        if self.chunk_size < 1 or self.first_round < 1 or self.min_noisy_candidates < 1 or self.after_failure < 1:
+            raise AttackError("guided: --chunk-size, first_round, min_noisy_candidates and after_failure must be >= 1")
+        if self.max_candidates < 0:
+            raise AttackError(f"guided: --max-candidates must be >= 0 (0: the whole vocabulary), got {self.max_candidates}")
         if not (0 < self.miss_probability < 1 and self.tolerance >= 0 and self.lookahead >= 1):
             raise AttackError("guided: miss_probability in (0, 1), tolerance >= 0 and lookahead >= 1 are required")
 
@@ -116,6 +126,7 @@ class GuidedState:
     threshold: float
     noise_std: float
     map: bool  # MAP scoring (noisy defences with scoring=map)
+    failed: torch.Tensor  # (B,) prompts whose last verified position found no passing candidate
 
 
 @register_attack
@@ -143,7 +154,8 @@ class GuidedAttack(Attack):
         threshold = acceptance_threshold(noise_std=noise, dim=oracle.embedding.shape[1],
                                          miss_probability=cfg.miss_probability, tolerance=cfg.tolerance)
         simulated = defense.simulate(codebook) if codebook is not None else None
-        return GuidedState(ranker, simulated, threshold, noise, map=cfg.scoring == "map" and noise > 0)
+        return GuidedState(ranker, simulated, threshold, noise, map=cfg.scoring == "map" and noise > 0,
+                           failed=torch.zeros(len(targets), dtype=torch.bool, device=oracle.device))
 
     def propose(self, oracle, prefix, goal: torch.Tensor, *, defense, position: int, owner: torch.Tensor,
                 state: GuidedState) -> Candidates:
@@ -155,7 +167,12 @@ class GuidedAttack(Attack):
         else:
             learned = state.ranker.log_probs(goal, state.noise_std)
             order = interleaved_order([learned + prior, learned])
-        return self._verify(oracle, prefix, goal, order, prior, defense, state)
+        vocab = order.shape[1]
+        budget = torch.full((len(goal),), self.config.max_candidates or vocab, device=goal.device)
+        budget = torch.where(state.failed[owner], min(self.config.after_failure, vocab), budget.clamp(max=vocab))
+        found = self._verify(oracle, prefix, goal, order, prior, defense, state, budget=budget)
+        state.failed[owner] = found.extras["ended"] != CERTIFIED  # guided keeps no beams: rows are prompts
+        return found
 
     def _lookup(self, oracle, goal: torch.Tensor, state: GuidedState) -> Candidates:
         """Position 1: nearest codebook entry (exact over the whole vocabulary, no forward pass)."""
@@ -177,8 +194,9 @@ class GuidedAttack(Attack):
         return dim * dist / (2 * state.noise_std ** 2) - log_prior
 
     def _verify(self, oracle, prefix, goal: torch.Tensor, order: torch.Tensor, prior: torch.Tensor, defense,
-                state: GuidedState) -> Candidates:
-        """Verify candidates in `order` (R, V), all rows in lockstep rounds, until each row stops."""
+                state: GuidedState, *, budget: torch.Tensor) -> Candidates:
+        """Verify candidates in `order` (R, V), all rows in lockstep rounds, until each row stops
+        (a pass, or its `budget` (R,) of candidates spent)."""
         cfg = self.config
         rows, vocab, dim = order.shape[0], order.shape[1], goal.shape[-1]
         device = goal.device
@@ -191,7 +209,7 @@ class GuidedAttack(Attack):
         active = torch.arange(rows, device=device)
         done_so_far, size = 0, cfg.first_round
         while len(active):
-            columns = slice(done_so_far, min(vocab, done_so_far + size))
+            columns = slice(done_so_far, min(vocab, done_so_far + size, int(budget[active].min())))
             ids = order[active, columns]
             goal_a = goal[active]
             losses = oracle.hidden_of_tokens(prefix.select(active), ids, chunk_size=cfg.chunk_size,
@@ -209,7 +227,9 @@ class GuidedAttack(Attack):
             newly = passes.any(dim=1) & (first_pass[active] == 0)
             first_pass[active[newly]] = columns.start + passes[newly].int().argmax(dim=1) + 1
             stop = self._stop(first_pass[active], done_so_far, noisy=state.noise_std > 0)
-            finished = stop | (done_so_far >= vocab)
+            spent = done_so_far >= budget[active]
+            finished = stop | spent
+            ended[active[spent & (budget[active] < vocab)]] = float(BUDGET)
             ended[active[finished & (first_pass[active] > 0)]] = float(CERTIFIED)
             active = active[~finished]
             size = cfg.first_round if done_so_far < 2 * cfg.first_round else done_so_far

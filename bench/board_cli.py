@@ -142,7 +142,8 @@ def leaderboard(protocol: str | None, utility_floor: float, strict: bool, board_
 @click.command()
 def protocols() -> None:
     """List the protocols an entry can be submitted to."""
+    width = max(len(name) for name in PROTOCOLS) + 1
     for p in PROTOCOLS.values():
-        click.echo(f"{p.name:<18} {p.model} | {p.dataset} | {p.n} prompts x {p.tokens} tokens | seed {p.seed} | "
+        click.echo(f"{p.name:<{width}} {p.model} | {p.dataset} | {p.n} prompts x {p.tokens} tokens | seed {p.seed} | "
                    f"attacks {', '.join(p.attacks)} ({p.preset})")
-        click.echo(f"{'':<18} {p.description}")
+        click.echo(f"{'':<{width}} {p.description}")

@@ -385,3 +385,18 @@ def compare(defense: str, protocol_dir: Path, path: Path, *, warn: Callable[[str
     plot_curves(curves, path, labels=labels, faded=set(range(len(curves) - 1)),
                 title=f"{defense}: latest curve against earlier ones, protocol {Path(protocol_dir).name}")
     return curves
+
+
+def compare_protocols(defense: str, protocol_dirs: list[Path], path: Path, *,
+                      warn: Callable[[str], None] = print) -> list[Curve]:
+    """Plot a defence's latest curve under each protocol on one figure (e.g. C4 text against
+    random-token secrets); returns the curves plotted, in the protocols' order."""
+    shown = []
+    for protocol_dir in protocol_dirs:
+        latest = latest_curves(load_curves(protocol_dir, warn=warn))
+        if defense not in latest:
+            raise CurveError(f"no curve of defence {defense!r} under {curves_dir(protocol_dir)}")
+        shown.append(latest[defense])
+    plot_curves(shown, path, labels=[f"{c.defense} ({c.protocol})" for c in shown],
+                title=f"{defense}: latest curve under {', '.join(c.protocol for c in shown)}")
+    return shown

@@ -60,14 +60,14 @@ class Cell:
 
 
 def cells(*, c4: int, random: int, scan_prompts: int, sigmas: tuple[float, ...]) -> list[Cell]:
+    """Every guided run first (minutes), then the scans (hours on a CPU)."""
     out = []
-    for sigma in sigmas:
-        for dataset, n in (("c4", c4), ("random", random)):
+    for dataset, n in (("c4", c4), ("random", random)):
+        for sigma in sigmas:
             out.append(Cell(dataset, n, sigma, "guided"))
             if sigma:
                 out.append(Cell(dataset, n, sigma, "guided", "map"))
-        out.append(Cell("c4", scan_prompts, sigma, "scan"))
-    return out
+    return out + [Cell("c4", scan_prompts, sigma, "scan") for sigma in sigmas]
 
 
 def records(cfg: RunConfig, attack: str) -> list[dict]:

@@ -24,7 +24,7 @@ import torch
 from invbench.attacks import available_attacks, make_attack
 from invbench.defenses import make_defense
 from invbench.leaks.models import load_model
-from invbench.leaks.oracle import WhiteBox
+from invbench.leaks.oracle import WhiteBox, document_start_token
 from invbench.leaks.prompts import load_prompts
 
 from .config import device_name
@@ -68,18 +68,6 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux: process peak
 
 
-def flops_per_token(attack: str, out, *, params: int, vocab: int, candidates: int) -> float:
-    """Matmul FLOPs the attack did per token: 2 * params per sequence forward, 3x that with the
-    backward pass (the prefix is cached and not counted)."""
-    forward = 2 * params
-    steps = float(out.extras["steps"].mean()) if "steps" in out.extras else 0.0
-    if attack == "continuous":
-        return steps * 3 * forward + candidates * forward
-    if attack == "projection":
-        return steps * 4 * forward  # one forward/backward of the proxy, one discrete check
-    return vocab * forward  # scan: every vocabulary entry once per position
-
-
 def measure(attack_name: str, options: dict, oracle: WhiteBox, targets: torch.Tensor, ids: torch.Tensor, *,
             device: torch.device, params: int, preset: str) -> Row:
     attack = make_attack(attack_name, preset=preset, overrides=options)
@@ -92,11 +80,9 @@ def measure(attack_name: str, options: dict, oracle: WhiteBox, targets: torch.Te
     synchronize(device)
     wall = time.perf_counter() - start
     n_tokens = ids.numel()
-    candidates = attack.config_dict().get("candidates", 0)
     return Row(attack_name, "reference" if options.get("reference") else "batched", len(ids), wall / n_tokens,
                n_tokens / wall, peak_memory_gib(device), float((out.tokens == ids).all(dim=1).float().mean()),
-               flops_per_token(attack_name, out, params=params, vocab=oracle.vocab_size,
-                               candidates=min(candidates, oracle.vocab_size)) / 1e9)
+               attack.flops_per_token(out, params=params, vocab=oracle.vocab_size) / 1e9)
 
 
 def format_table(rows: list[Row], *, header: str) -> str:
@@ -117,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--batch-sizes", default="1,32,256")
     parser.add_argument("--reference-prompts", type=int, default=2)
-    parser.add_argument("--attacks", default="continuous,projection,scan")
+    parser.add_argument("--attacks", default="guided,continuous,projection,scan")
     parser.add_argument("--preset", default="baseline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="Markdown file to write the table to (e.g. bench/PERF.md).")
@@ -126,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     loaded = load_model(args.model, seed=0)
-    oracle = WhiteBox(loaded.model.to(device))
+    oracle = WhiteBox(loaded.model.to(device), tokenizer=loaded.tokenizer, name=loaded.name,
+                      start_token=document_start_token(loaded.tokenizer))
     prompts, source = load_prompts("c4", tokenizer=loaded.tokenizer, n=max(sizes + [args.reference_prompts]),
                                    tokens=args.tokens, seed=0, notify=lambda line: None)
     all_ids = torch.tensor([p.ids for p in prompts])

@@ -69,20 +69,28 @@ def sweep(**opts: Any) -> None:
 @click.command()
 @click.option("--defense", "defenses", multiple=True,
               help="Defence to plot (repeatable; default: every defence with a curve under the protocol).")
-@click.option("--protocol", default="quick", show_default=True)
+@click.option("--protocol", "protocols", multiple=True, default=("quick",), show_default=True,
+              help="Protocol (repeatable with --compare: one defence's latest curve under each).")
 @click.option("--compare", is_flag=True, help="Plot one defence's latest curve against its earlier ones.")
 @click.option("--board-dir", default="leaderboards", show_default=True)
 @click.option("--out", required=True, help="PNG file to write.")
 def curve(**opts: Any) -> None:
-    """Plot stored curves: the latest of each defence on one figure, or --compare one defence's history."""
-    from .curves import CurveError, compare, latest_curves, load_curves, plot_curves
+    """Plot stored curves: the latest of each defence on one figure, or --compare one defence's history
+    (or, with several --protocol, its latest curve under each)."""
+    from .curves import CurveError, compare, compare_protocols, latest_curves, load_curves, plot_curves
 
-    protocol_dir = Path(opts["board_dir"]) / opts["protocol"]
+    protocol_dirs = [Path(opts["board_dir"]) / p for p in opts["protocols"]]
+    protocol_dir = protocol_dirs[0]
     if opts["compare"]:
         if len(opts["defenses"]) != 1:
             raise CurveError("--compare needs exactly one --defense")
-        shown = compare(opts["defenses"][0], protocol_dir, Path(opts["out"]), warn=_echo_err)
+        if len(protocol_dirs) > 1:
+            shown = compare_protocols(opts["defenses"][0], protocol_dirs, Path(opts["out"]), warn=_echo_err)
+        else:
+            shown = compare(opts["defenses"][0], protocol_dir, Path(opts["out"]), warn=_echo_err)
     else:
+        if len(protocol_dirs) > 1:
+            raise CurveError("several --protocol only go with --compare")
         latest = latest_curves(load_curves(protocol_dir, warn=_echo_err))
         wanted = list(opts["defenses"]) or sorted(latest)
         missing = [d for d in wanted if d not in latest]

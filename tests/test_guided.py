@@ -13,7 +13,7 @@ from scipy.stats import chi2
 
 from helpers import invoke
 from invbench.attacks import make_attack
-from invbench.attacks.guided import (CERTIFIED, CODEBOOK, EXHAUSTED, GuidedAttack, acceptance_threshold,
+from invbench.attacks.guided import (BUDGET, CERTIFIED, CODEBOOK, EXHAUSTED, GuidedAttack, acceptance_threshold,
                                      interleaved_order)
 from invbench.attacks.ranker import Recipe, fit_ranker, load_ranker, read_ranker
 from invbench.defenses import make_defense
@@ -220,3 +220,33 @@ def test_certified_stop_passes_the_true_token_and_rejects_the_nearest_wrong_on_s
     distances[ids[0, t]] = math.inf
     assert true < tolerance < distances.min().item()
     assert mse(oracle.hidden_of_tokens(oracle.prefix(ids[:, :t]), ids[:, t:t + 1])[0, 0], targets[0, t]) < tolerance
+
+
+def test_a_failed_prefix_costs_at_most_after_failure_per_position(small, cache):
+    """A wrong first token (forced by a target of another prompt at position 1) leaves no later
+    token that passes: the first such position verifies everything, the next ones `after_failure`."""
+    oracle, ids = small
+    targets = oracle.capture(ids[:1]).clone()
+    targets[0, 0] = oracle.capture(ids[1:2])[0, 0]  # position 1 decodes to prompt 1's first token
+    out = run(make_attack("guided", overrides={"ranker": "prior", "after_failure": 16}), oracle, targets)
+    assert out.tokens[0, 0] == ids[1, 0]
+    assert out.extras["candidates"][0, 1] == oracle.vocab_size and out.extras["ended"][0, 1] == EXHAUSTED
+    assert (out.extras["candidates"][0, 2:] == 16).all()
+    assert (out.extras["ended"][0, 2:] == BUDGET).all()
+
+
+def test_max_candidates_budget_is_stated_in_the_endings(small, cache, monkeypatch):
+    oracle, ids = small
+    truth = ids[0]
+    real_prior = oracle.log_prior
+
+    def worst_prior(prefix):
+        scores = real_prior(prefix).clone()
+        scores[:, truth[prefix.length]] = -1e9
+        return scores
+
+    monkeypatch.setattr(oracle, "log_prior", worst_prior)
+    out = run(make_attack("guided", overrides={"ranker": "prior", "max_candidates": 100}), oracle,
+              oracle.capture(ids[:1]))
+    assert out.extras["candidates"][0, 1] == 100 and out.extras["ended"][0, 1] == BUDGET
+    assert out.tokens[0, 1] != truth[1]
