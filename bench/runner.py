@@ -193,7 +193,7 @@ def score(source: Source, leak: Leak, attacks: list[Attack], defense: Defense, r
     head = {"model": source.loaded.name, "model_source": source.loaded.source, "dataset": cfg.dataset,
             "dataset_source": source.dataset_source, "n": len(prompts), "tokens": cfg.tokens, "layer": cfg.layer,
             "seed": cfg.seed, "defense": {**defense.describe(), **defense.guarantee(tokens=cfg.tokens)},
-            "utility": defence_utility(source.loaded, leak, layer=cfg.layer), "config_hash": chash,
+            "utility": defense_utility(source.loaded, leak, layer=cfg.layer), "config_hash": chash,
             "device": device_name(device), "versions": package_versions(),
             "wall_seconds": time.perf_counter() - started}
     codebook = Codebook(oracle, notify=lambda line: None)
@@ -205,7 +205,7 @@ def score(source: Source, leak: Leak, attacks: list[Attack], defense: Defense, r
                                  dim=leak.clean.shape[-1], blind_token_accuracy=blind, first_gaps=first)
 
 
-def defence_utility(loaded: LoadedModel, leak: Leak, *, layer: int) -> dict[str, Any]:
+def defense_utility(loaded: LoadedModel, leak: Leak, *, layer: int) -> dict[str, Any]:
     """What the defence costs the model, from the clean and defended states of the same prompts:
     through the model's own LM head at the last layer, cosine only elsewhere."""
     n_layers = loaded.model.config.num_hidden_layers
@@ -278,4 +278,4 @@ def utility_only(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict
         "model": source.loaded.name, "dataset": cfg.dataset, "dataset_source": source.dataset_source,
         "n": len(source.prompts), "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
         "defense": {**defense.describe(), **defense.guarantee(tokens=cfg.tokens)},
-        "utility": defence_utility(source.loaded, leak, layer=cfg.layer), "versions": package_versions()})
+        "utility": defense_utility(source.loaded, leak, layer=cfg.layer), "versions": package_versions()})

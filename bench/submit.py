@@ -325,7 +325,7 @@ def verify(entry_path: Path, *, subset: int | None = None, device: str = "auto",
     if subset is not None and not 1 <= subset <= n:
         raise SubmitError(f"--subset must be between 1 and the entry's {n} prompts, got {subset}")
     subset = None if subset == n else subset
-    spec = _defence_spec(entry["defense"], defense)
+    spec = _defense_spec(entry["defense"], defense)
     described = make_defense(spec, entry["defense"]["params"]).describe()
     expected = {"name": entry["defense"]["name"], "params": entry["defense"]["params"]}
     if described != expected:
@@ -340,7 +340,7 @@ def verify(entry_path: Path, *, subset: int | None = None, device: str = "auto",
                         commits=(entry.get("git_commit"), run_commit(run_dir)))
 
 
-def _defence_spec(recorded: dict[str, Any], override: str | None) -> str:
+def _defense_spec(recorded: dict[str, Any], override: str | None) -> str:
     """What to load the entry's defence from: the override, else its registered name. A plug-in
     file cannot be found from its base name, so it has to be passed."""
     if override:

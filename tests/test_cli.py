@@ -72,3 +72,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
     assert code == 2
     assert message in err
     assert "Traceback" not in err
+
+
+def test_attacks_lists_every_attack_with_its_presets_and_options(capsys):
+    code, out, _ = invoke(["attacks"], capsys)
+    assert code == 0
+    for name in ("guided", "continuous", "projection", "scan"):
+        assert any(line.startswith(name) for line in out.splitlines()), name
+    assert "guided: ranked verification with a certified stop" in out
+    assert "--ranker" in out and "--scoring" in out and "--max-candidates" in out

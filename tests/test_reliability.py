@@ -559,7 +559,7 @@ def test_plugin_that_writes_into_its_input_cannot_touch_the_clean_states(tmp_pat
     assert utility["cosine"] < 0.99 and utility["kl_clean_defended"] > 0  # clean != defended
 
 
-def test_non_finite_captured_states_are_refused_before_the_defence(tmp_path, capsys, monkeypatch):
+def test_non_finite_captured_states_are_refused_before_the_defense(tmp_path, capsys, monkeypatch):
     real_capture = runner.WhiteBox.capture
 
     def overflowing(self, ids):

@@ -84,7 +84,7 @@ def test_registry_refuses_a_second_object_under_a_taken_name_and_lists_names_whe
     assert issubclass(RegistryError, InvbenchError)
 
 
-def test_a_plugin_cannot_replace_a_built_in_defence():
+def test_a_plugin_cannot_replace_a_built_in_defense():
     """Before: register_defense overwrote silently, so an entry-point module that registered
     "gaussian" replaced the built-in, contrary to defenses/README.md."""
     from invbench.defenses import Defense, DefenseError, available_defenses, register_defense
@@ -127,7 +127,7 @@ def test_device_is_declared_once(command, capsys):
     assert "Where the model runs (auto: a CUDA GPU if there is one)." in " ".join(out.split())
 
 
-def test_defences_readme_example_is_the_plugin_as_shipped():
+def test_defenses_readme_example_is_the_plugin_as_shipped():
     source = (REPO / "defenses" / "topk.py").read_text(encoding="utf-8")
     readme = (REPO / "defenses" / "README.md").read_text(encoding="utf-8")
     body = source[source.index("\n@register_defense\n") + 1:].rstrip()

@@ -174,7 +174,7 @@ def test_unknown_protocol_is_a_usage_error(tmp_path, capsys):
     assert code == 2 and "unknown protocol" in err
 
 
-def test_an_entry_id_taken_by_another_defence_is_refused(tmp_path, capsys, small_quick):
+def test_an_entry_id_taken_by_another_defense_is_refused(tmp_path, capsys, small_quick):
     other = make_entry("Top-k 32", em=0.5, defense="gaussian")
     other["protocol"] = json.loads(json.dumps(small_quick.to_dict()))
     target = tmp_path / "leaderboards" / "quick" / "top-k-32.json"

@@ -80,7 +80,7 @@ def test_rerun_resumes_without_attack_work(swept, monkeypatch):
     assert again.digest == first.digest  # same runs, same curve id
 
 
-def test_curve_command_plots_several_defences_and_compares_history(swept, tmp_path):
+def test_curve_command_plots_several_defenses_and_compares_history(swept, tmp_path):
     boards = tmp_path / "boards"
     curves_dir = boards / "quick" / "curves"
     curves_dir.mkdir(parents=True)
@@ -105,6 +105,32 @@ def test_curve_command_plots_several_defences_and_compares_history(swept, tmp_pa
     assert result.exit_code == 0, result.output
     assert (tmp_path / "history.png").stat().st_size > 20_000
     assert result.stdout.index("2026-01-01") < result.stdout.index(data["created"])  # oldest first
+
+
+def test_curve_compare_across_protocols_and_the_noise_panel(swept, tmp_path):
+    """One defence's latest curve under two protocols; noisy curves get the sigma panel with the
+    certified radius, inconclusive points drawn hollow."""
+    boards = tmp_path / "boards"
+    data = json.loads(swept["curve_file"].read_text())
+    assert [p["noise_std"] for p in data["points"]] == SIGMAS
+    assert all(p["verdict"] in ("leaks", "protected", "inconclusive") for p in data["points"])
+    other = {**data, "protocol": "other"}
+    other["points"] = [{**p, "verdict": "inconclusive", "sigma_certified": 0.5, "radius_scope": "position 1"}
+                       for p in data["points"]]
+    for protocol, content in (("quick", data), ("other", other)):
+        (boards / protocol / "curves").mkdir(parents=True)
+        (boards / protocol / "curves" / "gaussian.json").write_text(json.dumps(content))
+    result = CliRunner().invoke(cli, ["curve", "--defense", "gaussian", "--compare", "--protocol", "quick",
+                                      "--protocol", "other", "--board-dir", str(boards),
+                                      "--out", str(tmp_path / "both.png")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    png = (tmp_path / "both.png").read_bytes()
+    width, _ = struct.unpack(">II", png[16:24])
+    assert width >= 1800  # three panels: top-1, KL and sigma
+    assert result.stdout.count("points") == 2 and "other/curves/gaussian.json" in result.stdout
+    result = CliRunner().invoke(cli, ["curve", "--protocol", "quick", "--protocol", "other", "--board-dir",
+                                      str(boards), "--out", str(tmp_path / "x.png")])
+    assert result.exit_code != 0 and "only go with --compare" in str(result.exception)
 
 
 def _mangled(data, path, value):

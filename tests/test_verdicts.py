@@ -65,7 +65,7 @@ def test_heavy_dp_noise_is_protected_with_no_search_failure_for_scan(tmp_path, c
     assert summary["verdict"]["verdict"] == "protected" and "verdict: PROTECTED" in out
 
 
-def test_no_defence_with_scan_leaks_and_measures_the_whole_radius(tmp_path, capsys):
+def test_no_defense_with_scan_leaks_and_measures_the_whole_radius(tmp_path, capsys):
     code, out, err = invoke(TINY + ["--n", "2", "--attack", "scan,guided", "--ranker", "prior", "--out", tmp_path],
                             capsys)
     assert code == 0, err
