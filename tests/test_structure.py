@@ -191,6 +191,13 @@ def test_summary_schema_names_every_field_of_the_dataclasses():
     assert {f.name for f in fields(AttackSummary)} == set(committed["$defs"]["attack"]["properties"])
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "bench" / "schemas").glob("*.schema.json")), ids=lambda p: p.name)
+def test_committed_schemas_are_valid_json_schema(path):
+    from jsonschema import Draft202012Validator
+
+    Draft202012Validator.check_schema(json.loads(path.read_text(encoding="utf-8")))
+
+
 def test_a_version_0_summary_is_still_readable():
     from invbench.summary import RunSummary, SummaryError
 
