@@ -198,6 +198,19 @@ def test_committed_schemas_are_valid_json_schema(path):
     Draft202012Validator.check_schema(json.loads(path.read_text(encoding="utf-8")))
 
 
+def test_schema_files_and_the_code_agree_on_versions_and_fields():
+    from dataclasses import fields
+
+    from invbench.curves import FORMAT, CurvePoint
+    from invbench.entries import SCHEMA_VERSION
+    from invbench.schema_check import load_schema
+
+    assert load_schema("entry")["properties"]["schema_version"] == {"const": SCHEMA_VERSION}
+    curve = load_schema("curve")
+    assert curve["properties"]["format"]["const"] == FORMAT
+    assert {f.name for f in fields(CurvePoint)} == set(curve["$defs"]["point"]["properties"])
+
+
 def test_a_version_0_summary_is_still_readable():
     from invbench.summary import RunSummary, SummaryError
 
