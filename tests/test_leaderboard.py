@@ -343,6 +343,14 @@ def test_html_escapes_every_submitted_value_and_allows_only_its_own_script(tmp_p
     assert re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', page)
 
 
+def test_the_page_escapes_by_autoescape_alone():
+    """Entry text reaches the page only through the template's autoescaping: nothing is marked safe."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    for template in (bench / "templates").glob("*.j2"):
+        assert not re.search(r"\|\s*safe|autoescape\s+false", template.read_text()), template
+    assert "Markup" not in (bench / "leaderboard.py").read_text()
+
+
 def test_problem_messages_are_escaped_too(tmp_path):
     bad = make_entry("Bad")
     bad["attacks"]["scan"]["exact_match"] = "<b>x</b>"
