@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from .cli_options import DEVICE, defense_flags, defense_params
-from .entries import NAME, EntryError
+from .entries import NAME, EntryError, check_value
 from .leaderboard import DEFAULT_UTILITY_FLOOR
 from .protocols import PROTOCOLS, Protocol, ProtocolError, get_protocol
 from .submit import SubmitError
@@ -116,8 +116,8 @@ def leaderboard(protocol: str | None, utility_floor: float, strict: bool, board_
     from .leaderboard import protocol_dirs, render
 
     if protocol is not None:
-        if NAME(protocol):  # a folder name, never a path
-            raise BoardUsageError(f"--protocol {protocol!r}: {NAME(protocol)}")
+        if message := check_value(protocol, NAME):  # a folder name, never a path
+            raise BoardUsageError(f"--protocol {protocol!r}: {message}")
         folder = board_dir / protocol
         if protocol not in PROTOCOLS and not folder.is_dir():
             get_protocol(protocol)  # raises: unknown protocol, listing the known ones

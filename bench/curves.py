@@ -1,8 +1,8 @@
 """Privacy-utility curves: one point per grid point of a sweep, stored as JSON and plotted.
 
 A curve file lives at `leaderboards/<protocol>/curves/<defense>-<date>-<hash>.json`. It is read
-as data only (JSON, then validated field by field): a malformed file is reported by file and
-field in one line, never half-plotted.
+as data only (JSON, then checked against the committed JSON Schema `bench/schemas/curve.schema.json`):
+a malformed file is reported by file and field in one line, never half-plotted.
 """
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from jsonschema import Draft202012Validator
+
 from .errors import InvbenchError
 from .results import write_json_atomic
+from .schema_check import Failure, failures, finite_json, format_checker, load_schema
 
 FORMAT = "invbench-curve/1"
 
@@ -142,15 +146,15 @@ def load_curve(path: Path) -> Curve:
     """Read and validate one curve file; CurveError names the file and the bad field."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = finite_json(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise CurveError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise CurveError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    try:
-        return dataclasses.replace(_validated(data), source=str(path))
-    except _FieldError as exc:
-        raise CurveError(f"{path}: field {exc.field!r} {exc.problem}") from None
+    found = failures(_validator(), data)
+    if found:
+        raise CurveError(f"{path}: field {found[0].field!r} {_problem(found[0])}")
+    return _curve(data, source=str(path))
 
 
 def load_curves(protocol_dir: Path, *, warn: Callable[[str], None] = print) -> list[Curve]:
@@ -170,103 +174,27 @@ def latest_curves(curves: list[Curve]) -> dict[str, Curve]:
 
 
 # --- validation (data only: no code runs from a curve file) -----------------------------------
-class _FieldError(Exception):
-    def __init__(self, field_: str, problem: str) -> None:
-        super().__init__(field_, problem)
-        self.field, self.problem = field_, problem
+# `bench/schemas/curve.schema.json` defines the file; the first field that does not fit is reported.
+
+@lru_cache(maxsize=None)
+def _validator() -> Draft202012Validator:
+    return Draft202012Validator(load_schema("curve"), format_checker=format_checker())
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _problem(failure: Failure) -> str:
+    """A schema failure in words: "must be a number in [0, 1], got 1.5"."""
+    if failure.kind == "missing":
+        return "is missing"
+    return f"must be {failure.expected}, got {json.dumps(failure.value)[:40]}"
 
 
-def _get(data: dict, key: str, where: str, check: Callable[[Any], bool], expected: str, *, required: bool = True):
-    name = f"{where}{key}"
-    if key not in data:
-        if required:
-            raise _FieldError(name, "is missing")
-        return None
-    value = data[key]
-    if not check(value):
-        raise _FieldError(name, f"must be {expected}, got {json.dumps(value)[:40]}")
-    return value
-
-
-def _fraction(value: Any) -> bool:
-    return _is_number(value) and 0 <= value <= 1
-
-
-def _number_or_null(value: Any) -> bool:
-    return value is None or _is_number(value)
-
-
-def _str_or_null(value: Any) -> bool:
-    return value is None or isinstance(value, str)
-
-
-def _scalar(value: Any) -> bool:
-    return isinstance(value, (str, bool)) or _is_number(value)
-
-
-def _params(value: Any) -> bool:
-    return isinstance(value, dict) and all(_scalar(v) for v in value.values())
-
-
-POINT_FIELDS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
-    # field: (check, what it must be, required)
-    "params": (_params, "an object of numbers, strings or booleans", True),
-    "worst_case_exact_match": (_fraction, "a number in [0, 1]", True),
-    "worst_case_token_accuracy": (_fraction, "a number in [0, 1]", True),
-    "top1_agreement": (lambda v: v is None or _fraction(v), "a number in [0, 1] or null", True),
-    "kl_clean_defended": (_number_or_null, "a number or null", True),
-    "epsilon": (_number_or_null, "a number or null", True),
-    "worst_case_exact_match_attack": (_str_or_null, "a string or null", False),
-    "worst_case_token_accuracy_attack": (_str_or_null, "a string or null", False),
-    "epsilon_per_prompt": (_number_or_null, "a number or null", False),
-    "perplexity_ratio": (_number_or_null, "a number or null", False),
-    "cosine": (_number_or_null, "a number or null", False),
-    "config_hash": (_str_or_null, "a string or null", False),
-    "run_dir": (_str_or_null, "a string or null", False),
-    "verdict": (lambda v: v in (None, "leaks", "protected", "inconclusive"), "leaks, protected, inconclusive or null", False),
-    "noise_std": (_number_or_null, "a number or null", False),
-    "sigma_certified": (_number_or_null, "a number or null", False),
-    "radius_scope": (_str_or_null, "a string or null", False),
-}
-
-
-def _validated(data: Any) -> Curve:
-    if not isinstance(data, dict):
-        raise _FieldError("(top level)", "must be a JSON object")
-    _get(data, "format", "", lambda v: v == FORMAT, f"{FORMAT!r}")
-    points = _get(data, "points", "", lambda v: isinstance(v, list) and len(v) > 0, "a non-empty list")
-    parsed = []
-    for i, point in enumerate(points):
-        where = f"points[{i}]."
-        if not isinstance(point, dict):
-            raise _FieldError(f"points[{i}]", "must be an object")
-        values = {key: _get(point, key, where, check, expected, required=required)
-                  for key, (check, expected, required) in POINT_FIELDS.items()}
-        parsed.append(CurvePoint(**values))
-    is_dict = lambda v: isinstance(v, dict)  # noqa: E731
-    is_str = lambda v: isinstance(v, str) and v != ""  # noqa: E731
-    return Curve(
-        protocol=_get(data, "protocol", "", is_str, "a non-empty string"),
-        defense=_get(data, "defense", "", is_str, "a non-empty string"),
-        points=parsed,
-        grid=_get(data, "grid", "", is_dict, "an object", required=False) or {},
-        defense_spec=_get(data, "defense_spec", "", _str_or_null, "a string or null", required=False),
-        protocol_settings=_get(data, "protocol_settings", "", is_dict, "an object", required=False) or {},
-        versions=_get(data, "versions", "", is_dict, "an object"),
-        created=_get(data, "created", "", _iso_time, "an ISO date-time such as 2026-11-23T08:00:00+00:00"),
-    )
-
-
-def _iso_time(value: Any) -> bool:
-    try:
-        datetime.fromisoformat(value)
-        return True
-    except (TypeError, ValueError):
-        return False
+def _curve(data: dict[str, Any], *, source: str) -> Curve:
+    """A curve from data that fits the schema; keys the dataclasses do not know are left out."""
+    point_fields = {f.name for f in dataclasses.fields(CurvePoint)}
+    points = [CurvePoint(**{k: v for k, v in point.items() if k in point_fields}) for point in data["points"]]
+    return Curve(protocol=data["protocol"], defense=data["defense"], points=points, grid=data.get("grid") or {},
+                 defense_spec=data.get("defense_spec"), protocol_settings=data.get("protocol_settings") or {},
+                 versions=data["versions"], created=data["created"], source=source)
 
 
 # --- plots --------------------------------------------------------------------------------

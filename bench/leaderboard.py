@@ -5,21 +5,23 @@ entries whose top-1 agreement is at least the utility floor; ties go to the lowe
 accuracy, then the higher top-1 agreement. Entries under the floor are listed separately. The
 Pareto frontier of worst-case exact match (down) against top-1 agreement (up) is marked.
 
-Everything that came from a submission is escaped (HTML or Markdown) before it is written. The
-page's only script is fixed code that sorts rows by their `data-sort` attributes; it never reads
-entry data as code, and a Content-Security-Policy allows that one script (by hash) and nothing
-else, so even a missed escape could not run a script.
+Everything that came from a submission is escaped before it is written: by `escape_md` in the
+Markdown, by the autoescaping Jinja2 template `templates/board.html.j2` in the page. The page's
+only script is fixed code that sorts rows by their `data-sort` attributes; it never reads entry
+data as code, and a Content-Security-Policy allows that one script (by hash) and nothing else, so
+even a missed escape could not run a script.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from . import __version__
 from .entries import Entry, Problem, load_entries, registered_definition
@@ -254,61 +256,19 @@ def plot_png(board: Board) -> bytes:
 
 # --- HTML ---------------------------------------------------------------------------------------
 
-def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+@dataclass(frozen=True)
+class HtmlCell:
+    text: str
+    sort: str  # the data-sort attribute the page's script sorts by ("" for a missing value)
+    numeric: bool
+    url: str = ""  # a link on the text (the entry's, validated http(s))
 
 
-SORT_SCRIPT = """
-(function () {
-  "use strict";
-  function key(cell, numeric) {
-    var raw = cell.getAttribute("data-sort");
-    if (!numeric) { return raw; }
-    return raw === "" ? null : parseFloat(raw);
-  }
-  function sortTable(table, header, column) {
-    var numeric = header.getAttribute("data-type") === "number";
-    var ascending = header.getAttribute("aria-sort") !== "ascending";
-    var body = table.tBodies[0];
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = key(a.cells[column], numeric), y = key(b.cells[column], numeric);
-      if (x === null || y === null) { return (x === null) - (y === null); }  /* missing values last */
-      var order = numeric ? x - y : x.localeCompare(y);
-      return ascending ? order : -order;
-    });
-    rows.forEach(function (row) { body.appendChild(row); });
-    Array.prototype.forEach.call(header.parentNode.cells, function (th) { th.removeAttribute("aria-sort"); });
-    header.setAttribute("aria-sort", ascending ? "ascending" : "descending");
-  }
-  Array.prototype.forEach.call(document.querySelectorAll("table.board"), function (table) {
-    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (header, column) {
-      header.addEventListener("click", function () { sortTable(table, header, column); });
-      header.addEventListener("keydown", function (event) {
-        if (event.key === "Enter" || event.key === " ") { event.preventDefault(); sortTable(table, header, column); }
-      });
-    });
-  });
-})();
-"""
-
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
-table.board { border-collapse: collapse; font-size: 0.85rem; margin-bottom: 1.5rem; }
-table.board th, table.board td { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }
-table.board th { background: #f2f2f2; cursor: pointer; user-select: none; }
-table.board th[aria-sort="ascending"]::after { content: " \\25B2"; }
-table.board th[aria-sort="descending"]::after { content: " \\25BC"; }
-table.board td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.pareto td { background: #fff6e0; }
-img.plot { max-width: 100%; border: 1px solid #ddd; }
-div.scroll { overflow-x: auto; }
-.note { color: #555; max-width: 60rem; }
-"""
-
-
-def _csp_hash(source: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode("utf-8")).digest()).decode("ascii") + "'"
+@dataclass(frozen=True)
+class HtmlRow:
+    entry_id: str
+    pareto: bool
+    cells: list[HtmlCell]
 
 
 def _sort_attr(value: Any) -> str:
@@ -316,56 +276,33 @@ def _sort_attr(value: Any) -> str:
         return ""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return repr(float(value))
-    return esc(value)
+    return str(value)
 
 
-def _html_table(board: Board, rows: list[Row], table_id: str) -> str:
-    cols = columns(board)
-    head = "".join(f'<th scope="col" tabindex="0" data-type="{c.kind}">{esc(c.title)}</th>' for c in cols)
-    body = []
-    for row in rows:
-        tds = []
-        for col, (text, sort_value) in zip(cols, cells(row, board.attacks)):
-            content = esc(text)
-            if col.title == "Entry" and row.entry.data["url"]:
-                content = f'<a href="{esc(row.entry.data["url"])}" rel="nofollow noopener noreferrer">{content}</a>'
-            css = ' class="num"' if col.kind == "number" else ""
-            tds.append(f'<td{css} data-sort="{_sort_attr(sort_value)}">{content}</td>')
-        css = ' class="pareto"' if row.pareto else ""
-        body.append(f'<tr{css} data-entry-id="{esc(row.entry.entry_id)}">{"".join(tds)}</tr>')
-    return (f'<div class="scroll"><table class="board" id="{table_id}"><thead><tr>{head}</tr></thead>\n'
-            f'<tbody>\n{chr(10).join(body)}\n</tbody></table></div>')
+def html_row(board: Board, row: Row) -> HtmlRow:
+    """One table row as the template writes it: plain text, which the template escapes."""
+    url = row.entry.data["url"]  # validated: http(s), or empty for none
+    row_cells = [HtmlCell(text, _sort_attr(sort_value), col.kind == "number", url if col.title == "Entry" else "")
+                 for col, (text, sort_value) in zip(columns(board), cells(row, board.attacks))]
+    return HtmlRow(row.entry.entry_id, row.pareto, row_cells)
+
+
+def _sha256(text: str) -> str:
+    """base64 of the SHA-256 of `text`: how a Content-Security-Policy names an inline script or style."""
+    return base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
 
 
 def render_html(board: Board, png: bytes) -> str:
-    csp = (f"default-src 'none'; img-src data:; style-src {_csp_hash(STYLE)}; script-src {_csp_hash(SORT_SCRIPT)}; "
-           "base-uri 'none'; form-action 'none'")
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{csp}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>invbench leaderboard: {esc(board.protocol)}</title>", f"<style>{STYLE}</style></head><body>",
-        f"<h1>Leaderboard: {esc(board.protocol)}</h1>",
-        f'<p class="note">{esc(board.description)}</p>',
-        f'<p class="note" id="floor">{floor_text(board, esc)} Click a column header to sort.</p>',
-    ]
-    if board.ranked:
-        parts.append(_html_table(board, board.ranked, "ranked"))
-    else:
-        parts.append("<p>No entry at or above the utility floor yet.</p>")
-    if board.below:
-        parts.append(f"<h2>Below the utility floor (top-1 agreement under {board.floor:.2f})</h2>")
-        parts.append(_html_table(board, board.below, "below-floor"))
-    parts.append("<h2>Privacy against utility</h2>")
-    parts.append(f'<img class="plot" id="plot" alt="worst-case exact match against top-1 agreement" '
-                 f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">')
-    if board.problems:
-        parts.append("<h2>Skipped entries (malformed)</h2><ul>")
-        parts += [f"<li>{esc(problem_text(p))}</li>" for p in board.problems]
-        parts.append("</ul>")
-    parts.append(f'<p class="note">Rendered by invbench {esc(__version__)}; no server and no network needed.</p>')
-    parts.append(f"<script>{SORT_SCRIPT}</script></body></html>")
-    return "\n".join(parts) + "\n"
+    """The page from `templates/board.html.j2`, autoescaped: entry data is only ever text there."""
+    environment = Environment(loader=PackageLoader("invbench", "templates"), autoescape=True,
+                              undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                              keep_trailing_newline=True)
+    environment.filters["sha256"] = _sha256
+    return environment.get_template("board.html.j2").render(
+        board=board, columns=columns(board), ranked=[html_row(board, row) for row in board.ranked],
+        below=[html_row(board, row) for row in board.below], floor=floor_text(board, str),
+        problems=[problem_text(p) for p in board.problems], plot=base64.b64encode(png).decode("ascii"),
+        version=__version__)
 
 
 # --- writing ------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 from . import __version__
 from .errors import InvbenchError
-from .entries import (DEFENSE, NAME, PRIVACY_METRICS, SCHEMA_VERSION, TOP_LEVEL, EntryError, check_entry, read_entry,
-                      registered_definition, scalar, slugify, validate_entry_id)
+from .entries import (NAME, PRIVACY_METRICS, SCALAR, SCHEMA_VERSION, EntryError, check_entry, check_value, read_entry,
+                      registered_definition, slugify, validate_entry_id)
 from .protocols import Protocol, get_protocol
 from .folder import read_config
 from .results import write_json_atomic
@@ -110,11 +110,12 @@ def build_entry(summary: RunSummary, *, protocol: Protocol, entry_id: str, name:
 def _preflight(*, name: str, authors: str, url: str, described: dict[str, Any]) -> None:
     """Check what the submitter typed before spending a run on it (the whole entry is checked
     again before it is written)."""
-    checks = [("--name", TOP_LEVEL["name"], name), ("--authors", TOP_LEVEL["authors"], authors),
-              ("--url", TOP_LEVEL["url"], url), ("the defence's name", DEFENSE["name"], described["name"])]
-    checks += [(f"--param {key}", scalar, value) for key, value in described["params"].items()]
+    checks = [("--name", "#/properties/name", name), ("--authors", "#/properties/authors", authors),
+              ("--url", "#/properties/url", url),
+              ("the defence's name", "#/properties/defense/properties/name", described["name"])]
+    checks += [(f"--param {key}", SCALAR, value) for key, value in described["params"].items()]
     checks += [(f"--param {key}", NAME, key) for key in described["params"]]
-    problems = [f"{label}: {message}" for label, check, value in checks if (message := check(value))]
+    problems = [f"{label}: {message}" for label, part, value in checks if (message := check_value(value, part))]
     if problems:
         raise SubmitError("; ".join(problems))
 

@@ -13,13 +13,11 @@ summary with it) and reads every version:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
-from functools import lru_cache
-from importlib import resources
 from typing import Any
 
 from .errors import InvbenchError
+from .schema_check import load_schema
 
 SCHEMA_VERSION = 1
 READABLE_VERSIONS = (0, 1)
@@ -121,9 +119,8 @@ def _build(cls: type, data: dict[str, Any]):
     return cls(**{k: v for k, v in data.items() if k in _field_names(cls)})
 
 
-@lru_cache(maxsize=None)
 def schema() -> dict[str, Any]:
-    return json.loads((resources.files("invbench") / "schemas" / "summary.schema.json").read_text(encoding="utf-8"))
+    return load_schema("summary")
 
 
 def validate(data: Any) -> None:

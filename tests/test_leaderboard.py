@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from invbench.entries import EntryError, Problem, load_entries, read_entry, slugify, validate_entry_id
+from invbench.entries import (NAME, SCALAR, EntryError, Problem, check_value, load_entries, read_entry, slugify,
+                              validate_entry_id)
 from invbench.leaderboard import build_board, escape_md, pareto_frontier, render, render_markdown
 from invbench.protocols import get_protocol
 from invbench.metrics import worst_case
@@ -183,6 +184,51 @@ def test_read_entry_raises_with_every_problem(tmp_path):
     assert "; field attacks.scan.exact_match: expected a number in [0, 1], got 7" in str(info.value)
 
 
+# --- the committed schema file, on its own ------------------------------------------------------
+
+ENTRY_SCHEMA = Path(__file__).resolve().parents[1] / "bench" / "schemas" / "entry.schema.json"
+
+
+def test_a_real_entry_validates_with_plain_jsonschema():
+    """What a submitter can rely on: the committed file alone, no invbench code, checks an entry."""
+    import jsonschema
+
+    schema = json.loads(ENTRY_SCHEMA.read_text(encoding="utf-8"))
+    entry = json.loads(json.dumps(make_entry("Plain check", em=0.3)))  # as the file holds it
+    jsonschema.validate(entry, schema)
+    entry["attacks"]["scan"]["exact_match"] = 7
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(entry, schema)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("config_hash", "0123456789abcdef\n", "16 hex digits"),  # Python's re lets $ match before a final newline
+    ("git_commit", "abc1234\n", "a git commit"),
+    ("url", "https://example.org/\n", "an http(s) URL"),
+    ("defense.params", {"p\n": 1}, "bad name"),
+    ("name", "right\u202eleft", "without control characters"),  # a bidi override: category Cf, not a control
+])
+def test_no_field_takes_a_hidden_line_break_or_format_character(tmp_path, field, value, message):
+    bad = make_entry("Sneaky")
+    _set(bad, field, value)
+    _, problems = load_entries(write_entry(tmp_path, bad).parent)
+    assert any(message in p.message for p in problems), problems
+
+
+def test_numbers_must_be_finite(tmp_path):
+    path = write_entry(tmp_path, make_entry("Huge"))
+    path.write_text(path.read_text().replace('"seconds_per_token": 0.5', '"seconds_per_token": 1e999', 1))
+    _, problems = load_entries(path.parent)
+    assert [str(p) for p in problems] == [f"{path}: not valid JSON: 1e999 is not a finite number"]
+
+
+def test_one_value_is_checked_against_a_named_part_of_the_schema():
+    assert check_value("https://example.org", "#/properties/url") is None
+    assert check_value("ftp://x", "#/properties/url") == "expected an http(s) URL or an empty string"
+    assert check_value("../x", NAME) == "expected a name of letters, digits, '_', '.' or '-'"
+    assert check_value("x" * 301, SCALAR) == "expected at most 300 characters, got 301"
+
+
 # --- ranking, floor, Pareto ----------------------------------------------------------------------
 
 def board_of(tmp_path: Path, *entries: dict, floor: float = 0.5):
@@ -295,6 +341,14 @@ def test_html_escapes_every_submitted_value_and_allows_only_its_own_script(tmp_p
     assert page.count("<script>") == 1 and "pwned" not in page.split("<script>")[1]  # the page's own script only
     assert "Content-Security-Policy" in page and "script-src 'sha256-" in page
     assert re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', page)
+
+
+def test_the_page_escapes_by_autoescape_alone():
+    """Entry text reaches the page only through the template's autoescaping: nothing is marked safe."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    for template in (bench / "templates").glob("*.j2"):
+        assert not re.search(r"\|\s*safe|autoescape\s+false", template.read_text()), template
+    assert "Markup" not in (bench / "leaderboard.py").read_text()
 
 
 def test_problem_messages_are_escaped_too(tmp_path):

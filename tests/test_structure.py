@@ -191,6 +191,26 @@ def test_summary_schema_names_every_field_of_the_dataclasses():
     assert {f.name for f in fields(AttackSummary)} == set(committed["$defs"]["attack"]["properties"])
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "bench" / "schemas").glob("*.schema.json")), ids=lambda p: p.name)
+def test_committed_schemas_are_valid_json_schema(path):
+    from jsonschema import Draft202012Validator
+
+    Draft202012Validator.check_schema(json.loads(path.read_text(encoding="utf-8")))
+
+
+def test_schema_files_and_the_code_agree_on_versions_and_fields():
+    from dataclasses import fields
+
+    from invbench.curves import FORMAT, CurvePoint
+    from invbench.entries import SCHEMA_VERSION
+    from invbench.schema_check import load_schema
+
+    assert load_schema("entry")["properties"]["schema_version"] == {"const": SCHEMA_VERSION}
+    curve = load_schema("curve")
+    assert curve["properties"]["format"]["const"] == FORMAT
+    assert {f.name for f in fields(CurvePoint)} == set(curve["$defs"]["point"]["properties"])
+
+
 def test_a_version_0_summary_is_still_readable():
     from invbench.summary import RunSummary, SummaryError
 

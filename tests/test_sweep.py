@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from invbench import runner
 from invbench.cli import cli, main
-from invbench.curves import CurveError, load_curve, load_curves
+from invbench.curves import Curve, CurveError, CurvePoint, load_curve, load_curves
 from invbench.defenses import DefenseError
 from invbench.protocols import PROTOCOLS
 from invbench.sweep import SweepError, grid_points, parse_param_lists, sweep
@@ -164,6 +164,20 @@ def test_malformed_curve_file_is_one_line_error_naming_file_and_field(swept, tmp
         load_curve(bad)
     message = str(info.value)
     assert "\n" not in message and str(bad) in message and repr(field) in message
+
+
+def test_a_curve_validates_with_plain_jsonschema():
+    """The committed file alone, no invbench code, checks a curve as save_curve writes it."""
+    import jsonschema
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "bench/schemas/curve.schema.json").read_text())
+    point = CurvePoint(params={"sigma": 0.1}, worst_case_exact_match=0.5, worst_case_token_accuracy=0.6,
+                       top1_agreement=0.9, kl_clean_defended=0.01, epsilon=None, verdict="leaks")
+    data = json.loads(json.dumps(Curve(protocol="quick", defense="gaussian", points=[point]).to_dict()))
+    jsonschema.validate(data, schema)
+    data["points"][0]["params"]["sigma"] = [1]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, schema)
 
 
 def test_curve_that_is_not_json_is_one_line_error_and_skipped_in_a_listing(tmp_path):
