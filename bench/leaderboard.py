@@ -99,7 +99,7 @@ def fmt_number(value: Any, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def defence_text(defense: dict[str, Any]) -> str:
+def defense_text(defense: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
     return f"{defense['name']} ({params})" if params else defense["name"]
 
@@ -145,7 +145,7 @@ def cells(row: Row, attacks: list[str]) -> list[tuple[str, Any]]:
         return fmt_number(value, spec), value
 
     return ([num(row.rank, "d"), (data["name"], data["name"].lower()), (data["authors"], data["authors"].lower()),
-             (defence_text(data["defense"]), defence_text(data["defense"]).lower()),
+             (defense_text(data["defense"]), defense_text(data["defense"]).lower()),
              (epsilon_text(data["defense"]), data["defense"].get("epsilon")),
              (verdict_text(e), e.verdict or ""), num(e.worst_exact_match), (e.worst_attack, e.worst_attack)]
             + [num(metrics.get(a, {}).get("exact_match")) for a in attacks]

@@ -52,7 +52,7 @@ def browser():
 @pytest.fixture(scope="module")
 def page(tmp_path_factory) -> Path:
     board = tmp_path_factory.mktemp("board")
-    for entry in [make_entry("Alpha", em={"continuous": 0.1, "projection": 0.4, "scan": 0.2}, top1=0.9),
+    for entry in [make_entry("Alpha", em={"guided": 0.1, "continuous": 0.1, "projection": 0.4, "scan": 0.2}, top1=0.9),
                   make_entry("beta", em=0.2, top1=0.95, auroc=None),
                   make_entry("Gamma", em=0.7, top1=1.0),
                   make_entry(XSS_NAME, entry_id="xss", em=0.3, top1=0.8, defense=XSS_DEFENCE,
