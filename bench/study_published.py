@@ -263,10 +263,16 @@ class RankTracker:
         self.shortlist = shortlist
 
     def l2_cos(self, proxy: torch.Tensor, truth: torch.Tensor):
+        """Ranks under L2 and cosine; a rank-0 true token tied with another (e.g. every cosine is
+        0 at a zero proxy, where the attack's choice is arbitrary) is reported as rank 1, not a hit."""
         dots = proxy @ self.embedding.T
         dist2 = self.sq - 2 * dots  # + |p|^2, the same for every token
         cos = dots / self.norms
-        return ranks_from_scores(dist2, truth), ranks_from_scores(cos, truth, larger_is_closer=True), dist2, cos
+        r2 = ranks_from_scores(dist2, truth)
+        rc = ranks_from_scores(cos, truth, larger_is_closer=True)
+        r2 = r2 + ((r2 == 0) & ((dist2 <= dist2.gather(1, truth[:, None])).sum(1) > 1)).long()
+        rc = rc + ((rc == 0) & ((cos >= cos.gather(1, truth[:, None])).sum(1) > 1)).long()
+        return r2, rc, dist2, cos
 
     def full_l1(self, proxy: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         return ranks_from_scores(torch.cdist(proxy, self.embedding, p=1.0), truth)

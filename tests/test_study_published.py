@@ -121,3 +121,10 @@ def test_cli_run_resumes_and_reports(tmp_path, monkeypatch, capsys, one_thread):
     s = summarise(runs["tiny-gpt2"]["projection"]["steps=10"], "projection")
     assert s["n"] == 4 and s["hits"] == 4
     assert "| `steps=10` | 4 |" in render_tables(runs)
+
+
+def test_a_zero_proxy_is_no_cosine_hit(oracle):
+    """Every cosine is 0 at a zero proxy (the zeros init): a tie, not a hit of the true token."""
+    tracker = sp.RankTracker(oracle.embedding)
+    r2, rc, _, _ = tracker.l2_cos(torch.zeros(2, oracle.embedding.shape[1]), torch.tensor([5, 7]))
+    assert (rc >= 1).all()
