@@ -748,7 +748,8 @@ def cmd_run(args) -> None:
     bar = tqdm(total=total, desc=f"{args.model} {args.attack}", unit="step", mininterval=30)
     env = _environment()
     meta = {"schema": SCHEMA, "model": args.model, "attack": args.attack, "env": env, "command": " ".join(sys.argv),
-            "source": problems.source, "positions": problems.positions, "ranker_note": problems.ranker_note}
+            "source": problems.source, "positions": problems.positions, "ranker_note": problems.ranker_note,
+            "cosine_ties": "a tied rank 0 is not a hit"}
 
     def save(spec, t, group) -> None:
         done.setdefault(spec, {})[t] = group

@@ -26,6 +26,9 @@ def load_runs(runs: Path) -> dict[str, dict[str, dict[str, dict]]]:
     for path in sorted(runs.glob("*/*/*.json")):
         data = json.loads(path.read_text())
         data["records"] = [rec for t in sorted(data["groups"], key=int) for rec in data["groups"][t]]
+        # runs written before the cosine tie fix (commit "a tied rank 0 ... is not a hit") counted
+        # the all-zero start as a cosine hit at step 0
+        data["cosine_tie_bug"] = data["attack"] == "continuous" and "cosine_ties" not in data
         out.setdefault(data["model"], {}).setdefault(data["attack"], {})[data["spec"]] = data
     return out
 
@@ -115,7 +118,8 @@ def table(model: str, attack: str, runs: dict[str, dict]) -> list[str]:
     head = ["setting", "n"] + [f"<= {k}" for k in THRESHOLDS] + ["median first hit (all / hits)", "median final rank",
                                                                  "s/position", "hits by t"]
     if attack == "continuous":
-        head += ["within K: L1 / L2 / cos", "loss exit", "median final loss", "median dist to truth", "NaN"]
+        head += ["final rank < 100 / 2000 / 10000", "within K: L1 / L2 / cos", "loss exit", "median final loss",
+                 "median dist to truth", "NaN"]
     else:
         head += ["accepted"]
     lines = [f"#### {model}: {attack}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -130,7 +134,10 @@ def table(model: str, attack: str, runs: dict[str, dict]) -> list[str]:
             _fmt_num(s["median_final_rank"]), f"{s['mean_seconds']:.1f}", by_t]
         if attack == "continuous":
             m = s["within_K_by_metric"]
-            row += [f"{m['l1']:.2f} / {m['l2']:.2f} / {m['cosine']:.2f}", f"{s['loss_exit']}/{s['n']}",
+            lt = s["final_rank_lt"]
+            cos = "n/a" if runs[spec]["setting"]["init"] == "zeros" and runs[spec].get("cosine_tie_bug") else f"{m['cosine']:.2f}"
+            row += [f"{lt[100]:.2f} / {lt[2000]:.2f} / {lt[10000]:.2f}", f"{m['l1']:.2f} / {m['l2']:.2f} / {cos}",
+                    f"{s['loss_exit']}/{s['n']}",
                     f"{s['median_final_loss']:.1e}", f"{s['median_final_dist']:.2f}", str(s["nonfinite"])]
         else:
             row += [f"{s['accepted']:.2f}"]
