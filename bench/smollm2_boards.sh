@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The SmolLM2 leaderboards, their curves and screenshots, from scratch (resumable: rerun to continue).
 #
-#   bash bench/smollm2_boards.sh            # from the repository root; ~20 runs of 5-20 minutes on 2 CPU cores
+#   bash bench/smollm2_boards.sh [c4|random|render|all]   # from the repository root; default all
+#
+# ~20 runs of 5-30 minutes on 2 CPU cores. The parts can run side by side, one core each:
+#   bash bench/smollm2_boards.sh c4 & bash bench/smollm2_boards.sh random; wait; bash bench/smollm2_boards.sh render
 #
 # Every entry is made with `invbench submit`. The gaussian, dp and quantize entries of the C4 board are the
 # points of `invbench sweep` curves: each sweep point's run folder is linked as the entry's run folder, so
 # `submit` finds the run finished (same configuration hash) and only writes the entry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PART=${1:-all}
+# one BLAS thread per run: two threads per process on a 2-core box with two runs side by side is up to 20x slower
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 C4=c4-smollm2-10tok
 RANDOM_PROTOCOL=random-smollm2-10tok
 
@@ -21,6 +27,7 @@ entry_from_sweep() {  # protocol, entry name, sweep folder (runs/<protocol>/<def
 }
 
 # --- C4 board: curves first, their points become entries ---------------------------------------
+c4_board() {
 invbench sweep --protocol $C4 --defense gaussian --param sigma=0.003,0.01,0.03,0.3,1 --device cpu
 invbench sweep --protocol $C4 --defense dp --param clip=45 --param noise_multiplier=0.003,0.03,1 --device cpu
 invbench sweep --protocol $C4 --defense quantize --param bits=8,6,4 --device cpu
@@ -36,8 +43,10 @@ for bits in 8 6 4; do
 done
 invbench submit --protocol $C4 --name "No defence" --defense none --device cpu
 invbench submit --protocol $C4 --name "Top-k 256 (example plug-in)" --defense topk --param k=256 --device cpu
+}
 
 # --- random-token board: the middle settings, and a gaussian curve to compare with C4 -----------------
+random_board() {
 invbench sweep --protocol $RANDOM_PROTOCOL --defense gaussian --param sigma=0.003,0.03,1 --device cpu
 entry_from_sweep $RANDOM_PROTOCOL "Gaussian sigma 0.03" "runs/$RANDOM_PROTOCOL/gaussian/sigma=0.03" --defense gaussian \
   --sigma 0.03
@@ -47,8 +56,10 @@ invbench submit --protocol $RANDOM_PROTOCOL --name "DP clip 45 Z 0.03" --defense
 invbench submit --protocol $RANDOM_PROTOCOL --name "Quantize 6 bits" --defense quantize --bits 6 --device cpu
 invbench submit --protocol $RANDOM_PROTOCOL --name "Top-k 256 (example plug-in)" --defense topk --param k=256 \
   --device cpu
+}
 
 # --- boards, curves, screenshots ----------------------------------------------------------------------
+render() {
 invbench leaderboard --protocol $C4
 invbench leaderboard --protocol $RANDOM_PROTOCOL
 invbench curve --protocol $C4 --out leaderboards/$C4/curves/all-defences.png
@@ -56,3 +67,12 @@ invbench curve --protocol $C4 --protocol $RANDOM_PROTOCOL --defense gaussian --c
   --out leaderboards/$RANDOM_PROTOCOL/curves/gaussian-c4-vs-random.png
 python -m invbench.screenshot leaderboards/$C4/index.html docs/leaderboard-$C4.png
 python -m invbench.screenshot leaderboards/$RANDOM_PROTOCOL/index.html docs/leaderboard-$RANDOM_PROTOCOL.png
+}
+
+case $PART in
+  c4) c4_board ;;
+  random) random_board ;;
+  render) render ;;
+  all) c4_board; random_board; render ;;
+  *) echo "usage: bash bench/smollm2_boards.sh [c4|random|render|all]" >&2; exit 2 ;;
+esac
