@@ -192,21 +192,18 @@ def prior_next_token(loaded, oracle, ids: torch.Tensor, targets: torch.Tensor) -
     return top
 
 
-def ranker_top1(model_name: str, targets: torch.Tensor) -> tuple[torch.Tensor | None, str]:
-    """Top-1 current token of the learned ranker (invbench.attacks.ranker) from each hidden state,
-    or None with a note when the ranker is not available."""
-    try:
-        from invbench.attacks.ranker import load_ranker  # written elsewhere; may not exist yet
-    except ImportError as exc:
-        return None, f"warm start `ranker` skipped: invbench.attacks.ranker not importable ({exc})"
-    try:
-        ranker = load_ranker(model_name=model_name, layer=-1)
-        with torch.no_grad():
-            flat = targets.reshape(-1, targets.shape[-1]).float()
-            top = ranker.log_probs(flat).argmax(dim=-1).reshape(targets.shape[:2]).cpu()
-    except Exception as exc:  # a ranker that exists but cannot be loaded (no trained weights)
-        return None, f"warm start `ranker` skipped: load_ranker failed ({type(exc).__name__}: {exc})"
-    return top, "ranker: invbench.attacks.ranker.load_ranker(model_name, layer=-1), top-1 of log_probs(h_t)"
+def ranker_top1(oracle, targets: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """Top-1 current token of the `guided` attack's learned ranker (the one invbench ships for this
+    model and layer, or a cached fit) from each clean hidden state, or None with a note when there is
+    none: the study does not fit one."""
+    from invbench.attacks.ranker import load_ranker
+
+    ranker = load_ranker(oracle, notify=lambda _: None, fit_if_missing=False)
+    if ranker is None:
+        return None, "warm start `ranker` skipped: no shipped or cached ranker for this model and layer"
+    flat = targets.reshape(-1, targets.shape[-1]).float()
+    top = ranker.log_probs(flat).argmax(dim=-1).reshape(targets.shape[:2]).cpu()
+    return top, f"ranker: the guided attack's {ranker.description}, top-1 of log_probs(h_t)"
 
 
 def build_problems(loaded, oracle, *, n_prompts: int = 10, tokens: int = 10, per_prompt: int = 3,
@@ -221,7 +218,7 @@ def build_problems(loaded, oracle, *, n_prompts: int = 10, tokens: int = 10, per
     # exactly the draw the attacks make: randint(V, (T,), generator=prompt_generator(seed, prompt))
     random_init = torch.stack([torch.randint(vocab, (tokens,), generator=prompt_generator(seed, p.index))
                                for p in prompts])
-    ranker, note = ranker_top1(loaded.name, targets)
+    ranker, note = ranker_top1(oracle, targets)
     return Problems(loaded.name, ids, targets, positions or balanced_positions(n_prompts, tokens, per_prompt),
                     random_init, prior_next_token(loaded, oracle, ids, targets), ranker, note,
                     [p.text for p in prompts], source)

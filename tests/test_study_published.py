@@ -104,7 +104,7 @@ def test_ranker_warm_start_is_skipped_with_a_note_when_missing(oracle, problems)
     if problems.ranker_top1 is not None:
         pytest.skip("a ranker is installed")
     out = sp.study_settings(oracle, problems, "projection", [sp.parse_setting("projection", "init=ranker,steps=5")])
-    assert all("not importable" in r["skipped"] or "failed" in r["skipped"] for r in out["steps=5,init=ranker"])
+    assert all("no shipped or cached ranker" in r["skipped"] for r in out["steps=5,init=ranker"])
 
 
 def test_cli_run_resumes_and_reports(tmp_path, monkeypatch, capsys, one_thread):
