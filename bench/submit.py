@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 from . import __version__
 from .errors import InvbenchError
-from .entries import (NAME, PRIVACY_METRICS, SCALAR, SCHEMA_VERSION, EntryError, check_entry, check_value, read_entry,
-                      registered_definition, slugify, validate_entry_id)
+from .entries import (NAME, PRIVACY_METRICS, SCALAR, SCHEMA_VERSION, check_entry, check_value, read_entry,
+                      slugify, validate_entry_id)
 from .protocols import Protocol, get_protocol
 from .folder import read_config
 from .results import write_json_atomic
@@ -318,10 +318,8 @@ def verify(entry_path: Path, *, subset: int | None = None, device: str = "auto",
 
     from .runner import run
 
-    entry = read_entry(Path(entry_path)).data
+    entry = read_entry(Path(entry_path)).data  # refuses an entry whose protocol differs from the registered one
     protocol = get_protocol(entry["protocol"]["name"])
-    if registered_definition(protocol.name) != entry["protocol"]:  # read_entry checked this; keep it explicit
-        raise EntryError(f"{entry_path}: its protocol differs from the current {protocol.name!r}")
     n = entry["n"]
     if subset is not None and not 1 <= subset <= n:
         raise SubmitError(f"--subset must be between 1 and the entry's {n} prompts, got {subset}")

@@ -228,3 +228,14 @@ def test_bad_submission_fields_are_refused_before_the_run(tmp_path, capsys, smal
     code, _, err = invoke(args, capsys)
     assert code == 2 and message in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_verify_refuses_an_entry_made_under_another_protocol_definition(tmp_path, capsys):
+    entry = make_entry("Old protocol", em=0.5)
+    entry["protocol"]["n"] = 400  # the protocol's definition changed since this entry was made
+    path = tmp_path / "quick" / "old-protocol.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(entry))
+    code, _, err = invoke(["verify", str(path), "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "differs from the current definition of 'quick'" in err
+    assert not (tmp_path / "runs").exists()  # refused before any rerun
