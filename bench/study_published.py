@@ -702,11 +702,13 @@ def _environment() -> dict[str, Any]:
 
 def _load_oracle(model: str, device: str):
     from invbench.leaks.models import load_model
-    from invbench.leaks.oracle import WhiteBox
+    from invbench.leaks.oracle import WhiteBox, document_start_token
 
     loaded = load_model(model, seed=0, notify=lambda _: None)
     loaded.model.to(device)
-    return loaded, WhiteBox(loaded.model)
+    # named as the runner names it, so that the guided attack's shipped ranker is found for init=ranker
+    return loaded, WhiteBox(loaded.model, tokenizer=loaded.tokenizer, name=loaded.name,
+                            start_token=document_start_token(loaded.tokenizer))
 
 
 def _positions(args) -> list[tuple[int, int]] | None:
