@@ -1,4 +1,4 @@
-"""The results folder: config.json, records.jsonl (appended as prompts finish) and summary.json.
+"""How results files are written and read so that nothing computed is lost (the folder object, `folder.py`, uses these).
 
 What survives what:
 - JSON files are written atomically (temp file, fsync, os.replace): a reader, or a run killed at
