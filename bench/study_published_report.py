@@ -200,6 +200,17 @@ def _series(rec: dict, K: int) -> tuple[list[int], list[int]]:
     return steps, ranks
 
 
+def _rank_axes(ax, K: int) -> None:
+    """Log-log axes of the true token's rank over K steps (both +1, so that 0 shows)."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1, K + 1)
+    ax.set_ylim(0.8, 7e4)
+    ax.set_xlabel("step + 1")
+    ax.set_ylabel("rank of the true token + 1")
+    ax.grid(True, which="major", alpha=0.3)
+
+
 def plot(all_runs, model: str, path: Path, *, positions: int = 4) -> None:
     from matplotlib.figure import Figure
 
@@ -225,16 +236,10 @@ def plot(all_runs, model: str, path: Path, *, positions: int = 4) -> None:
                 xs, ys = _series(recs[i], runs[spec]["setting"]["steps"])
                 ax.plot([x + 1 for x in xs], [y + 1 for y in ys], style, color=colours[c % len(colours)],
                         lw=1.6 if style == "-" else 1.2, label=f"{label} ({'best' if spec == best else 'default'})")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlim(1, K + 1)
-        ax.set_ylim(0.8, 7e4)
-        ax.set_xlabel("step + 1")
-        ax.set_ylabel("rank of the true token + 1")
+        _rank_axes(ax, K)
         metric = "L1 to the proxy" if attack == "continuous" else "L2 to the proxy, among unbanned"
         ax.set_title(f"{attack}: 4 positions ({metric})\ndashed: default `{default}`, solid: best `{best}`", fontsize=10)
         ax.legend(fontsize=7, loc="lower left", ncol=1)
-        ax.grid(True, which="major", alpha=0.3)
         # median and 25-75 % over all positions, each series carried to K
         ax = axes[1][col]
         grid = sorted({s for recs in (d_recs, b_recs) for r in recs for s in _series(r, K)[0]})
@@ -259,15 +264,9 @@ def plot(all_runs, model: str, path: Path, *, positions: int = 4) -> None:
             xs = [g + 1 for g in grid]
             ax.plot(xs, med, color=colour, lw=1.8, label=f"{'best' if spec == best else 'default'} `{spec}`: median")
             ax.fill_between(xs, lo, hi, color=colour, alpha=0.2, label="25-75 % of positions")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlim(1, K + 1)
-        ax.set_ylim(0.8, 7e4)
-        ax.set_xlabel("step + 1")
-        ax.set_ylabel("rank of the true token + 1")
+        _rank_axes(ax, K)
         ax.set_title(f"{attack}: all {len(b_recs)} positions", fontsize=10)
         ax.legend(fontsize=8, loc="lower left")
-        ax.grid(True, which="major", alpha=0.3)
     fig.suptitle(f"{model}: rank of the true token over steps (rank 0 = the commit candidate)", fontsize=12)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
