@@ -93,11 +93,16 @@ def summarise(data: dict, attack: str, metric: str | None = None) -> dict[str, A
 
 
 def best_spec(runs: dict[str, dict], attack: str) -> str:
+    """The setting with the highest hit rate, among those run on every studied position (a setting
+    run on the first group only is not compared on a rate of a different set of positions)."""
+    full = max(len(data["records"]) for data in runs.values())
+
     def key(spec):
         s = summarise(runs[spec], attack)
         if not s["n"]:
-            return (-1, 0)
-        return (s["hits"] / s["n"], -s["median_first_hit"] if math.isfinite(s["median_first_hit"]) else -1e9)
+            return (False, -1, 0)
+        return (s["n"] == full, s["hits"] / s["n"],
+                -s["median_first_hit"] if math.isfinite(s["median_first_hit"]) else -1e9)
     return max(runs, key=key)
 
 
