@@ -59,15 +59,17 @@ class Cell:
                          out=str(runs_dir / model / self.name))
 
 
-def cells(*, c4: int, random: int, scan_prompts: int, sigmas: tuple[float, ...]) -> list[Cell]:
-    """Every guided run first (minutes), then the scans (hours on a CPU)."""
+def cells(*, c4: int, random: int, scan_prompts: int, sigmas: tuple[float, ...],
+          random_sigmas: tuple[float, ...] | None = None, scan_sigmas: tuple[float, ...] | None = None) -> list[Cell]:
+    """Every guided run first (minutes), then the scans (hours on a CPU). The random-token prompts
+    and the scans run at `sigmas` unless given their own (both cost far more per cell)."""
     out = []
-    for dataset, n in (("c4", c4), ("random", random)):
-        for sigma in sigmas:
+    for dataset, n, levels in (("c4", c4, sigmas), ("random", random, random_sigmas or sigmas)):
+        for sigma in levels:
             out.append(Cell(dataset, n, sigma, "guided"))
             if sigma:
                 out.append(Cell(dataset, n, sigma, "guided", "map"))
-    return out + [Cell("c4", scan_prompts, sigma, "scan") for sigma in sigmas]
+    return out + [Cell("c4", scan_prompts, sigma, "scan") for sigma in (scan_sigmas or sigmas)]
 
 
 def records(cfg: RunConfig, attack: str) -> list[dict]:
@@ -84,7 +86,7 @@ def aggregate(rows: list[dict], *, vocab: int) -> dict[str, Any]:
     candidates = [c for r in rows for c in r.get("candidates", [vocab] * len(r["target_ids"]))]
     return {"prompts": len(rows), "exact": sum(r["exact_match"] for r in rows) / len(rows),
             "tokens": sum(r["token_accuracy"] for r in rows) / len(rows),
-            "candidates": sum(candidates) / len(candidates),
+            "candidates": sum(candidates) / len(candidates), "median_candidates": statistics.median(candidates),
             "seconds": sum(r["seconds_per_token"] for r in rows) / len(rows),
             "certified": _share(rows, "certified"), "exhausted": _share(rows, "exhausted")}
 
@@ -99,7 +101,7 @@ def fmt(value: Any, spec: str = ".3f") -> str:
 
 
 def table(results: dict[Cell, list[dict]], *, scan_prompts: int, vocab: int) -> list[str]:
-    lines = ["| prompts | sigma | attack | n | exact match | token acc. | candidates / token | s / token | "
+    lines = ["| prompts | sigma | attack | n | exact match | token acc. | candidates / token: mean (median) | s / token | "
              "candidates vs scan | time vs scan | certified stops | whole vocabulary |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for cell, rows in results.items():
@@ -115,7 +117,7 @@ def table(results: dict[Cell, list[dict]], *, scan_prompts: int, vocab: int) -> 
             time_ratio = f"{a['seconds'] / s['seconds']:.4f}" if s and cell.attack == "guided" else "-"
             label = f"{cell.attack} {cell.scoring}" if cell.attack == "guided" else "scan"
             lines.append(f"| {cell.dataset}{note} | {cell.sigma:g} | {label} | {a['prompts']} | {a['exact']:.3f} | "
-                         f"{a['tokens']:.3f} | {a['candidates']:.1f} | {a['seconds']:.3f} | {ratio} | {time_ratio} | "
+                         f"{a['tokens']:.3f} | {a['candidates']:.1f} ({a['median_candidates']:g}) | {a['seconds']:.3f} | {ratio} | {time_ratio} | "
                          f"{fmt(a['certified'], '.2f')} | {fmt(a['exhausted'], '.2f')} |")
     return lines
 
@@ -149,15 +151,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scan-prompts", type=int, default=2, help="C4 prompts scan runs on")
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--sigmas", default=",".join(f"{s:g}" for s in SIGMAS))
+    parser.add_argument("--random-sigmas", default=None, help="sigmas of the random-token prompts (default: --sigmas)")
+    parser.add_argument("--scan-sigmas", default=None, help="sigmas scan runs at (default: --sigmas)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--runs-dir", default="runs/guided-bench")
     parser.add_argument("--out", default=None, help="Markdown file for the table (e.g. bench/GUIDED.md)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sigmas = tuple(float(s) for s in args.sigmas.split(","))
+    def levels(text: str | None) -> tuple[float, ...] | None:
+        return tuple(float(s) for s in text.split(",")) if text else None
+
     runs_dir = Path(args.runs_dir)
-    plan = cells(c4=args.c4, random=args.random, scan_prompts=args.scan_prompts, sigmas=sigmas)
+    plan = cells(c4=args.c4, random=args.random, scan_prompts=args.scan_prompts, sigmas=levels(args.sigmas),
+                 random_sigmas=levels(args.random_sigmas), scan_sigmas=levels(args.scan_sigmas))
     results: dict[Cell, list[dict]] = {}
     summaries: dict[Cell, dict] = {}
     for i, cell in enumerate(plan):
