@@ -59,7 +59,7 @@ class DeviceDefaults:
 # converge on it in any CPU budget, see bench/STUDY-published-attacks.md).
 DEVICE_DEFAULTS = {
     "cuda": DeviceDefaults(n=100, tokens=10, attacks=("guided", "continuous", "projection", "scan"), preset="baseline"),
-    "cpu": DeviceDefaults(n=5, tokens=10, attacks=("guided", "continuous"), preset="fast", capped={"steps": 50}),
+    "cpu": DeviceDefaults(n=5, tokens=10, attacks=("guided", "continuous"), preset="fast", capped={"steps": 20}),
 }
 
 
