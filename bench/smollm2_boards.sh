@@ -47,15 +47,15 @@ invbench submit --protocol $C4 --name "Top-k 256 (example plug-in)" --defense to
 
 # --- random-token board: the middle settings, and a gaussian curve to compare with C4 -----------------
 random_board() {
-invbench sweep --protocol $RANDOM_PROTOCOL --defense gaussian --param sigma=0.003,0.03,1 --device cpu
-entry_from_sweep $RANDOM_PROTOCOL "Gaussian sigma 0.03" "runs/$RANDOM_PROTOCOL/gaussian/sigma=0.03" --defense gaussian \
-  --sigma 0.03
 invbench submit --protocol $RANDOM_PROTOCOL --name "No defence" --defense none --device cpu
 invbench submit --protocol $RANDOM_PROTOCOL --name "DP clip 45 Z 0.03" --defense dp --clip 45 --noise-multiplier 0.03 \
   --device cpu
 invbench submit --protocol $RANDOM_PROTOCOL --name "Quantize 6 bits" --defense quantize --bits 6 --device cpu
 invbench submit --protocol $RANDOM_PROTOCOL --name "Top-k 256 (example plug-in)" --defense topk --param k=256 \
   --device cpu
+invbench sweep --protocol $RANDOM_PROTOCOL --defense gaussian --param sigma=0.03,1 --device cpu
+entry_from_sweep $RANDOM_PROTOCOL "Gaussian sigma 0.03" "runs/$RANDOM_PROTOCOL/gaussian/sigma=0.03" --defense gaussian \
+  --sigma 0.03
 }
 
 # --- boards, curves, screenshots ----------------------------------------------------------------------
