@@ -139,6 +139,27 @@ def tolerance_lines(results: dict[Cell, list[dict]], *, dim: int) -> list[str]:
     return lines
 
 
+def board_lines(folders: list[Path], *, vocab: int) -> list[str]:
+    """guided's rows of finished leaderboard runs (e.g. a protocol's gaussian sweep): more prompts
+    and heavier noise than the cells above, measured by the board, not rerun here."""
+    lines = ["| run | defence | n | exact match | token acc. | candidates / token: mean (median) | s / token | "
+             "certified stops | whole vocabulary |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for folder in folders:
+        if not (folder / "summary.json").is_file():
+            continue
+        defense = json.loads((folder / "config.json").read_text(encoding="utf-8"))["defining"]["defense"]
+        rows = [r for r in map(json.loads, (folder / "records.jsonl").read_text(encoding="utf-8").splitlines())
+                if r["attack"] == "guided"]
+        if not rows:
+            continue
+        a = aggregate(rows, vocab=vocab)
+        params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
+        lines.append(f"| `{folder}` | {defense['name']} {params} | {a['prompts']} | {a['exact']:.3f} | "
+                     f"{a['tokens']:.3f} | {a['candidates']:.1f} ({a['median_candidates']:g}) | {a['seconds']:.3f} | "
+                     f"{fmt(a['certified'], '.2f')} | {fmt(a['exhausted'], '.2f')} |")
+    return lines
+
+
 def summary_of(cfg: RunConfig) -> dict:
     return json.loads((Path(cfg.out) / "summary.json").read_text(encoding="utf-8"))
 
@@ -156,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--runs-dir", default="runs/guided-bench")
     parser.add_argument("--out", default=None, help="Markdown file for the table (e.g. bench/GUIDED.md)")
+    parser.add_argument("--board-runs", nargs="*", default=[],
+                        help="finished leaderboard run folders whose guided rows to add (read, not rerun)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
              f"{args.tokens}-token prompts; gaussian noise per coordinate sigma (0: no defence).", "",
              f"Command: `python -m invbench.guided_bench {shlex.join(argv if argv is not None else sys.argv[1:])}`", ""]
     lines += table(results, scan_prompts=args.scan_prompts, vocab=vocab)
+    if args.board_runs:
+        lines += ["", "## guided in the leaderboard runs (heavier noise, more prompts; ml scoring)", ""]
+        lines += board_lines([Path(p) for p in args.board_runs], vocab=vocab)
     lines += ["", "## Certified-stop tolerance (noise-free stop)", ""] + tolerance_lines(results, dim=dim)
     radius = next((s["radius"] for c, s in summaries.items() if c.sigma == 0 and c.attack == "guided"
                    and c.dataset == "c4"), None)
