@@ -108,9 +108,13 @@ def summarise_run(*, attacks: list, records: list[dict], prompts: list, head: di
                                           diagnostics=a.diagnostics(latest[a.name], defense=defense),
                                           blind_token_accuracy=blind_token_accuracy) for a in attacks}
     worst = {m: WorstCase(**w) for m, w in metrics.worst_case({n: vars(s) for n, s in summaries.items()}).items()}
-    verdict, resting_on = verdicts.run_verdict({n: s.verdict for n, s in summaries.items()})
+    # the strongest attack first, so that a leak is named after the attack that recovers the most
+    order = dict.fromkeys([worst["exact_match"].attack, worst["token_accuracy"].attack, *summaries])
+    verdict, resting_on = verdicts.run_verdict({n: summaries[n].verdict for n in order})
     on = summaries.get(resting_on)
     says = verdicts.explain(verdict, resting_on, exact_match=on.exact_match if on else 0.0,
+                            token_accuracy=on.token_accuracy if on else None,
+                            blind_token_accuracy=blind_token_accuracy,
                             search_failure_rate=on.search_failure_rate if on else None, attacks=list(summaries))
     return RunSummary(**head, attacks=summaries, worst_case=worst,
                       verdict=Verdict(verdict, resting_on, says, blind_token_accuracy, dict(verdicts.THRESHOLDS)),

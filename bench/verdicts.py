@@ -72,9 +72,14 @@ def run_verdict(verdicts: dict[str, str | None]) -> tuple[str | None, str | None
 
 
 def explain(verdict: str | None, attack: str | None, *, exact_match: float, search_failure_rate: float | None,
-            attacks: Iterable[str]) -> str:
+            attacks: Iterable[str], token_accuracy: float | None = None,
+            blind_token_accuracy: float | None = None) -> str:
     """One sentence under the CLI table: what to conclude from the run."""
     names = ", ".join(attacks)
+    if verdict == "leaks" and exact_match < LEAK_EXACT_MATCH and token_accuracy is not None:
+        return (f"LEAKS: {attack} recovers part of the text (token accuracy {token_accuracy:.2f} against "
+                f"{blind_token_accuracy or 0.0:.2f} for a blind guess, exact match {exact_match:.2f}); this defence "
+                "does not protect these states.")
     if verdict == "leaks":
         return (f"LEAKS: {attack} recovers the text (exact match {exact_match:.2f}); this defence does not protect "
                 "these states.")

@@ -43,6 +43,23 @@ def test_run_verdict_leaks_beats_protected_beats_inconclusive():
 
 
 # --- real runs ----------------------------------------------------------------------------
+def test_a_leak_by_token_accuracy_alone_is_not_called_a_recovered_text():
+    says = verdicts.explain("leaks", "guided", exact_match=0.0, token_accuracy=0.42, blind_token_accuracy=0.01,
+                            search_failure_rate=1.0, attacks=["guided"])
+    assert "recovers part of the text (token accuracy 0.42 against 0.01 for a blind guess" in says
+    assert "recovers the text (exact match" not in says
+
+
+def test_the_run_verdict_names_the_strongest_leaking_attack(tmp_path, capsys):
+    # both leak, continuous (capped at 2 steps, listed first) less than scan: the leak is scan's
+    code, out, err = invoke(TINY + ["--attack", "continuous,scan", "--steps", "2", "--out", tmp_path], capsys)
+    assert code == 0, err
+    summary = summary_of(tmp_path)
+    continuous = summary["attacks"]["continuous"]
+    assert continuous["verdict"] == "leaks" and continuous["exact_match"] < 1.0 == summary["attacks"]["scan"]["exact_match"]
+    assert summary["verdict"]["attack"] == "scan" and "LEAKS: scan recovers the text" in out
+
+
 def test_capped_continuous_gives_search_failures_and_inconclusive(tmp_path, capsys):
     code, out, err = invoke(TINY + ["--attack", "continuous", "--steps", "1", "--candidates", "1", "--out", tmp_path],
                             capsys)
