@@ -65,7 +65,7 @@ def cells(*, c4: int, random: int, scan_prompts: int, sigmas: tuple[float, ...],
     and the scans run at `sigmas` unless given their own (both cost far more per cell)."""
     out = []
     for dataset, n, levels in (("c4", c4, sigmas), ("random", random, random_sigmas or sigmas)):
-        for sigma in levels:
+        for sigma in levels if n else ():  # n = 0: this prompt set is not run
             out.append(Cell(dataset, n, sigma, "guided"))
             if sigma:
                 out.append(Cell(dataset, n, sigma, "guided", "map"))
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m invbench.guided_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--c4", type=int, default=20, help="C4 prompts")
-    parser.add_argument("--random", type=int, default=10, help="random-token prompts")
+    parser.add_argument("--random", type=int, default=10, help="random-token prompts (0: none)")
     parser.add_argument("--scan-prompts", type=int, default=2, help="C4 prompts scan runs on")
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--sigmas", default=",".join(f"{s:g}" for s in SIGMAS))
