@@ -234,7 +234,7 @@ def plot_curves(curves: list[Curve], path: Path, *, title: str | None = None,
     if noisy:
         _noise_panel(axes[2], curves)
     axes[0].set_ylabel("privacy leak: worst case over attacks (lower is more private)")
-    axes[0].set_ylim(-0.03, 1.03)
+    axes[0].set_ylim(-0.03, 1.08)  # room above 1.0 for the labels of fully leaking points
     for ax in axes:
         ax.grid(True, alpha=0.3)
     handles = [Line2D([], [], color=colours(i % 10), lw=2, alpha=0.45 if i in faded else 1.0, label=label)
@@ -269,9 +269,12 @@ def _draw(ax, curve: Curve, x_key: str, style: dict, *, annotate: bool) -> None:
         for p in points:
             eps = f" (eps {p.epsilon:.3g})" if p.epsilon is not None else ""
             spots.setdefault((getattr(p, x_key), p.worst_case_exact_match), []).append(p.label() + eps)
+        right = max(x for x, _ in spots)
         for xy, names in spots.items():
-            ax.annotate("; ".join(names), xy, textcoords="offset points", xytext=(4, 6), fontsize=7,
-                        color=style["color"])
+            # the rightmost label runs leftwards, so that it stays inside the axes
+            at_right = xy[0] == right and len(spots) > 1
+            ax.annotate("; ".join(names), xy, textcoords="offset points", xytext=(-4 if at_right else 4, 6),
+                        ha="right" if at_right else "left", fontsize=7, color=style["color"])
     ax.margins(x=0.08)  # room for the labels of the outermost points
 
 
