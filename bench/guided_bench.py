@@ -69,7 +69,7 @@ def cells(*, c4: int, random: int, scan_prompts: int, sigmas: tuple[float, ...],
             out.append(Cell(dataset, n, sigma, "guided"))
             if sigma:
                 out.append(Cell(dataset, n, sigma, "guided", "map"))
-    return out + [Cell("c4", scan_prompts, sigma, "scan") for sigma in (scan_sigmas or sigmas)]
+    return out + [Cell("c4", scan_prompts, sigma, "scan") for sigma in (scan_sigmas or sigmas) if scan_prompts]
 
 
 def records(cfg: RunConfig, attack: str) -> list[dict]:
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--c4", type=int, default=20, help="C4 prompts")
     parser.add_argument("--random", type=int, default=10, help="random-token prompts (0: none)")
-    parser.add_argument("--scan-prompts", type=int, default=2, help="C4 prompts scan runs on")
+    parser.add_argument("--scan-prompts", type=int, default=2, help="C4 prompts scan runs on (0: no scan)")
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--sigmas", default=",".join(f"{s:g}" for s in SIGMAS))
     parser.add_argument("--random-sigmas", default=None, help="sigmas of the random-token prompts (default: --sigmas)")
