@@ -68,12 +68,12 @@ CHILD = textwrap.dedent("""
             append(path, records)
 
         folder.append_records = torn_append
-    elif hook == "slow":  # each batch's attack takes at least a second: time for the test to strike
+    elif hook == "slow":  # each batch's attack takes seconds: time for the test to strike, even on a busy CI box
         cls = available_attacks()["continuous"]
         attack_run = cls.run
 
         def slow_run(self, *a, **kw):
-            time.sleep(1.0)
+            time.sleep(4.0)
             return attack_run(self, *a, **kw)
 
         cls.run = slow_run
