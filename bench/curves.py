@@ -271,9 +271,10 @@ def _draw(ax, curve: Curve, x_key: str, style: dict, *, annotate: bool) -> None:
             spots.setdefault((getattr(p, x_key), p.worst_case_exact_match), []).append(p.label() + eps)
         right = max(x for x, _ in spots)
         for xy, names in spots.items():
-            # the rightmost label runs leftwards, so that it stays inside the axes
+            # the rightmost label runs leftwards and below its point, so that it stays inside the axes
+            # and clear of its left neighbour's label, which runs rightwards above
             at_right = xy[0] == right and len(spots) > 1
-            ax.annotate("; ".join(names), xy, textcoords="offset points", xytext=(-4 if at_right else 4, 6),
+            ax.annotate("; ".join(names), xy, textcoords="offset points", xytext=(-4, -12) if at_right else (4, 6),
                         ha="right" if at_right else "left", fontsize=7, color=style["color"])
     ax.margins(x=0.08)  # room for the labels of the outermost points
 
@@ -281,7 +282,10 @@ def _draw(ax, curve: Curve, x_key: str, style: dict, *, annotate: bool) -> None:
 def _noise_panel(ax, curves: list[Curve]) -> None:
     """Privacy against the defence's noise std (log scale), with the certified radius: below it,
     nearest-state decoding provably recovers every prompt."""
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor tick labels (3x10^-3, 4x10^-3, ...) collide
     ax.set_xlabel("defence noise std per coordinate (sigma), log scale")
     certified = [(p.sigma_certified, p.radius_scope) for c in curves for p in c.points if p.sigma_certified]
     if certified:
