@@ -68,12 +68,16 @@ CHILD = textwrap.dedent("""
             append(path, records)
 
         folder.append_records = torn_append
-    elif hook == "slow":  # each batch's attack takes seconds: time for the test to strike, even on a busy CI box
+    elif hook == "slow":  # the first batch runs; every later one waits for the test to strike (a fixed delay
+        # raced a busy CI box: the run could finish before the test's signal)
         cls = available_attacks()["continuous"]
         attack_run = cls.run
+        calls = []
 
         def slow_run(self, *a, **kw):
-            time.sleep(4.0)
+            if calls:
+                time.sleep(300)
+            calls.append(1)
             return attack_run(self, *a, **kw)
 
         cls.run = slow_run
