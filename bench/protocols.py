@@ -44,6 +44,10 @@ class Protocol:
         return {**asdict(self), "attacks": list(self.attacks)}
 
 
+# The SmolLM2 boards' attacks: guided, and the published attacks at the cap the study justifies.
+SMOLLM2_ATTACKS = dict(attacks=("guided", "continuous", "projection"), preset="fast",
+                       attack_options={"steps": 20, "candidates": 100, "max_steps": 20, "noisy_max_steps": 20})
+
 PROTOCOLS: Registry[Protocol] = Registry("protocol", error=ProtocolError)
 for _protocol in (
     Protocol("c4-gpt2-10tok", "The paper's setting: GPT-2 small, first 10 tokens of 100 C4 validation documents, "
@@ -57,14 +61,12 @@ for _protocol in (
              "at 13% (continuous) and 10% (projection) of positions within 100 steps and at 20% and 10% within 2,000 "
              "(bench/STUDY-published-attacks.md), so no CPU budget makes them recover prompts; capped, an entry takes "
              "~10-15 minutes on 2 CPU cores, and the worst case, which ranks the board, is guided's.",
-             model="smollm2-135m", dataset="c4", n=25, tokens=10, attacks=("guided", "continuous", "projection"),
-             preset="fast", attack_options={"steps": 20, "candidates": 100, "max_steps": 20, "noisy_max_steps": 20}),
+             model="smollm2-135m", dataset="c4", n=25, tokens=10, **SMOLLM2_ATTACKS),
     Protocol("random-smollm2-10tok", "Secrets on the real model: SmolLM2-135M, 5 prompts of 10 uniformly random token "
              "ids (passwords, keys: no text prior helps an attacker), the attacks and caps of c4-smollm2-10tok. Only 5 "
              "prompts because guided pays for the missing prior: its ranker alone puts a random token deep in the "
              "ranking, and under noise it verifies 4x the candidates of the first pass (minutes per position on a CPU).",
-             model="smollm2-135m", dataset="random", n=5, tokens=10, attacks=("guided", "continuous", "projection"),
-             preset="fast", attack_options={"steps": 20, "candidates": 100, "max_steps": 20, "noisy_max_steps": 20}),
+             model="smollm2-135m", dataset="random", n=5, tokens=10, **SMOLLM2_ATTACKS),
     Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 3 tokens, "
              "all attacks (continuous: fast preset capped at 200 steps; guided: the prior alone, as a random model has "
              "no shipped ranker). About a minute on 2 cores; not comparable to real models.",
