@@ -46,6 +46,8 @@ CHILD = textwrap.dedent("""
     from invbench.attacks import available_attacks
 
     hook, args = sys.argv[1], sys.argv[2:]
+    # Ctrl-C as in a terminal, even when the tests run in a background job that inherited SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
