@@ -100,6 +100,15 @@ def fmt(value: Any, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def cells_of(a: dict[str, Any], *extra: str) -> str:
+    """The table cells of one aggregate (`aggregate`): n, exactness, candidates, time, `extra`
+    columns (ratios to scan), then how positions ended."""
+    cells = [str(a["prompts"]), f"{a['exact']:.3f}", f"{a['tokens']:.3f}",
+             f"{a['candidates']:.1f} ({a['median_candidates']:g})", f"{a['seconds']:.3f}", *extra,
+             fmt(a["certified"], ".2f"), fmt(a["exhausted"], ".2f")]
+    return " | ".join(cells)
+
+
 def table(results: dict[Cell, list[dict]], *, scan_prompts: int, vocab: int) -> list[str]:
     lines = ["| prompts | sigma | attack | n | exact match | token acc. | candidates / token: mean (median) | s / token | "
              "candidates vs scan | time vs scan | certified stops | whole vocabulary |",
@@ -116,9 +125,7 @@ def table(results: dict[Cell, list[dict]], *, scan_prompts: int, vocab: int) -> 
             ratio = f"1/{s['candidates'] / a['candidates']:.0f}" if s and cell.attack == "guided" and a["candidates"] else "-"
             time_ratio = f"{a['seconds'] / s['seconds']:.4f}" if s and cell.attack == "guided" else "-"
             label = f"{cell.attack} {cell.scoring}" if cell.attack == "guided" else "scan"
-            lines.append(f"| {cell.dataset}{note} | {cell.sigma:g} | {label} | {a['prompts']} | {a['exact']:.3f} | "
-                         f"{a['tokens']:.3f} | {a['candidates']:.1f} ({a['median_candidates']:g}) | {a['seconds']:.3f} | {ratio} | {time_ratio} | "
-                         f"{fmt(a['certified'], '.2f')} | {fmt(a['exhausted'], '.2f')} |")
+            lines.append(f"| {cell.dataset}{note} | {cell.sigma:g} | {label} | {cells_of(a, ratio, time_ratio)} |")
     return lines
 
 
@@ -154,9 +161,7 @@ def board_lines(folders: list[Path], *, vocab: int) -> list[str]:
             continue
         a = aggregate(rows, vocab=vocab)
         params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
-        lines.append(f"| `{folder}` | {defense['name']} {params} | {a['prompts']} | {a['exact']:.3f} | "
-                     f"{a['tokens']:.3f} | {a['candidates']:.1f} ({a['median_candidates']:g}) | {a['seconds']:.3f} | "
-                     f"{fmt(a['certified'], '.2f')} | {fmt(a['exhausted'], '.2f')} |")
+        lines.append(f"| `{folder}` | {defense['name']} {params} | {cells_of(a)} |")
     return lines
 
 
