@@ -20,6 +20,7 @@ from typing import Any, Callable
 from jsonschema import Draft202012Validator
 
 from .errors import InvbenchError
+from .plotting import PointLabel, label_points
 from .results import write_json_atomic
 from .schema_check import Failure, failures, finite_json, format_checker, load_schema
 
@@ -224,10 +225,10 @@ def plot_curves(curves: list[Curve], path: Path, *, title: str | None = None,
     colours = plt.get_cmap("tab10")
     for i, (curve, label) in enumerate(zip(curves, labels)):
         style = {"color": colours(i % 10), "alpha": 0.45 if i in faded else 1.0, "lw": 1.0 if i in faded else 2.0}
-        _draw(axes[0], curve, "top1_agreement", style, annotate=i not in faded)
-        _draw(axes[1], curve, "kl_clean_defended", style, annotate=i not in faded)
+        _draw(axes[0], curve, "top1_agreement", style)
+        _draw(axes[1], curve, "kl_clean_defended", style)
         if noisy:
-            _draw(axes[2], curve, "noise_std", style, annotate=False)
+            _draw(axes[2], curve, "noise_std", style)
     axes[0].set_xlabel("utility: top-1 agreement with the clean model (higher is better)")
     axes[1].set_xlabel("cost: KL(clean || defended), nats (lower is better)")
     _kl_scale(axes[1], curves)
@@ -245,6 +246,10 @@ def plot_curves(curves: list[Curve], path: Path, *, title: str | None = None,
                               label="inconclusive: misses are search failures"))
     axes[1].legend(handles=handles, loc="best", fontsize=8)
     fig.suptitle(title or _default_title(curves))
+    shown = [(curve, colours(i % 10)) for i, curve in enumerate(curves) if i not in faded]
+    fig.canvas.draw()  # the constrained layout first: label placement measures the rendered labels
+    for ax, x_key in ((axes[0], "top1_agreement"), (axes[1], "kl_clean_defended")):
+        label_points(ax, [label for curve, colour in shown for label in _point_labels(curve, x_key, colour)])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -252,31 +257,32 @@ def plot_curves(curves: list[Curve], path: Path, *, title: str | None = None,
     return path
 
 
-def _draw(ax, curve: Curve, x_key: str, style: dict, *, annotate: bool) -> None:
+def _draw(ax, curve: Curve, x_key: str, style: dict) -> None:
     """Both privacy metrics of one curve against one utility metric. Each line runs along x (ties
     by y), so a grid over several parameters still draws as a curve, not a zig-zag. Inconclusive
     points are hollow."""
-    points = [p for p in curve.points if getattr(p, x_key) is not None and (x_key != "noise_std" or p.noise_std > 0)]
     for key, _, ls, marker in PRIVACY:
-        xy = sorted((getattr(p, x_key), getattr(p, key), p.verdict == "inconclusive") for p in points)
+        xy = sorted((getattr(p, x_key), getattr(p, key), p.verdict == "inconclusive") for p in _plotted(curve, x_key))
         ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], ls=ls, marker=marker, **style)
         hollow = [(x, y) for x, y, inconclusive in xy if inconclusive]
         if hollow:
             ax.plot(*zip(*hollow), ls="", marker=marker, markersize=8, markerfacecolor="white",
                     markeredgecolor=style["color"], zorder=3)
-    if annotate:  # one label per spot: grid points that land together share it
-        spots: dict[tuple[float, float], list[str]] = {}
-        for p in points:
-            eps = f" (eps {p.epsilon:.3g})" if p.epsilon is not None else ""
-            spots.setdefault((getattr(p, x_key), p.worst_case_exact_match), []).append(p.label() + eps)
-        right = max(x for x, _ in spots)
-        for xy, names in spots.items():
-            # the rightmost label runs leftwards and below its point, so that it stays inside the axes
-            # and clear of its left neighbour's label, which runs rightwards above
-            at_right = xy[0] == right and len(spots) > 1
-            ax.annotate("; ".join(names), xy, textcoords="offset points", xytext=(-4, -12) if at_right else (4, 6),
-                        ha="right" if at_right else "left", fontsize=7, color=style["color"])
     ax.margins(x=0.08)  # room for the labels of the outermost points
+
+
+def _plotted(curve: Curve, x_key: str) -> list:
+    """The points that have a value on this axis (the noise axis is log: noise-free points are left out)."""
+    return [p for p in curve.points if getattr(p, x_key) is not None and (x_key != "noise_std" or p.noise_std > 0)]
+
+
+def _point_labels(curve: Curve, x_key: str, colour) -> list[PointLabel]:
+    """One label per spot, at the exact-match point: grid points that land together share it."""
+    spots: dict[tuple[float, float], list[str]] = {}
+    for p in _plotted(curve, x_key):
+        eps = f" (eps {p.epsilon:.3g})" if p.epsilon is not None else ""
+        spots.setdefault((getattr(p, x_key), p.worst_case_exact_match), []).append(p.label() + eps)
+    return [PointLabel(x, y, "; ".join(names), colour) for (x, y), names in spots.items()]
 
 
 def _noise_panel(ax, curves: list[Curve]) -> None:

@@ -25,6 +25,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from . import __version__
 from .entries import Entry, Problem, load_entries, registered_definition
+from .plotting import PointLabel, label_points
 from .results import write_bytes_atomic
 
 DEFAULT_UTILITY_FLOOR = 0.5
@@ -218,20 +219,6 @@ def render_markdown(board: Board) -> str:
 
 # --- the plot -----------------------------------------------------------------------------------
 
-def _label_points(ax, points: list[tuple[float, float, str]]) -> None:
-    """One label per point, stacked where points crowd (many entries sit at exact match 1.0 near top-1
-    1.0): labels near the top run downwards, near the right edge leftwards, so none leaves the axes."""
-    placed: list[tuple[float, float]] = []  # (x, y) of the points labelled so far
-    for x, y, label in sorted(points, key=lambda p: (-p[1], -p[0])):
-        crowd = sum(1 for _, py in placed if abs(py - y) < 0.06)  # one text row per point of the same band
-        placed.append((x, y))
-        dy = -(10 + 9 * crowd) if y > 0.9 else 4 + 9 * crowd
-        right = x > 0.7
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(-5 if right else 5, dy), fontsize=7,
-                    ha="right" if right else "left", va="center", parse_math=False,
-                    arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6") if crowd else None)
-
-
 def plot_png(board: Board) -> bytes:
     """Worst-case exact match against top-1 agreement, the floor and the Pareto frontier, as PNG.
     Labels are entry ids (slugs), drawn with mathtext off."""
@@ -250,9 +237,6 @@ def plot_png(board: Board) -> bytes:
     if frontier:
         ax.plot(*zip(*frontier), color="tab:red", linestyle="-", drawstyle="steps-pre", zorder=2,
                 label="Pareto frontier")
-    _label_points(ax, [(r.entry.top1_agreement, r.entry.worst_exact_match,
-                        r.entry.entry_id if len(r.entry.entry_id) <= 28 else r.entry.entry_id[:27] + "...")
-                       for r in rows])
     ax.axvline(board.floor, color="tab:green", linestyle="--", label=f"utility floor {board.floor:.2f}")
     if not rows:
         ax.text(0.5, 0.5, "no entries yet", ha="center", va="center", transform=ax.transAxes, parse_math=False)
@@ -262,6 +246,9 @@ def plot_png(board: Board) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
+    label_points(ax, [PointLabel(r.entry.top1_agreement, r.entry.worst_exact_match,
+                                 r.entry.entry_id if len(r.entry.entry_id) <= 28 else r.entry.entry_id[:27] + "...")
+                      for r in rows])  # after the layout: placement measures the rendered labels
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
