@@ -24,8 +24,12 @@ cheap ranker already knew. Per position t, with the prefix x1..x(t-1) committed:
      the first pass verification goes on to `lookahead` times that many candidates (at least
      `min_noisy_candidates`) and the best verified candidate is committed;
    - no candidate passes: verification goes on through the whole vocabulary (or `max_candidates`,
-     a stated budget) and commits the best, which is what `scan` commits. guided is never less
-     exact than scan, only slower on hard positions;
+     a stated budget) and commits the best, which is what `scan` commits. Noise-free, guided is
+     as exact as scan, only slower on hard positions. Under noise it is not always: when wrong
+     tokens pass first (noise far above the certified radius), the best of the lookahead can be
+     worse than the truth that a full scan would find; the harness's search-failure check flags
+     such misses and the verdict says inconclusive (seen on tiny-gpt2 at sigma 1.5 and on
+     SmolLM2 under dp at Z 0.1);
    - a prompt whose position found no passing candidate almost surely has a wrong prefix (an
      earlier commit was wrong, so no token reproduces the target): its later positions verify at
      most `after_failure` candidates until one passes again. Exact match is lost either way, as
