@@ -49,6 +49,11 @@ def prompt_record(attack, prompt, out, row: int, decode: Callable, *, objective:
     }
 
 
+def recorded_seconds(records: list[dict]) -> float:
+    """The attack time these records took (each holds its batch's seconds per prompt and token)."""
+    return sum(r["seconds_per_token"] * len(r["target_ids"]) for r in records)
+
+
 def summarise_attack(records: list[dict], *, flag_threshold: float, config: dict[str, Any],
                      diagnostics: dict[str, Any] | None = None,
                      blind_token_accuracy: float | None = None) -> AttackSummary:
@@ -56,7 +61,7 @@ def summarise_attack(records: list[dict], *, flag_threshold: float, config: dict
     discrete loss (failed prompts are the positives) and the attack's verdict."""
     seconds = [r["seconds_per_token"] for r in records]
     total_tokens = sum(len(r["target_ids"]) for r in records)
-    total_seconds = sum(r["seconds_per_token"] * len(r["target_ids"]) for r in records)
+    total_seconds = recorded_seconds(records)
     final_loss = [r["cumulative_discrete_loss"][-1] for r in records]
     final_loss = [float("inf") if x is None else x for x in final_loss]
     failed = [not r["exact_match"] for r in records]

@@ -40,6 +40,20 @@ def test_rerun_resumes_without_redoing_finished_prompts(tmp_path, capsys, monkey
     assert json.loads((tmp_path / "summary.json").read_text())["attacks"]["continuous"]["n"] == 3
 
 
+def test_resumed_run_keeps_the_attack_time_of_earlier_sessions(tmp_path, capsys):
+    """A finished run opened again (as `submit` does) must not report the seconds of the reopening as
+    its wall time: the attack time its records hold counts."""
+    args = BASE + ["--out", str(tmp_path)]
+    assert invoke(args, capsys)[0] == 0
+    path = tmp_path / "records.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        r["seconds_per_token"] = 100.0  # as if each prompt had taken 300 s (3 tokens) in the first session
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert invoke(args, capsys)[0] == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["wall_seconds"] >= 3 * 300.0
+
+
 def test_foreign_output_folder_is_refused(tmp_path, capsys):
     assert invoke(BASE + ["--out", str(tmp_path)], capsys)[0] == 0
     code, _, err = invoke(BASE + ["--seed", "7", "--out", str(tmp_path)], capsys)
