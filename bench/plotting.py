@@ -2,9 +2,9 @@
 
 Benchmark points crowd: most defences leak everything, so their points sit together at exact match
 1.0 near top-1 agreement 1.0. Each label is tried one text row after another (downwards near the top
-of the axes, upwards elsewhere; leftwards near the right edge) until its rendered box overlaps no
-label placed before it; a moved label gets a leader line to its point. Call it after the axes'
-scales and limits are final.
+of the axes, upwards elsewhere) to the right of its point, then the same on its left, until its
+rendered box stays inside the axes and overlaps no label placed before it; a label moved off its
+first row gets a leader line. Call it after the axes' scales and limits are final.
 """
 from __future__ import annotations
 
@@ -34,19 +34,21 @@ def label_points(ax, labels: list[PointLabel]) -> list:
         fx, fy = to_axes.transform((label.x, label.y))
         return -fy, -fx
 
+    inside = ax.get_window_extent(renderer)
     boxes, annotations = [], []
     for label in sorted(labels, key=top_right_first):
-        fx, fy = to_axes.transform((label.x, label.y))
-        down, right = fy > 0.85, fx > 0.7
-        for row in range(MAX_ROWS):
+        down = to_axes.transform((label.x, label.y))[1] > 0.85
+        tries = [(row, right) for right in (True, False) for row in range(MAX_ROWS)]  # right of the point first
+        for row, right in tries:
             dy = -(12 + ROW_POINTS * row) if down else 6 + ROW_POINTS * row
             annotation = ax.annotate(
-                label.text, (label.x, label.y), textcoords="offset points", xytext=(-5 if right else 5, dy),
-                fontsize=7, color=label.color, ha="right" if right else "left", va="center", parse_math=False,
+                label.text, (label.x, label.y), textcoords="offset points", xytext=(5 if right else -5, dy),
+                fontsize=7, color=label.color, ha="left" if right else "right", va="center", parse_math=False,
                 arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6") if row else None)
             annotation.update_positions(renderer)
             box = Text.get_window_extent(annotation, renderer)  # the text alone, not its leader line
-            if row == MAX_ROWS - 1 or not any(box.overlaps(other) for other in boxes):
+            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and not any(box.overlaps(other) for other in boxes)
+            if fits or (row, right) == tries[-1]:
                 break
             annotation.remove()
         boxes.append(box)
