@@ -71,13 +71,19 @@ def default_flag_threshold(*, noise_std: float, tokens: int, dim: int, float_flo
     return mean * (1 + 5 * math.sqrt(2 / (tokens * dim))) + tokens * float_floor
 
 
+PRIVACY_METRICS = ("exact_match", "token_accuracy", "similarity")
+
+
 def worst_case(attacks: dict[str, dict]) -> dict[str, dict]:
     """For each privacy metric, the highest value over attacks (the strongest attack) and which
-    attack reached it. The one rule for "the strongest attack": ties go to the attack whose name
-    sorts first, whatever order the attacks come in, so a run, its entry and the board agree."""
+    attack reached it. The one rule for "the strongest attack": a tie goes to the attack that is
+    stronger by the other metrics, in order (so at exact match 0 for all, the one that recovers
+    most tokens), and then to the name that sorts first, whatever order the attacks come in, so a
+    run, its entry and the board agree."""
     out = {}
-    for key in ("exact_match", "token_accuracy", "similarity"):
-        name = min(attacks, key=lambda a: (-attacks[a][key], a))
+    for key in PRIVACY_METRICS:
+        order = (key, *(k for k in PRIVACY_METRICS if k != key))
+        name = min(attacks, key=lambda a: (*(-attacks[a][k] for k in order), a))
         out[key] = {"value": attacks[name][key], "attack": name}
     return out
 

@@ -260,7 +260,7 @@ def test_an_inconclusive_entry_never_outranks_a_conclusive_one(tmp_path):
 
 def test_ties_name_the_same_strongest_attack_in_the_run_the_entry_and_the_board(tmp_path):
     entry = make_entry("Tie", em={"guided": 1.0, "continuous": 0.2, "projection": 0.2, "scan": 1.0})
-    assert entry["worst_case"]["exact_match"]["attack"] == "guided"  # ties: the name that sorts first
+    assert entry["worst_case"]["exact_match"]["attack"] == "guided"  # a tie on every metric: the name that sorts first
     board = board_of(tmp_path, entry)
     assert board.ranked[0].entry.worst_attack == "guided"
     entry["worst_case"]["exact_match"]["attack"] = "scan"  # the same value, another name: refused

@@ -35,3 +35,16 @@ def test_detector_auroc_undefined_when_one_class():
 def test_non_finite_values_become_null():
     assert metrics.finite_or_none(float("inf")) is None
     assert metrics.finite_or_none(2.5) == pytest.approx(2.5)
+
+
+def test_worst_case_tie_goes_to_the_attack_stronger_by_the_other_metrics_then_to_the_name():
+    attacks = {"continuous": {"exact_match": 0.0, "token_accuracy": 0.0, "similarity": 0.3},
+               "guided": {"exact_match": 0.0, "token_accuracy": 0.2, "similarity": 0.4},
+               "projection": {"exact_match": 0.0, "token_accuracy": 0.2, "similarity": 0.4}}
+    worst = metrics.worst_case(attacks)
+    # exact match ties at 0: guided and projection recover more tokens than continuous; then the name
+    assert worst["exact_match"] == {"value": 0.0, "attack": "guided"}
+    assert worst["similarity"] == {"value": 0.4, "attack": "guided"}
+    attacks["projection"]["similarity"] = 0.5
+    assert metrics.worst_case(attacks)["exact_match"]["attack"] == "projection"
+    assert metrics.worst_case(dict(reversed(attacks.items()))) == metrics.worst_case(attacks)
