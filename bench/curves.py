@@ -20,6 +20,7 @@ from typing import Any, Callable
 from jsonschema import Draft202012Validator
 
 from .errors import InvbenchError
+from .metrics import json_safe
 from .plotting import PointLabel, label_points
 from .results import write_json_atomic
 from .schema_check import Failure, failures, finite_json, format_checker, load_schema
@@ -111,7 +112,7 @@ class Curve:
 
     def to_dict(self) -> dict[str, Any]:
         """What the file holds: who and when first, the points last."""
-        data = asdict(self)
+        data = json_safe(asdict(self))  # JSON has no inf: a destroyed model's perplexity ratio is stored as null
         head = ("format", "protocol", "defense", "defense_spec", "created", "versions", "protocol_settings", "grid")
         return {**{k: data[k] for k in head}, "date": self.date, "points": data["points"]}
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from invbench import runner
 from invbench.cli import cli, main
-from invbench.curves import Curve, CurveError, CurvePoint, load_curve, load_curves
+from invbench.curves import Curve, CurveError, CurvePoint, load_curve, load_curves, save_curve
 from invbench.defenses import DefenseError
 from invbench.protocols import PROTOCOLS
 from invbench.sweep import SweepError, grid_points, parse_param_lists, sweep
@@ -251,3 +251,13 @@ def test_ray_sweep_lands_in_the_same_run_directories(swept, tmp_path, monkeypatc
     again = sweep(defense="gaussian", grid={"sigma": SIGMAS}, protocol=CHEAP, runs_dir=tmp_path, device="cpu",
                   echo=lambda line: None)
     assert attacked == [] and again.digest == curve.digest
+
+
+def test_a_curve_with_an_infinite_cost_is_saved_with_null_there(tmp_path):
+    """dp at a large multiplier destroys the states: the perplexity ratio overflows to inf, which JSON
+    cannot hold (the sweep died after its last point with a traceback)."""
+    point = CurvePoint(params={"noise_multiplier": 1.0}, worst_case_exact_match=0.0, worst_case_token_accuracy=0.0,
+                       top1_agreement=0.0, kl_clean_defended=481.0, epsilon=10.0, perplexity_ratio=float("inf"))
+    path = save_curve(Curve(protocol="quick", defense="dp", points=[point]), tmp_path)
+    assert json.loads(path.read_text())["points"][0]["perplexity_ratio"] is None
+    assert load_curve(path).points[0].kl_clean_defended == 481.0
