@@ -20,7 +20,7 @@ from typing import Any, Callable
 from jsonschema import Draft202012Validator
 
 from .errors import InvbenchError
-from .metrics import json_safe
+from .metrics import finite_or_none, json_safe
 from .plotting import PointLabel, label_points
 from .results import write_json_atomic
 from .schema_check import Failure, failures, finite_json, format_checker, load_schema
@@ -65,11 +65,11 @@ class CurvePoint:
                    worst_case_token_accuracy=worst["token_accuracy"].value,
                    top1_agreement=utility.get("top1_agreement"),
                    kl_clean_defended=utility.get("kl_clean_defended"),
-                   epsilon=defense.get("epsilon"),
+                   epsilon=finite_or_none(defense.get("epsilon")),  # inf: no guarantee, as in the files
                    worst_case_exact_match_attack=worst["exact_match"].attack,
                    worst_case_token_accuracy_attack=worst["token_accuracy"].attack,
-                   epsilon_per_prompt=defense.get("epsilon_per_prompt"),
-                   perplexity_ratio=utility.get("perplexity_ratio"),
+                   epsilon_per_prompt=finite_or_none(defense.get("epsilon_per_prompt")),
+                   perplexity_ratio=finite_or_none(utility.get("perplexity_ratio")),
                    cosine=utility.get("cosine"),
                    config_hash=summary.config_hash,
                    run_dir=run_dir,
