@@ -28,13 +28,13 @@ entry_from_sweep() {  # protocol, entry name, sweep folder (runs/<protocol>/<def
 
 # --- C4 board: curves first, their points become entries ---------------------------------------
 c4_board() {
-invbench sweep --protocol $C4 --defense gaussian --param sigma=0.003,0.01,0.03,0.3,1 --device cpu
+invbench sweep --protocol $C4 --defense gaussian --param sigma=0.003,0.01,0.03,0.3,1,10 --device cpu
 # dp: sigma = 45 Z per coordinate; Z 0.001 (sigma 0.045) keeps the text, 0.1 and 1 destroy the states. The middle
 # multipliers (0.003-0.03, sigma 0.1-1.4) cost guided a whole-vocabulary pass per prompt (about an hour an entry on
 # this CPU), so they are left to a GPU
 invbench sweep --protocol $C4 --defense dp --param clip=45 --param noise_multiplier=0.001,0.1,1 --device cpu
 invbench sweep --protocol $C4 --defense quantize --param bits=8,6,4 --device cpu
-for sigma in 0.003 0.01 0.03 0.3 1; do
+for sigma in 0.003 0.01 0.03 0.3 1 10; do
   entry_from_sweep $C4 "Gaussian sigma $sigma" "runs/$C4/gaussian/sigma=$sigma" --defense gaussian --sigma "$sigma"
 done
 for z in 0.001 0.1 1; do
