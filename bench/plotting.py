@@ -46,7 +46,7 @@ def label_points(ax, labels: list[PointLabel]) -> list:
                 fontsize=7, color=label.color, ha="left" if right else "right", va="center", parse_math=False,
                 arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6") if row else None)
             annotation.update_positions(renderer)
-            box = Text.get_window_extent(annotation, renderer)  # the text alone, not its leader line
+            box = Text.get_window_extent(annotation, renderer).padded(3)  # the text alone (not its leader line), a gap around it
             fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and not any(box.overlaps(other) for other in boxes)
             if fits or (row, right) == tries[-1]:
                 break
