@@ -19,7 +19,7 @@ from typing import Any, Callable
 from jsonschema import Draft202012Validator
 
 from .errors import InvbenchError
-from .metrics import worst_case
+from .metrics import PRIVACY_METRICS, worst_case
 from .schema_check import Failure, failures, finite_json, format_checker, load_schema
 from .verdicts import run_verdict
 
@@ -27,7 +27,6 @@ SCHEMA_VERSION = 2  # 2: verdicts (per attack and for the entry) and the certifi
 ENTRY_ID_PATTERN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 ENTRY_ID_MAX = 64
 MAX_ENTRY_BYTES = 1_000_000  # an entry is a few KB; refuse anything that could stall the renderer
-PRIVACY_METRICS = ("exact_match", "token_accuracy", "similarity")
 
 
 class EntryError(InvbenchError, ValueError):

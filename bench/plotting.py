@@ -30,15 +30,13 @@ def label_points(ax, labels: list[PointLabel]) -> list:
     ax.autoscale_view()
     to_axes = ax.transData + ax.transAxes.inverted()
 
-    def top_right_first(label: PointLabel) -> tuple[float, float]:
-        fx, fy = to_axes.transform((label.x, label.y))
-        return -fy, -fx
-
+    placed = sorted(((*to_axes.transform((label.x, label.y)), label) for label in labels),
+                    key=lambda p: (-p[1], -p[0]))  # axes fractions; top and right first
+    tries = [(row, right) for right in (True, False) for row in range(MAX_ROWS)]  # right of the point first
     inside = ax.get_window_extent(renderer)
     boxes, annotations = [], []
-    for label in sorted(labels, key=top_right_first):
-        down = to_axes.transform((label.x, label.y))[1] > 0.85
-        tries = [(row, right) for right in (True, False) for row in range(MAX_ROWS)]  # right of the point first
+    for _, fy, label in placed:
+        down = fy > 0.85
         for row, right in tries:
             dy = -(12 + ROW_POINTS * row) if down else 6 + ROW_POINTS * row
             annotation = ax.annotate(

@@ -262,8 +262,9 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
         except KeyboardInterrupt:
             raise RunInterrupted(folder.interrupted_message(len(source.prompts) * len(attacks))) from None
         # a resumed run's wall time includes the attack time its earlier sessions recorded
-        earlier = scoring.recorded_seconds([r for r in folder.records() if (r.get("attack"), r.get("prompt_index")) in done])
-        summary = score(source, leak, attacks, defense, folder.records(), cfg=cfg, chash=chash, device=device,
+        records = folder.records()
+        earlier = scoring.recorded_seconds([r for r in records if (r.get("attack"), r.get("prompt_index")) in done])
+        summary = score(source, leak, attacks, defense, records, cfg=cfg, chash=chash, device=device,
                         started=started - earlier)
         folder.write_summary(summary.to_dict())
     return summary

@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import InvbenchError
+from .metrics import PRIVACY_METRICS
 from .schema_check import load_schema
 
 SCHEMA_VERSION = 1
 READABLE_VERSIONS = (0, 1)
-PRIVACY_METRICS = ("exact_match", "token_accuracy", "similarity")
 
 
 class SummaryError(InvbenchError, ValueError):
