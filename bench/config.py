@@ -56,7 +56,7 @@ class DeviceDefaults:
 # A GPU runs the paper's setting with every attack. A CPU has minutes: the exact attack (guided, which
 # needs ~0.2 s per token there) on 10-token prompts, and the paper's continuous attack at a capped
 # budget for comparison (SmolLM2's Adam steps cost ~0.1 s each on 2 cores; the paper's settings do not
-# converge on it in any CPU budget, see bench/STUDY-published-attacks.md).
+# converge on it in any CPU budget, see bench/studies/STUDY-published-attacks.md).
 DEVICE_DEFAULTS = {
     "cuda": DeviceDefaults(n=100, tokens=10, attacks=("guided", "continuous", "projection", "scan"), preset="baseline"),
     "cpu": DeviceDefaults(n=5, tokens=10, attacks=("guided", "continuous"), preset="fast", capped={"steps": 20}),

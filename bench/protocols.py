@@ -60,7 +60,7 @@ for _protocol in (
              "first can be committed, and the search-failure check flags it); continuous (fast preset) capped at 20 Adam steps and 100 candidates; "
              "projection capped at 20 steps. Why the caps: on SmolLM2 the published settings put the true token first "
              "at 13% (continuous) and 10% (projection) of positions within 100 steps and at 20% and 10% within 2,000 "
-             "(bench/STUDY-published-attacks.md), so no CPU budget makes them recover prompts. Capped, an entry takes "
+             "(bench/studies/STUDY-published-attacks.md), so no CPU budget makes them recover prompts. Capped, an entry takes "
              "10-25 minutes on 2 CPU cores, and about an hour under noise that hides the first token but not a wrong "
              "prefix (sigma about 0.1 to 3): there guided verifies the whole vocabulary at each such prompt's second "
              "position. The worst case, which ranks the board, is guided's.",

@@ -18,7 +18,7 @@ Which gaps are known exactly: position 1 always (the codebook holds every token'
 state); positions 2 and up only where a full scan ran on clean states (`scan` without a defence,
 whose runner-up margin along the true prefix is g_t^2 / d). Otherwise the prompt's radius is
 reported from position 1 only: an upper bound on r (later gaps measured on SmolLM2 are ~25x
-larger; bench/GUIDED.md), labelled as such.
+larger; bench/studies/GUIDED.md), labelled as such.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The published-attacks study (bench/study_published.py) on the tiny seeded model: its loops
+"""The published-attacks study (bench/studies/study_published.py) on the tiny seeded model: its loops
 recover the true token where the attacks do, record first hits as int or None, stay faithful to
 the attacks' own inner loops, and stacked rows behave as if alone."""
 from __future__ import annotations
@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from invbench import study_published as sp
+from invbench.studies import study_published as sp
 from invbench.attacks import make_attack
 from invbench.defenses import make_defense
-from invbench.study_published_report import load_runs, render_tables, summarise
+from invbench.studies.study_published_report import load_runs, render_tables, summarise
 
 POSITIONS = [(0, 0), (1, 0), (0, 3), (2, 3)]
 

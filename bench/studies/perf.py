@@ -1,6 +1,6 @@
 """Speed benchmark: every attack in reference mode and batched, side by side, in one invocation.
 
-    python -m invbench.perf --model gpt2-random --tokens 10 --batch-sizes 1,32,256 --out bench/PERF.md
+    python -m invbench.studies.perf --model gpt2-random --tokens 10 --batch-sizes 1,32,256 --out bench/studies/PERF.md
 
 For each attack: reference mode on a few prompts (where the attack has one), then batched runs at
 each batch size, on clean targets. Prints and writes a Markdown table: seconds per token (wall time
@@ -27,7 +27,7 @@ from invbench.leaks.models import load_model
 from invbench.leaks.oracle import WhiteBox, document_start_token
 from invbench.leaks.prompts import load_prompts
 
-from .config import device_name
+from ..config import device_name
 
 
 @dataclass
@@ -98,7 +98,7 @@ def format_table(rows: list[Row], *, header: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m invbench.perf", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m invbench.studies.perf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gpt2-random")
     parser.add_argument("--tokens", type=int, default=10)
     parser.add_argument("--batch-sizes", default="1,32,256")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attacks", default="guided,continuous,projection,scan")
     parser.add_argument("--preset", default="baseline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=None, help="Markdown file to write the table to (e.g. bench/PERF.md).")
+    parser.add_argument("--out", default=None, help="Markdown file to write the table to (e.g. bench/studies/PERF.md).")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"Measured {dt.date.today().isoformat()} on {device_name(device)}, torch {torch.__version__}, "
               f"model {args.model}, {args.tokens}-token prompts from {source}, preset {args.preset}, no defence; "
               f"measured matmul throughput {tflops:.1f} TFLOP/s (float32).\n\n"
-              f"Command: `python -m invbench.perf {shlex.join(argv if argv is not None else sys.argv[1:])}`")
+              f"Command: `python -m invbench.studies.perf {shlex.join(argv if argv is not None else sys.argv[1:])}`")
     table = format_table(rows, header=header)
     print(table)
     if args.out:

@@ -30,7 +30,7 @@ studied in 3 prompts. Rows of the same t share one prefix length and run as rows
 pass, several settings at once (each row keeps its own Adam state, schedule position, early exit,
 ban mask; a test checks that stacked rows equal rows run alone).
 
-Usage (python -m invbench.study_published ...):
+Usage (python -m invbench.studies.study_published ...):
   run      --model M --attack continuous|projection --settings SPEC [SPEC ...] --out DIR
   diagnose --model M --out DIR          embedding geometry, gradient and landscape figures
   report   --runs DIR --md FILE --png FILE --json FILE
@@ -786,7 +786,7 @@ def cmd_list(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m invbench.study_published", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m invbench.studies.study_published", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -829,7 +829,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "diagnose":
         cmd_diagnose(args)
     elif args.command == "report":
-        from invbench.study_published_report import report
+        from invbench.studies.study_published_report import report
 
         report(Path(args.runs), md=args.md, png=args.png, json_out=args.json)
     else:

@@ -1,6 +1,6 @@
 """Benchmark of the guided attack against scan on SmolLM2: exactness, cost and the stop's tolerance.
 
-    python -m invbench.guided_bench --out bench/GUIDED.md            # resumable: reruns skip finished runs
+    python -m invbench.studies.guided_bench --out bench/studies/GUIDED.md            # resumable: reruns skip finished runs
 
 Every cell is a resumable `invbench run` under --runs-dir (one folder per prompt set, sigma and
 attack), so an interrupted benchmark resumes where it stopped. Prompt sets: the first --c4 C4
@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig
-from .runner import run
+from ..config import RunConfig
+from ..runner import run
 
 SIGMAS = (0.0, 0.01, 0.1, 0.3, 1.0)
 
@@ -170,7 +170,7 @@ def summary_of(cfg: RunConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m invbench.guided_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m invbench.studies.guided_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--c4", type=int, default=20, help="C4 prompts")
     parser.add_argument("--random", type=int, default=10, help="random-token prompts (0: none)")
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scan-sigmas", default=None, help="sigmas scan runs at (default: --sigmas)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--runs-dir", default="runs/guided-bench")
-    parser.add_argument("--out", default=None, help="Markdown file for the table (e.g. bench/GUIDED.md)")
+    parser.add_argument("--out", default=None, help="Markdown file for the table (e.g. bench/studies/GUIDED.md)")
     parser.add_argument("--board-runs", nargs="*", default=[],
                         help="finished leaderboard run folders whose guided rows to add (read, not rerun)")
     args = parser.parse_args(argv)
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
              f"Measured {dt.date.today().isoformat()} on {platform.processor() or platform.machine()} "
              f"({torch.get_num_threads()} torch threads), torch {torch.__version__}; "
              f"{args.tokens}-token prompts; gaussian noise per coordinate sigma (0: no defence).", "",
-             f"Command: `python -m invbench.guided_bench {shlex.join(argv if argv is not None else sys.argv[1:])}`", ""]
+             f"Command: `python -m invbench.studies.guided_bench {shlex.join(argv if argv is not None else sys.argv[1:])}`", ""]
     lines += table(results, scan_prompts=args.scan_prompts, vocab=vocab)
     if not args.scan_prompts:
         lines += ["", f"scan was not run (--scan-prompts 0). Its cost is known without running it: every position "
