@@ -2,24 +2,49 @@
 
 A defence transforms leaked hidden states before they leave the system. It is public
 (Kerckhoffs): attacks may call `simulate` (the deterministic part, e.g. clipping or
-quantisation) on their own candidate hidden states, and know `noise_std`.
+quantisation) on their own candidate hidden states, and know its `noise_law` (the distribution
+of the additive noise, defenses/noise.py) and `noise_std` (that law's std per coordinate).
+
+A defence declares its noise one of two ways: `noise_std` alone (the law is then Gaussian with
+that sigma, what every defence meant before laws existed), or `noise_law` (then `noise_std` and
+`noise` follow from the law).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
 
 from invbench.errors import InvbenchError
 
+from .noise import GaussianNoise, NoiseLaw
+
 
 class DefenseError(InvbenchError, ValueError):
     """Raised for invalid defence parameters; the CLI prints it as one line."""
 
 
+def positive_param(value: Any, what: str) -> float:
+    """`value` as a finite float > 0, or a one-line DefenseError naming `what` (e.g. "dchi: --epsilon")."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DefenseError(f"{what} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not (math.isfinite(number) and number > 0):
+        raise DefenseError(f"{what} must be a finite number > 0, got {value!r}")
+    return number
+
+
+#: What a guarantee's epsilon means: pure DP, approximate DP, or metric DP (epsilon per unit of
+#: distance between two inputs). A defence without a guarantee has kind None.
+GUARANTEE_KINDS = ("epsilon-DP", "(epsilon, delta)-DP", "metric DP")
+
+
 class Defense:
     """Base class. Subclasses set `name`, validate parameters in `__init__` and override
-    `simulate` and/or `noise`. `apply` = simulate, then add noise."""
+    `simulate` and declare their noise (`noise_std` for Gaussian noise, or `noise_law`).
+    `apply` = simulate, then add noise."""
 
     name: ClassVar[str] = "defense"
     #: Parameter names and their types, for `--param name=value` parsing and `invbench defenses`.
@@ -43,16 +68,31 @@ class Defense:
         return hidden
 
     @property
+    def noise_law(self) -> NoiseLaw | None:
+        """The law of the additive noise (defenses/noise.py); None for a noise-free defence. By
+        default Gaussian(noise_std) when noise_std > 0, so a defence that declares only noise_std
+        keeps the behaviour it had before laws existed."""
+        std = self.noise_std
+        return GaussianNoise(sigma=std) if std > 0 else None
+
+    @property
     def noise_std(self) -> float:
-        """Standard deviation of the additive noise per coordinate (0 for deterministic defences)."""
+        """Standard deviation of the additive noise per coordinate (0 for deterministic defences).
+        By default the declared law's `std()`; a law whose std depends on d (dchi) makes this raise
+        unless the defence overrides it: use `noise_law.std(dim=d)` there."""
+        if type(self).noise_law is not Defense.noise_law:  # the class declares a law
+            law = self.noise_law
+            return 0.0 if law is None else law.std()
         return 0.0
 
     # --- what the system does -----------------------------------------------------------
     def noise(self, shape: torch.Size, *, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-        """Additive noise; drawn on the generator's device so a seed gives the same draw."""
-        if self.noise_std == 0:
+        """Additive noise: a draw of `noise_law` on the generator's device, so a seed gives the same
+        draw (Gaussian: randn * noise_std, as before laws existed)."""
+        law = self.noise_law
+        if law is None:
             return torch.zeros(shape, dtype=dtype, device=generator.device)
-        return torch.randn(shape, generator=generator, dtype=dtype, device=generator.device) * self.noise_std
+        return law.sample(shape, generator=generator, dtype=dtype)
 
     def apply(self, hidden: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
         """Defended hidden states: simulate(H) + noise. Same generator state, same output."""
@@ -60,10 +100,11 @@ class Defense:
         return self.simulate(hidden) + noise.to(hidden.device)
 
     def guarantee(self, tokens: int | None = None) -> dict[str, Any]:
-        """Privacy guarantee, as {"epsilon", "delta", "neighbouring", "reason"}; epsilon None
-        when the defence has none. `tokens` (the prompt length T), when given, lets a defence
-        with a guarantee add "epsilon_per_prompt" and "tokens"; overrides must accept it."""
-        return {"epsilon": None, "delta": None, "neighbouring": None, "reason": "no formal guarantee"}
+        """Privacy guarantee, as {"epsilon", "delta", "kind", "neighbouring", "reason"}; epsilon
+        None when the defence has none. "kind" is one of GUARANTEE_KINDS or None. `tokens` (the
+        prompt length T), when given, lets a defence with a guarantee add "epsilon_per_prompt" and
+        "tokens"; overrides must accept it."""
+        return {"epsilon": None, "delta": None, "kind": None, "neighbouring": None, "reason": "no formal guarantee"}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "params": dict(self.params)}

@@ -35,4 +35,4 @@ class Gaussian(Defense):
         return self.sigma
 
     def guarantee(self, tokens: int | None = None) -> dict:
-        return {"epsilon": None, "delta": None, "neighbouring": None, "reason": "unbounded sensitivity"}
+        return {"epsilon": None, "delta": None, "kind": None, "neighbouring": None, "reason": "unbounded sensitivity"}

@@ -3,7 +3,9 @@
 Plug-ins are user code: the runner calls `check_defense` once on real states before any attack,
 and every `apply` through `defend_one`, so a broken plug-in is named in one line rather than
 failing deep inside an attack. What is checked: a tensor of the input's shape, dtype and
-device, all finite; `noise_std` a finite number >= 0.
+device, all finite; `noise_law` None or a NoiseLaw whose std at the states' d is a finite
+number >= 0; `noise_std` a finite number >= 0 (attacks still read it: a dchi defence without
+`dim` is refused here until they use the law).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import math
 import torch
 
 from .base import Defense, DefenseError
+from .noise import NoiseLaw
 
 
 def defense_label(defense: Defense) -> str:
@@ -37,7 +40,8 @@ def check_output(label: str, what: str, out: object, like: torch.Tensor) -> None
 
 
 def check_defense(defense: Defense, sample: torch.Tensor) -> None:
-    """What attacks use of a defence, checked once on real states: `simulate` and `noise_std`."""
+    """What attacks use of a defence, checked once on real states: `simulate`, `noise_law` and
+    `noise_std`."""
     label = defense_label(defense)
     try:
         simulated = defense.simulate(sample.clone())
@@ -51,6 +55,16 @@ def check_defense(defense: Defense, sample: torch.Tensor) -> None:
         raise DefenseError(f"{label}: noise_std raised {type(exc).__name__}: {one_line(exc)}") from exc
     if not ok:
         raise DefenseError(f"{label}: noise_std is {std!r}; expected a finite number >= 0")
+    try:
+        law = defense.noise_law
+        ok = law is None or isinstance(law, NoiseLaw)
+        std = law.std(dim=sample.shape[-1]) if ok and law is not None else 0.0
+        ok = ok and isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std) and std >= 0
+    except Exception as exc:
+        raise DefenseError(f"{label}: noise_law raised {type(exc).__name__}: {one_line(exc)}") from exc
+    if not ok:
+        raise DefenseError(f"{label}: noise_law is {law!r}; expected None or a NoiseLaw (invbench.defenses.noise) "
+                           "with a finite std >= 0")
 
 
 def defend_one(defense: Defense, hidden: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

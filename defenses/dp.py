@@ -37,16 +37,17 @@ def _positive_float(value: Any, what: str) -> float:
     return value
 
 
-def clip_rows(hidden: torch.Tensor, clip: float) -> torch.Tensor:
-    """Scale each vector (last dim) to L2 norm <= clip; differentiable, any leading shape, any
-    finite values (huge ones included). Non-finite input gives non-finite output."""
+def clip_rows(hidden: torch.Tensor, clip: float, *, ord: float = 2) -> torch.Tensor:
+    """Scale each vector (last dim) to L2 norm (or the `ord` norm: laplace clips in L1) <= clip;
+    differentiable, any leading shape, any finite values (huge ones included). Non-finite input
+    gives non-finite output."""
     work = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
     tiny = torch.finfo(work.dtype).tiny
-    norm = torch.linalg.vector_norm(work, dim=-1, keepdim=True)
+    norm = torch.linalg.vector_norm(work, ord=ord, dim=-1, keepdim=True)
     # A vector near the dtype's largest values has a norm that overflows to inf (which would clip it
     # to zero): there, take the norm of the vector scaled by its largest |coordinate| instead.
     absmax = work.abs().amax(dim=-1, keepdim=True)
-    rescaled = absmax * torch.linalg.vector_norm(work / absmax.clamp_min(tiny), dim=-1, keepdim=True)
+    rescaled = absmax * torch.linalg.vector_norm(work / absmax.clamp_min(tiny), ord=ord, dim=-1, keepdim=True)
     norm = torch.where(torch.isfinite(norm), norm, rescaled)
     # clamp_min keeps the gradient finite at the zero vector (its scale is 1 anyway)
     scale = (clip / norm.clamp_min(tiny)).clamp(max=1.0)
@@ -116,8 +117,8 @@ class DP(Defense):
         """(epsilon, delta) per released vector; with `tokens` = T also per prompt of T vectors
         (GDP composition: mu * sqrt(T))."""
         eps, method = epsilon_from_mu(mu=self.mu, delta=self.delta)
-        out = {"epsilon": eps, "delta": self.delta, "neighbouring": NEIGHBOURING, "reason": _REASONS[method],
-               "mu": self.mu}
+        out = {"epsilon": eps, "delta": self.delta, "kind": "(epsilon, delta)-DP", "neighbouring": NEIGHBOURING,
+               "reason": _REASONS[method], "mu": self.mu}
         if tokens is not None:
             if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
                 raise DefenseError(f"dp: tokens must be an int >= 1, got {tokens!r}")

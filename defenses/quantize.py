@@ -71,5 +71,5 @@ class Quantize(Defense):
         return quantize_tensor(hidden, bits=self.bits, per_vector=self.scheme == "per-vector")
 
     def guarantee(self, tokens: int | None = None) -> dict[str, Any]:
-        return {"epsilon": None, "delta": None, "neighbouring": None,
+        return {"epsilon": None, "delta": None, "kind": None, "neighbouring": None,
                 "reason": "deterministic: no formal guarantee (an attacker can simulate it exactly)"}
