@@ -2,7 +2,7 @@
 from .base import GUARANTEE_KINDS, Defense, DefenseError
 from .noise import DChiNoise, GaussianNoise, LaplaceNoise, NoiseLaw
 from .registry import DEFENSES, available_defenses, load_defense_class, make_defense, register_defense
-from . import builtin, dp, quantize  # noqa: F401  (registers the built-in defences; topk comes by entry point)
+from . import builtin, dchi, dp, laplace, quantize  # noqa: F401  (registers the built-in defences; topk comes by entry point)
 
 __all__ = ["GUARANTEE_KINDS", "DChiNoise", "Defense", "DefenseError", "GaussianNoise", "LaplaceNoise", "NoiseLaw",
            "available_defenses", "load_defense_class", "make_defense", "register_defense"]

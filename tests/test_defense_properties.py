@@ -6,7 +6,8 @@ Contract, as tested here:
 - apply and simulate keep shape and dtype; simulate is deterministic, and apply is too for a
   generator in the same state;
 - finite input gives finite output from simulate (apply adds finite noise to it);
-- dp never returns a vector longer than its clip norm (up to the dtype's rounding);
+- dp and dchi (clipped) never return a vector longer than their L2 clip norm, laplace none longer
+  than its L1 clip norm (up to the dtype's rounding);
 - quantize uses at most 2^bits levels per vector (per-vector) or per tensor (per-tensor);
 - topk keeps at most k coordinates per vector, unchanged;
 - non-finite input is outside the contract: a defence need not handle it (the runner refuses
@@ -22,7 +23,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from invbench.defenses import make_defense
+from invbench.defenses.dchi import DChi
 from invbench.defenses.dp import DP
+from invbench.defenses.laplace import Laplace
 from invbench.defenses.quantize import Quantize
 from invbench.defenses.topk import TopK
 
@@ -52,6 +55,10 @@ DEFENCES = st.one_of(
     st.builds(lambda bits, scheme: make_defense("quantize", {"bits": bits, "scheme": scheme}),
               st.integers(1, 16), st.sampled_from(["per-vector", "per-tensor"])),
     st.builds(lambda k, sigma: TopK(k=k, sigma=sigma), st.integers(1, 8), st.floats(0, 1)),
+    st.builds(lambda eps, clip: make_defense("dchi", {"epsilon": eps, **({} if clip is None else {"clip": clip})}),
+              st.floats(1e-2, 1e3), st.one_of(st.none(), st.floats(1e-3, 1e3))),
+    st.builds(lambda clip, eps: make_defense("laplace", {"clip": clip, "epsilon": eps}),
+              st.floats(1e-3, 1e3), st.floats(1e-2, 1e3)),
 )
 
 
@@ -71,7 +78,7 @@ def test_shape_dtype_determinism_finiteness(defense, hidden, seed):
     second = defense.apply(hidden, generator=torch.Generator().manual_seed(seed))
     assert first.shape == hidden.shape and first.dtype == hidden.dtype and same(first, second)
     assert same(hidden, original)  # the input is not modified
-    if defense.noise_std == 0:
+    if defense.noise_law is None:
         assert same(first, simulated)
 
 
@@ -83,6 +90,17 @@ def test_dp_never_exceeds_the_clip_norm(hidden, clip):
     assert (norms <= clip * (1 + ROUNDING[hidden.dtype] * hidden.shape[-1] ** 0.5)).all(), (norms, clip)
     # within the ball a vector is left as it is
     inside = torch.linalg.vector_norm(hidden.double(), dim=-1) <= clip * 0.999
+    assert torch.equal(out[inside], hidden[inside])
+
+
+@SETTINGS
+@given(hidden=hidden_states(), clip=st.floats(1e-3, 1e3), l1=st.booleans())
+def test_dchi_and_laplace_never_exceed_their_clip_norm(hidden, clip, l1):
+    defense = Laplace(clip=clip, epsilon=1.0) if l1 else DChi(epsilon=1.0, clip=clip)
+    out = defense.simulate(hidden)
+    norms = torch.linalg.vector_norm(out.double(), ord=1 if l1 else 2, dim=-1)
+    assert (norms <= clip * (1 + ROUNDING[hidden.dtype] * hidden.shape[-1])).all(), (norms, clip)
+    inside = torch.linalg.vector_norm(hidden.double(), ord=1 if l1 else 2, dim=-1) <= clip * 0.999
     assert torch.equal(out[inside], hidden[inside])
 
 
@@ -117,3 +135,11 @@ def test_dp_clips_huge_vectors_to_the_clip_norm_not_to_zero(dtype):
     out = DP(clip=1.0, noise_multiplier=1.0).simulate(huge)
     assert torch.allclose(torch.linalg.vector_norm(out.double(), dim=-1), torch.ones(2, dtype=torch.float64),
                           rtol=ROUNDING[dtype] * 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_laplace_clips_huge_vectors_to_the_l1_clip_norm_not_to_zero(dtype):
+    huge = torch.full((2, 4), torch.finfo(dtype).max / 2, dtype=dtype)  # its L1 norm overflows the dtype
+    out = Laplace(clip=1.0, epsilon=1.0).simulate(huge)
+    assert torch.allclose(torch.linalg.vector_norm(out.double(), ord=1, dim=-1), torch.ones(2, dtype=torch.float64),
+                          rtol=ROUNDING[dtype] * 4)
