@@ -47,13 +47,17 @@ def clip_rows(hidden: torch.Tensor, clip: float, *, ord: float = 2) -> torch.Ten
     # A vector near the dtype's largest values has a norm that overflows to inf (which would clip it
     # to zero): there, take the norm of the vector scaled by its largest |coordinate| instead.
     absmax = work.abs().amax(dim=-1, keepdim=True)
-    rescaled = absmax * torch.linalg.vector_norm(work / absmax.clamp_min(tiny), ord=ord, dim=-1, keepdim=True)
-    norm = torch.where(torch.isfinite(norm), norm, rescaled)
+    direction = work / absmax.clamp_min(tiny)
+    unit = torch.linalg.vector_norm(direction, ord=ord, dim=-1, keepdim=True)
+    norm = torch.where(torch.isfinite(norm), norm, absmax * unit)
     # clamp_min keeps the gradient finite at the zero vector (its scale is 1 anyway)
     scale = (clip / norm.clamp_min(tiny)).clamp(max=1.0)
     # A scale below the dtype's normal range (a huge vector, a small clip) is subnormal and has lost
     # precision: divide by the norm first there.
     clipped = torch.where(scale >= tiny, work * scale, work / norm.clamp_min(tiny) * clip)
+    # Where even absmax * unit overflows (many coordinates near the largest value; more often in L1),
+    # never form the norm: clip times the vector over absmax over its own norm.
+    clipped = torch.where(torch.isfinite(norm), clipped, direction / unit.clamp_min(tiny) * clip)
     return clipped.to(hidden.dtype)
 
 

@@ -130,16 +130,18 @@ def test_non_finite_input_does_not_raise(defense, hidden):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_dp_clips_huge_vectors_to_the_clip_norm_not_to_zero(dtype):
-    huge = torch.full((2, 4), torch.finfo(dtype).max / 2, dtype=dtype)  # its norm overflows the dtype
+@pytest.mark.parametrize("width", [4, 64])  # at 64, even absmax * (norm of vector / absmax) overflows
+def test_dp_clips_huge_vectors_to_the_clip_norm_not_to_zero(dtype, width):
+    huge = torch.full((2, width), torch.finfo(dtype).max / 2, dtype=dtype)  # its norm overflows the dtype
     out = DP(clip=1.0, noise_multiplier=1.0).simulate(huge)
     assert torch.allclose(torch.linalg.vector_norm(out.double(), dim=-1), torch.ones(2, dtype=torch.float64),
                           rtol=ROUNDING[dtype] * 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_laplace_clips_huge_vectors_to_the_l1_clip_norm_not_to_zero(dtype):
-    huge = torch.full((2, 4), torch.finfo(dtype).max / 2, dtype=dtype)  # its L1 norm overflows the dtype
+@pytest.mark.parametrize("width", [4, 64])
+def test_laplace_clips_huge_vectors_to_the_l1_clip_norm_not_to_zero(dtype, width):
+    huge = torch.full((2, width), torch.finfo(dtype).max / 2, dtype=dtype)  # its L1 norm overflows the dtype
     out = Laplace(clip=1.0, epsilon=1.0).simulate(huge)
     assert torch.allclose(torch.linalg.vector_norm(out.double(), ord=1, dim=-1), torch.ones(2, dtype=torch.float64),
                           rtol=ROUNDING[dtype] * 4)
