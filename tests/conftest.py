@@ -34,6 +34,19 @@ def prompt_ids(tiny):
 
 
 @pytest.fixture(scope="module")
+def small(tiny, prompt_ids):
+    """(oracle over a 2,000-token sub-vocabulary of tiny-gpt2 that always holds the prompts' tokens,
+    the prompts' ids in it): the same model with a smaller vocabulary (priors renormalised over it),
+    so that a full-vocabulary scan or fallback takes a second. One per test module: attacks keep
+    per-oracle caches."""
+    full = tiny.model.get_input_embeddings().weight.detach()
+    extra = torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(0))[:2000]
+    keep = torch.unique(torch.cat([prompt_ids.flatten(), extra]))
+    oracle = WhiteBox(tiny.model, tokenizer=tiny.tokenizer, name="tiny-gpt2-sub").restrict_vocabulary(keep)
+    return oracle, torch.searchsorted(keep, prompt_ids)
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """Attack loops are many tiny ops: when other processes share the 2 cores, a second torch
     thread mostly waits (runs slowed down 10-25x), so these tests use one."""

@@ -1,7 +1,7 @@
 """guided (ranked verification with a certified stop) on the seeded tiny GPT-2, and its pieces.
 
-Most tests use a 2,000-token sub-vocabulary oracle (as test_scan.py does) so that full-vocabulary
-fallbacks take a second; the codebook test uses the full GPT-2 vocabulary.
+Most tests use conftest.py's 2,000-token sub-vocabulary oracle `small` (as test_scan.py does), so
+that full-vocabulary fallbacks take a second; the codebook test uses the full GPT-2 vocabulary.
 """
 import math
 import os
@@ -29,16 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("INVBENCH_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def small(tiny, prompt_ids):
-    """(oracle over a 2,000-token sub-vocabulary of tiny-gpt2, the prompts' ids in it)."""
-    full = tiny.model.get_input_embeddings().weight.detach()
-    extra = torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(0))[:2000]
-    keep = torch.unique(torch.cat([prompt_ids.flatten(), extra]))
-    oracle = WhiteBox(tiny.model, tokenizer=tiny.tokenizer, name="tiny-gpt2-sub").restrict_vocabulary(keep)
-    return oracle, torch.searchsorted(keep, prompt_ids)
 
 
 def run(attack, oracle, targets, defense=NONE):

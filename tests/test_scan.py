@@ -1,8 +1,8 @@
 """scan (exhaustive nearest-hidden-state decoding) on the seeded tiny GPT-2.
 
-One test scans the full GPT-2 vocabulary; the others use a 2,000-token sub-vocabulary (an oracle
-whose embedding matrix keeps only some rows, always including the prompts' tokens), which is the
-same model with a smaller vocabulary and keeps each scan under a second on CPU.
+One test scans the full GPT-2 vocabulary; the others use the 2,000-token sub-vocabulary of
+conftest.py's `small` (the same model with a smaller vocabulary, always including the prompts'
+tokens), which keeps each scan under a second on CPU.
 """
 import pytest
 import torch
@@ -11,22 +11,9 @@ from invbench.attacks import AttackError, available_attacks, make_attack
 from invbench.attacks.base import mse
 from invbench.attacks.scan import ScanAttack, ScanConfig, vocabulary_distances
 from invbench.defenses import make_defense
-from invbench.leaks.oracle import WhiteBox
 
 NONE = make_defense("none", {})
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-@pytest.fixture(scope="module")
-def small(tiny, prompt_ids):
-    """(oracle over a 2,000-token sub-vocabulary, the prompts' ids in it)."""
-    full = tiny.model.get_input_embeddings().weight.detach()
-    extra = torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(0))[:2000]
-    keep = torch.unique(torch.cat([prompt_ids.flatten(), extra]))
-    oracle = WhiteBox(tiny.model)
-    oracle.embedding = full[keep]
-    return oracle, torch.searchsorted(keep, prompt_ids)
 
 
 def committed_loss(oracle, tokens, targets, defense):
