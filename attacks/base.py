@@ -50,7 +50,12 @@ class Candidates:
     objective: torch.Tensor | None = None  # (R, K) what beams sum and rank, lower is better; default: losses
 
 
-CHUNK_SIZE_HELP = "sequences per forward pass."  # the option several attacks share
+# The operating points a run may name (the paper's Fast, Baseline and High-accuracy). A run names one
+# preset for all its attacks, so an attack with a single operating point has no presets of its own and
+# accepts any of these names.
+PRESET_NAMES = ("fast", "baseline", "high-acc")
+CHUNK_SIZE = 4096  # candidate sequences per forward pass, for the attacks that verify many at once
+CHUNK_SIZE_HELP = "sequences per forward pass."
 
 
 def option(default: Any, help: str, **metadata: Any) -> Any:
@@ -58,6 +63,11 @@ def option(default: Any, help: str, **metadata: Any) -> Any:
     (the CLI prefixes the names of the attacks that take it). `metadata` may bound numbers
     (`min`, `min_open`) or list `choices`."""
     return field(default=default, metadata={"help": help, **metadata})
+
+
+def chunk_size_option() -> Any:
+    """The --chunk-size option several attacks share, declared once."""
+    return option(CHUNK_SIZE, CHUNK_SIZE_HELP, min=1)
 
 
 def command_line_options(config_class: type) -> dict[str, Any]:
@@ -88,12 +98,12 @@ def simulate_with_gradient(defense, hidden: torch.Tensor) -> torch.Tensor:
 
 class Attack:
     """Base class: subclasses set `name`, `config_class` (a dataclass with `validate()`, whose
-    command-line options are made with `option`), their `presets` (name -> field values) and
-    implement `propose` (and `prepare` if they keep per-run state)."""
+    command-line options are made with `option`), their `presets` (name -> field values; none for an
+    attack with one operating point) and implement `propose` (and `prepare` if they keep per-run state)."""
 
     name: ClassVar[str] = "attack"
     config_class: ClassVar[type]
-    presets: ClassVar[dict[str, dict[str, Any]]] = {"fast": {}, "baseline": {}, "high-acc": {}}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
     default_preset: ClassVar[str] = "baseline"
     #: Per-position extras that are codes of named outcomes, e.g. {"ended": ("certified", ...)}:
     #: records store the names.
@@ -113,14 +123,16 @@ class Attack:
 
     @classmethod
     def from_options(cls, *, preset: str | None, overrides: dict[str, Any]) -> "Attack":
-        """The config of a preset (default `default_preset`) with option overrides on top."""
+        """The config of a preset (default `default_preset`) with option overrides on top. An attack
+        without presets takes any of PRESET_NAMES and keeps its one setting."""
         preset = preset or cls.default_preset
-        if preset not in cls.presets:
-            raise AttackError(f"{cls.name}: unknown preset {preset!r}; choose from {', '.join(cls.presets)}")
+        known = tuple(cls.presets) or PRESET_NAMES
+        if preset not in known:
+            raise AttackError(f"{cls.name}: unknown preset {preset!r}; choose from {', '.join(known)}")
         unknown = set(overrides) - set(cls.config_class.__dataclass_fields__)
         if unknown:
             raise AttackError(f"{cls.name}: unknown option(s) {', '.join(sorted(unknown))}")
-        return cls(replace(cls.config_class(), **{**cls.presets[preset], **overrides}))
+        return cls(replace(cls.config_class(), **{**cls.presets.get(preset, {}), **overrides}))
 
     def config_dict(self) -> dict[str, Any]:
         return asdict(self.config)

@@ -54,7 +54,7 @@ from scipy.stats import chi2
 
 from invbench.leaks.codebook import Codebook
 
-from .base import (CHUNK_SIZE_HELP, Attack, AttackError, AttackOutput, Candidates, distribution, mse, option,
+from .base import (Attack, AttackError, AttackOutput, Candidates, chunk_size_option, distribution, mse, option,
                    position_values)
 from .ranker import Ranker, load_ranker
 from .registry import register_attack
@@ -94,7 +94,7 @@ class GuidedConfig:
                          "prior; prior: the prior alone; or a ranker .safetensors file.")
     scoring: str = option("ml", "ml: nearest simulated state; map: Gaussian log-likelihood plus log prior "
                           "(noisy defences).", choices=SCORINGS)
-    chunk_size: int = option(4096, CHUNK_SIZE_HELP, min=1)
+    chunk_size: int = chunk_size_option()
     max_candidates: int = option(0, "candidates verified per position at most when none passes (0: the whole "
                                  "vocabulary, exact like scan).", min=0)
     after_failure: int = 64  # candidates per position once a prompt's position found none that passes

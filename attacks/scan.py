@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .base import CHUNK_SIZE_HELP, Attack, AttackError, AttackOutput, Candidates, mse, option
+from .base import Attack, AttackError, AttackOutput, Candidates, chunk_size_option, mse, option
 from .registry import register_attack
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -35,7 +35,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 @dataclass(frozen=True)
 class ScanConfig:
     beam: int = option(1, "beam width over positions (prefixes kept per prompt; 1: greedy).", min=1)
-    chunk_size: int = option(4096, CHUNK_SIZE_HELP, min=1)
+    chunk_size: int = chunk_size_option()
     recheck: int = option(64, "shortlist re-checked in float32 after a bf16 scan (CUDA).", min=2)
     precision: str = "auto"  # auto: bfloat16 on CUDA, float32 elsewhere
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import click
 
-from .cli_options import DEVICE, defense_flags, defense_params
+from .cli_options import BOARD_DIR, DEVICE, RUNS_DIR, defense_flags, defense_params
 from .entries import NAME, EntryError, check_value
 from .leaderboard import DEFAULT_UTILITY_FLOOR
 from .protocols import PROTOCOLS, Protocol, ProtocolError, get_protocol
@@ -53,12 +53,6 @@ def _protocol(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 def _echo_err(line: str) -> None:
     click.echo(line, err=True)
-
-
-RUNS_DIR = click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
-                        show_default=True, help="Where runs are written (resumable).")
-BOARD_DIR = click.option("--board-dir", type=click.Path(file_okay=False, path_type=Path),
-                         default=Path("leaderboards"), show_default=True, help="The leaderboards folder.")
 
 
 @click.command()

@@ -10,10 +10,13 @@ import click
 
 from . import __version__
 from .board_cli import leaderboard, protocols, submit, verify
-from .cli_options import DEVICE, attack_options, defense_options, defense_params, given_attack_options
-from .config import DEVICE_DEFAULTS, RunConfig
-from .errors import InvbenchError
+from .cli_options import (DEVICE, LAYER, SEED_OPTION, attack_options, defense_options, defense_params,
+                          given_attack_options, model_option)
+from .config import BATCH_SIZE, DEVICE_DEFAULTS, RunConfig
+from .errors import InvbenchError, one_line
+from .formats import cell
 from .sweep_cli import curve, sweep
+from invbench.attacks.base import PRESET_NAMES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,25 +38,24 @@ def _device_default(key: str) -> str:
 
 
 @cli.command()
-@click.option("--model", default=None, help="Alias (gpt2, smollm2-135m, tiny-gpt2, gpt2-random), Hugging Face id or "
-              "local directory. Default gpt2, falling back to smollm2-135m when GPT-2 is not available offline.")
+@model_option()
 @click.option("--dataset", default="c4", show_default=True,
               help="c4, wikipedia, random (uniformly random token ids), or a file of your own texts (.txt one per line, "
                    ".jsonl with 'text', .parquet).")
 @click.option("--n", type=click.IntRange(min=1), default=None, help=f"Number of prompts {_device_default('n')}.")
 @click.option("--tokens", type=click.IntRange(min=1), default=None, help=f"Tokens per prompt {_device_default('tokens')}.")
-@click.option("--layer", type=int, default=-1, show_default=True,
-              help="Leaked layer: index into hidden_states (-1 = last, after the final norm).")
-@click.option("--seed", type=int, default=42, show_default=True, help="Seed for prompts, noise and attacks.")
+@LAYER
+@SEED_OPTION
 @DEVICE
 @click.option("--attack", "attack_spec", default=None,
               help=f"Attack name, comma-separated names, or 'all' {_device_default('attacks')}.")
-@click.option("--preset", default=None, help="Attack preset: fast, baseline, high-acc "
-              f"{_device_default('preset')}; on a CPU the preset left out also caps continuous at "
+@click.option("--preset", type=click.Choice(PRESET_NAMES), default=None,
+              help=f"Attack preset (continuous; the other attacks have one setting) {_device_default('preset')}; "
+              "on a CPU the preset left out also caps continuous at "
               f"{DEVICE_DEFAULTS['cpu'].capped.get('steps')} steps.")
 @attack_options
 @defense_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True,
               help="Prompts attacked together.")
 @click.option("--out", default="runs/latest", show_default=True,
               help="Results folder (config.json, records.jsonl, summary.json); rerunning resumes.")
@@ -91,7 +93,8 @@ def attacks() -> None:
     for name, cls in available_attacks().items():
         click.echo(f"{name:<11} {first_line(sys.modules[cls.__module__].__doc__)}")
         options = ", ".join(f"--{o.replace('_', '-')}" for o in sorted(cls.option_names)) or "none"
-        click.echo(f"{'':<11} presets {', '.join(cls.presets)}; options {options}")
+        presets = ", ".join(cls.presets) or "none (one setting, whatever --preset says)"
+        click.echo(f"{'':<11} presets {presets}; options {options}")
 
 
 def first_line(doc: str | None) -> str:
@@ -100,12 +103,12 @@ def first_line(doc: str | None) -> str:
 
 
 @cli.command()
-@click.option("--model", default=None, help="As for `invbench run`.")
-@click.option("--dataset", default="c4", show_default=True)
+@model_option()
+@click.option("--dataset", default="c4", show_default=True, help="As for `invbench run`.")
 @click.option("--n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of texts.")
 @click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens per text.")
-@click.option("--layer", type=int, default=-1, show_default=True)
-@click.option("--seed", type=int, default=42, show_default=True)
+@LAYER
+@SEED_OPTION
 @DEVICE
 @defense_options
 @click.option("--out", default=None, help="Also write the result as JSON to this file.")
@@ -124,11 +127,11 @@ def utility(**opts: Any) -> None:
 
 
 @cli.command("fit-ranker")
-@click.option("--model", default="smollm2-135m", show_default=True, help="As for `invbench run`.")
-@click.option("--layer", type=int, default=-1, show_default=True)
+@model_option("smollm2-135m")
+@LAYER
 @click.option("--documents", type=click.IntRange(min=2), default=None,
               help="Training documents [the recipe's: 1200, the last 100 held out].")
-@click.option("--seed", type=int, default=42, show_default=True, help="Seed of seeded random models (as for run).")
+@SEED_OPTION
 @DEVICE
 @click.option("--out", default=None, help="Ranker file to write [the invbench cache, where `guided` finds it].")
 def fit_ranker(model: str, layer: int, documents: int | None, seed: int, device: str, out: str | None) -> None:
@@ -137,15 +140,14 @@ def fit_ranker(model: str, layer: int, documents: int | None, seed: int, device:
 
     from invbench.attacks.ranker import Recipe, cache_path, fit_ranker as fit
     from invbench.leaks.models import load_model
-    from invbench.leaks.oracle import WhiteBox, document_start_token
+    from invbench.leaks.oracle import WhiteBox
     from invbench.leaks.prompts import ranker_training_texts
 
     from .runner import resolve_device
 
     echo = lambda line: click.echo(line, err=True)  # noqa: E731
     loaded = load_model(model, seed=seed, notify=echo)
-    oracle = WhiteBox(loaded.model.to(resolve_device(device)), layer=layer, tokenizer=loaded.tokenizer,
-                      name=loaded.name, start_token=document_start_token(loaded.tokenizer))
+    oracle = WhiteBox.of(loaded, layer=layer, device=resolve_device(device))
     recipe = Recipe() if documents is None else replace(Recipe(), documents=documents)
     texts, data = ranker_training_texts(notify=echo, limit=recipe.documents)
     path = Path(out) if out else cache_path(oracle, data, recipe)
@@ -173,14 +175,10 @@ def format_utility(result: dict[str, Any]) -> str:
     u = result["utility"]
     lines = [f"{result['model']} | {result['dataset']} | {result['n']} texts x {result['tokens']} tokens | "
              f"{format_defense(result['defense'])}"]
-    lines += [f"  {key:<18} {fmt(value, '.4f')}" for key, value in u.items() if key != "note"]
+    lines += [f"  {key:<18} {cell(value, '.4f')}" for key, value in u.items() if key != "note"]
     if u.get("note"):
         lines.append(f"  note: {u['note']}")
     return "\n".join(lines)
-
-
-def fmt(value: Any, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def format_summary(summary) -> str:
@@ -190,12 +188,12 @@ def format_summary(summary) -> str:
              f"{'attack':<12} {'exact':>6} {'tok acc':>8} {'similar':>8} {'search fail':>11} {'det AUROC':>10} "
              f"{'s/token':>9} {'verdict':>13}"]
     for name, m in summary.attacks.items():
-        lines.append(f"{name:<12} {fmt(m.exact_match):>6} {fmt(m.token_accuracy):>8} {fmt(m.similarity):>8} "
-                     f"{fmt(m.search_failure_rate):>11} {fmt(m.detector_auroc):>10} {fmt(m.seconds_per_token, '.4f'):>9} "
-                     f"{m.verdict or '-':>13}")
-    lines.append("utility: " + ", ".join(f"{k} {fmt(v, '.4f')}" for k, v in summary.utility.items() if k != "note"))
+        lines.append(f"{name:<12} {cell(m.exact_match):>6} {cell(m.token_accuracy):>8} {cell(m.similarity):>8} "
+                     f"{cell(m.search_failure_rate):>11} {cell(m.detector_auroc):>10} {cell(m.seconds_per_token, '.4f'):>9} "
+                     f"{cell(m.verdict):>13}")
+    lines.append("utility: " + ", ".join(f"{k} {cell(v, '.4f')}" for k, v in summary.utility.items() if k != "note"))
     if len(summary.attacks) > 1:
-        lines.append("worst case: " + ", ".join(f"{k} {fmt(w.value)} ({w.attack})" for k, w in summary.worst_case.items()))
+        lines.append("worst case: " + ", ".join(f"{k} {cell(w.value)} ({w.attack})" for k, w in summary.worst_case.items()))
     for name, m in summary.attacks.items():
         if "candidates_per_token" in m.diagnostics and m.diagnostics["candidates_per_token"]:
             c = m.diagnostics["candidates_per_token"]
@@ -207,11 +205,6 @@ def format_summary(summary) -> str:
     if summary.verdict:
         lines.append(f"verdict: {summary.verdict.says}")
     return "\n".join(lines)
-
-
-def one_line(message: str) -> str:
-    """A message as one line, whatever the raiser put in it."""
-    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,14 +1,35 @@
-"""Command-line options shared by several commands, each declared once: the device, how a defence
-and its parameters are given, and every attack's options (made from the attacks' own configs)."""
+"""Command-line options shared by several commands, each declared once: the model, its layer and the
+seed, the device, the runs and leaderboards folders, how a defence and its parameters are given,
+and every attack's options (made from the attacks' own configs)."""
 from __future__ import annotations
 
 from dataclasses import MISSING
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 
+from .config import SEED
+
 DEVICE = click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                       help="Where the model runs (auto: a CUDA GPU if there is one).")
+LAYER = click.option("--layer", type=int, default=-1, show_default=True,
+                     help="Leaked layer: index into hidden_states (-1 = last, after the final norm).")
+SEED_OPTION = click.option("--seed", type=int, default=SEED, show_default=True,
+                           help="Seed for prompts, noise, attacks and seeded random models.")
+RUNS_DIR = click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+                        show_default=True, help="Where runs are written, one folder per run (rerunning resumes).")
+BOARD_DIR = click.option("--board-dir", type=click.Path(file_okay=False, path_type=Path),
+                         default=Path("leaderboards"), show_default=True,
+                         help="The leaderboards folder: <protocol>/ holds the entries, <protocol>/curves/ the curves.")
+
+
+def model_option(default: str | None = None) -> Callable:
+    """--model; `default` None means gpt2, falling back to smollm2-135m when GPT-2 is not available offline."""
+    shown = f"Default {default}." if default else ("Default gpt2, falling back to smollm2-135m when GPT-2 is not "
+                                                   "available offline.")
+    return click.option("--model", default=default, help="Alias (gpt2, smollm2-135m, tiny-gpt2, gpt2-random), "
+                        f"Hugging Face id or local directory. {shown}")
 
 
 def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:

@@ -15,6 +15,12 @@ import torch
 from . import __version__
 
 RECORDED_PACKAGES = ("torch", "transformers", "datasets", "opacus", "numpy", "scipy", "gguf")
+SEED = 42  # prompts, noise, attacks and seeded random models, wherever a seed is not given
+BATCH_SIZE = 256  # prompts attacked together
+# Steps the published attacks (continuous, projection) get where a CPU runs them: the CPU defaults and
+# the SmolLM2 protocols. More do not make them recover prompts of a trained model on any CPU budget
+# (bench/studies/STUDY-published-attacks.md).
+STEP_CAP = 20
 
 
 @dataclass
@@ -28,14 +34,14 @@ class RunConfig:
     n: int | None = None
     tokens: int | None = None
     layer: int = -1
-    seed: int = 42
+    seed: int = SEED
     device: str = "auto"
     attacks: list[str] | None = None
     preset: str | None = None
     attack_options: dict[str, Any] = field(default_factory=dict)
     defense: str = "none"
     defense_params: dict[str, Any] = field(default_factory=dict)
-    batch_size: int = 256
+    batch_size: int = BATCH_SIZE
     out: str = "runs/latest"
 
     def to_dict(self) -> dict[str, Any]:
@@ -54,12 +60,11 @@ class DeviceDefaults:
 
 
 # A GPU runs the paper's setting with every attack. A CPU has minutes: the exact attack (guided, which
-# needs ~0.2 s per token there) on 10-token prompts, and the paper's continuous attack at a capped
-# budget for comparison (SmolLM2's Adam steps cost ~0.1 s each on 2 cores; the paper's settings do not
-# converge on it in any CPU budget, see bench/studies/STUDY-published-attacks.md).
+# needs ~0.2 s per token there) on 10-token prompts, and the paper's continuous attack at STEP_CAP
+# for comparison (SmolLM2's Adam steps cost ~0.1 s each on 2 cores).
 DEVICE_DEFAULTS = {
     "cuda": DeviceDefaults(n=100, tokens=10, attacks=("guided", "continuous", "projection", "scan"), preset="baseline"),
-    "cpu": DeviceDefaults(n=5, tokens=10, attacks=("guided", "continuous"), preset="fast", capped={"steps": 20}),
+    "cpu": DeviceDefaults(n=5, tokens=10, attacks=("guided", "continuous"), preset="fast", capped={"steps": STEP_CAP}),
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from jsonschema import Draft202012Validator
 
-from .errors import InvbenchError
+from .errors import InvbenchError, one_line
 from .metrics import finite_or_none, json_safe
 from .plotting import PointLabel, label_points
 from .results import write_json_atomic
@@ -152,7 +152,7 @@ def load_curve(path: Path) -> Curve:
     except OSError as exc:
         raise CurveError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise CurveError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+        raise CurveError(f"{path}: not valid JSON ({one_line(exc, limit=200)})") from None
     found = failures(_validator(), data)
     if found:
         raise CurveError(f"{path}: field {found[0].field!r} {_problem(found[0])}")

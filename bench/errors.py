@@ -9,3 +9,10 @@ data flow of the layout.
 
 class InvbenchError(Exception):
     """Bad input or an unavailable resource; the message is one line saying what to do."""
+
+
+def one_line(message: object, *, limit: int | None = None) -> str:
+    """A message (an exception's included) as one line: its non-blank lines stripped and joined by
+    spaces, cut to `limit` characters when given, so that a quoted foreign error cannot flood ours."""
+    text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."

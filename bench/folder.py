@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import InvbenchError
+from .errors import InvbenchError, one_line
 from .lock import RunLock
 from .results import append_records, read_records, repair_records, write_json_atomic
 
@@ -29,7 +29,7 @@ def read_config(folder: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:
-        raise FolderError(f"{config_path} is unreadable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+        raise FolderError(f"{config_path} is unreadable ({type(exc).__name__}: {one_line(exc, limit=200)}); "
                           "remove it or choose another --out") from None
     if not isinstance(data, dict) or not isinstance(data.get("config_hash"), str):
         what = "an object without a config_hash" if isinstance(data, dict) else f"a JSON {type(data).__name__}"

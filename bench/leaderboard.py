@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from . import __version__
+from .formats import cell
 from .entries import Entry, Problem, load_entries, registered_definition
 from .plotting import PointLabel, label_points
 from .results import write_bytes_atomic
@@ -96,10 +97,6 @@ def build_board(protocol_dir: Path, *, floor: float = DEFAULT_UTILITY_FLOOR) -> 
 
 # --- cells: every value as text, from one place -----------------------------------------------
 
-def fmt_number(value: Any, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def defense_text(defense: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
     return f"{defense['name']} ({params})" if params else defense["name"]
@@ -143,7 +140,7 @@ def cells(row: Row, attacks: list[str]) -> list[tuple[str, Any]]:
     utility = data["utility"]
 
     def num(value: Any, spec: str = ".3f") -> tuple[str, Any]:
-        return fmt_number(value, spec), value
+        return cell(value, spec), value
 
     return ([num(row.rank, "d"), (data["name"], data["name"].lower()), (data["authors"], data["authors"].lower()),
              (defense_text(data["defense"]), defense_text(data["defense"]).lower()),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import RunConfig
+from .config import BATCH_SIZE, SEED, STEP_CAP, RunConfig
 from .errors import InvbenchError
 from .registry import Registry
 
@@ -25,14 +25,14 @@ class Protocol:
     dataset: str
     n: int
     tokens: int
-    seed: int = 42
+    seed: int = SEED
     layer: int = -1
     attacks: tuple[str, ...] = ("guided", "continuous", "projection", "scan")
     preset: str = "baseline"
     attack_options: dict[str, Any] = field(default_factory=dict)
 
     def run_config(self, *, defense: str, defense_params: dict[str, Any], out: str, device: str = "auto",
-                   batch_size: int = 256, n: int | None = None) -> RunConfig:
+                   batch_size: int = BATCH_SIZE, n: int | None = None) -> RunConfig:
         """The run this protocol prescribes for one defence (`n` to run a subset, for verification)."""
         return RunConfig(model=self.model, dataset=self.dataset, n=n or self.n, tokens=self.tokens, layer=self.layer,
                          seed=self.seed, device=device, attacks=list(self.attacks), preset=self.preset,
@@ -46,7 +46,8 @@ class Protocol:
 
 # The SmolLM2 boards' attacks: guided, and the published attacks at the cap the study justifies.
 SMOLLM2_ATTACKS = dict(attacks=("guided", "continuous", "projection"), preset="fast",
-                       attack_options={"steps": 20, "candidates": 100, "max_steps": 20, "noisy_max_steps": 20})
+                       attack_options={"steps": STEP_CAP, "candidates": 100, "max_steps": STEP_CAP,
+                                       "noisy_max_steps": STEP_CAP})
 
 PROTOCOLS: Registry[Protocol] = Registry("protocol", error=ProtocolError)
 for _protocol in (

@@ -4,7 +4,8 @@ A `Registry` maps names to objects of one kind, optionally checked against a bas
 refuses a second, different object under a taken name (so a plug-in cannot silently replace a
 built-in), and an unknown name raises the registry's own error listing the names it knows.
 Like lm-evaluation-harness's `register_*` decorators, with one small class instead of one
-mechanism per kind. This module imports only `invbench.errors`, so every folder may use it.
+mechanism per kind. A component can also be named by its file (`is_file_spec`). This module
+imports only `invbench.errors`, so every folder may use it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ T = TypeVar("T")
 
 class RegistryError(InvbenchError, ValueError):
     """A duplicate or unknown name in a registry."""
+
+
+def is_file_spec(spec: str) -> bool:
+    """`path/to/file.py:Class`: a plug-in named by its file and class rather than by a registered name."""
+    return ":" in spec and spec.split(":", 1)[0].endswith(".py")
 
 
 def same_definition(a: object, b: object) -> bool:

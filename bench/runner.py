@@ -37,7 +37,7 @@ from invbench.defenses import Defense, make_defense
 from invbench.defenses.checks import check_defense, defend_one
 from invbench.leaks.codebook import Codebook
 from invbench.leaks.models import LoadedModel, distinct_token_ids, load_model
-from invbench.leaks.oracle import WhiteBox, document_start_token
+from invbench.leaks.oracle import WhiteBox
 from invbench.leaks.prompts import Prompt, load_prompts
 
 DEFENSE_NOISE_STREAM = 1  # generator stream for defence noise (attacks use stream 0)
@@ -102,8 +102,7 @@ def load_source(cfg: RunConfig, device: torch.device, *, echo: Callable[[str], N
     if context and cfg.tokens > context:
         raise RunError(f"--tokens {cfg.tokens} exceeds the context of {loaded.name} ({context} positions)")
     try:
-        oracle = WhiteBox(loaded.model.to(device), layer=cfg.layer, tokenizer=loaded.tokenizer, name=loaded.name,
-                          start_token=document_start_token(loaded.tokenizer))
+        oracle = WhiteBox.of(loaded, layer=cfg.layer, device=device)
     except ValueError as exc:
         raise RunError(f"--layer: {exc}") from None
     allowed = distinct_token_ids(loaded) if cfg.dataset == "random" else None

@@ -34,9 +34,11 @@ from typing import Any, Callable
 
 from . import __version__
 from .errors import InvbenchError
+from .formats import cell
 from .entries import (NAME, PRIVACY_METRICS, SCALAR, SCHEMA_VERSION, check_entry, check_value, read_entry,
                       slugify, validate_entry_id)
 from .protocols import Protocol, get_protocol
+from .registry import is_file_spec
 from .folder import read_config
 from .results import write_json_atomic
 from .summary import RunSummary
@@ -57,11 +59,6 @@ class SubmitError(InvbenchError, ValueError):
 
 
 # --- submit -------------------------------------------------------------------------------------
-
-def is_file_spec(spec: str) -> bool:
-    """`path/to/file.py:Class`, as the defence registry reads it."""
-    return ":" in spec and spec.split(":", 1)[0].endswith(".py")
-
 
 def recorded_spec(spec: str) -> str:
     """How the entry names where its defence came from: a registered name as is, a plug-in file
@@ -216,24 +213,16 @@ class VerifyReport:
         scope = f"first {self.subset} of {self.n_entry} prompts" if self.subset else f"all {self.n_entry} prompts"
         lines = [f"verify {self.entry_path} ({scope}; rerun in {self.run_dir})",
                  f"hardware: entry {self.hardware[0]}; rerun {self.hardware[1]}",
-                 f"git commit: entry {self.commits[0] or '-'}; rerun {self.commits[1] or '-'}"
+                 f"git commit: entry {cell(self.commits[0])}; rerun {cell(self.commits[1])}"
                  + (" (different code: differences may come from it)" if self.commits[0] != self.commits[1] else ""),
                  f"{'metric':<36} {'entry':>10} {'rerun':>10} {'diff':>9} {'tol':>8}  result"]
         for c in self.checks:
             result = {True: "ok", False: "FAIL", None: "shown"}[c.ok]
-            lines.append(f"{c.metric:<36} {_cell(c.entry):>10} {_cell(c.rerun):>10} {_cell(c.difference, '+.4f'):>9} "
-                         f"{_cell(c.tolerance, '.4f'):>8}  {result}{f' ({c.note})' if c.note else ''}")
+            lines.append(f"{c.metric:<36} {cell(c.entry, '.4f'):>10} {cell(c.rerun, '.4f'):>10} {cell(c.difference, '+.4f'):>9} "
+                         f"{cell(c.tolerance, '.4f'):>8}  {result}{f' ({c.note})' if c.note else ''}")
         verdict = "PASSED" if self.ok else f"FAILED: {', '.join(c.metric for c in self.failures)}"
         lines.append(f"verification {verdict}")
         return "\n".join(lines)
-
-
-def _cell(value: Any, spec: str = ".4f") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return format(value, spec)
-    return str(value)
 
 
 def sampling_margin(p: float, *, subset: int, n: int, lo: float = 0.0, hi: float = 1.0) -> float:

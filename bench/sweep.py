@@ -15,9 +15,10 @@ from typing import Any, Callable, Iterable
 from tqdm.auto import tqdm
 
 from .config import RunConfig, package_versions
-from .errors import InvbenchError
+from .errors import InvbenchError, one_line
 from .curves import Curve, CurvePoint, format_value, slug
 from .protocols import Protocol, get_protocol
+from .registry import is_file_spec
 from invbench.defenses import load_defense_class, make_defense
 
 ENGINES = ("local", "ray")
@@ -157,7 +158,7 @@ def _ray_start(ray, address: str | None) -> bool:
             ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise SweepError(f"cannot start or reach {where}: {str(exc).strip().splitlines()[0]}") from None
+        raise SweepError(f"cannot start or reach {where}: {one_line(exc, limit=200)}") from None
     return True
 
 
@@ -191,8 +192,10 @@ def sweep(*, defense: str, grid: dict[str, list[Any]], protocol: Protocol | str,
 
 def _absolute_plugin_path(spec: str) -> str:
     """`my_defense.py:Class` -> `/abs/path/my_defense.py:Class`; registered names unchanged."""
-    path, sep, cls = spec.rpartition(":")
-    return f"{Path(path).resolve()}:{cls}" if sep and path.endswith(".py") else spec
+    if not is_file_spec(spec):
+        return spec
+    path, cls = spec.rsplit(":", 1)
+    return f"{Path(path).resolve()}:{cls}"
 
 
 def _shown(path: Path) -> str:

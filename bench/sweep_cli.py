@@ -11,15 +11,12 @@ from typing import Any
 
 import click
 
-from .cli_options import DEVICE
+from .formats import cell
+from .cli_options import BOARD_DIR, DEVICE, RUNS_DIR
 
 
 def _echo_err(line: str) -> None:
     click.echo(line, err=True)
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def format_curve(curve) -> str:
@@ -31,10 +28,10 @@ def format_curve(curve) -> str:
              f"{', '.join(attacks) or '-'}",
              f"{'params':<{width}} {'exact':>6} {'tok acc':>8} {'top-1':>6} {'KL':>9} {'epsilon':>8}  worst attack"]
     for p in curve.points:
-        lines.append(f"{p.label():<{width}} {_fmt(p.worst_case_exact_match, '.3f'):>6} "
-                     f"{_fmt(p.worst_case_token_accuracy, '.3f'):>8} {_fmt(p.top1_agreement, '.3f'):>6} "
-                     f"{_fmt(p.kl_clean_defended, '.4f'):>9} {_fmt(p.epsilon, '.3g'):>8}  "
-                     f"{p.worst_case_exact_match_attack or '-'}")
+        lines.append(f"{p.label():<{width}} {cell(p.worst_case_exact_match, '.3f'):>6} "
+                     f"{cell(p.worst_case_token_accuracy, '.3f'):>8} {cell(p.top1_agreement, '.3f'):>6} "
+                     f"{cell(p.kl_clean_defended, '.4f'):>9} {cell(p.epsilon, '.3g'):>8}  "
+                     f"{cell(p.worst_case_exact_match_attack)}")
     return "\n".join(lines)
 
 
@@ -47,19 +44,20 @@ def format_curve(curve) -> str:
               help="local: one point after another; ray: grid points as Ray tasks (pip install 'invbench[ray]').")
 @click.option("--address", default=None, help="ray: address of an existing cluster (default: start a local instance).")
 @DEVICE
-@click.option("--runs-dir", default="runs", show_default=True,
-              help="Run folders go to RUNS_DIR/<protocol>/<defense>/<param=value,...>/; rerunning resumes.")
-@click.option("--board-dir", default="leaderboards", show_default=True,
-              help="The curve goes to BOARD_DIR/<protocol>/curves/<defense>-<date>-<hash>.json (and .png).")
+@RUNS_DIR
+@BOARD_DIR
 def sweep(**opts: Any) -> None:
-    """Run a protocol once per grid point of a defence's parameters; write the curve and its plot."""
+    """Run a protocol once per grid point of a defence's parameters; write the curve and its plot.
+
+    Each point runs into RUNS_DIR/<protocol>/<defense>/<param=value,...>/ (rerunning resumes); the curve
+    goes to BOARD_DIR/<protocol>/curves/<defense>-<date>-<hash>.json, with its plot beside it."""
     from .curves import plot_curves, save_curve
     from .sweep import parse_param_lists, sweep as run_sweep
 
     grid = parse_param_lists(opts["params"])
     curve = run_sweep(defense=opts["defense"], grid=grid, protocol=opts["protocol"], runs_dir=opts["runs_dir"],
                       engine=opts["engine"], address=opts["address"], device=opts["device"], echo=_echo_err)
-    path = save_curve(curve, Path(opts["board_dir"]))
+    path = save_curve(curve, opts["board_dir"])
     png = plot_curves([curve], path.with_suffix(".png"))
     click.echo(format_curve(curve))
     click.echo(f"curve: {path}")
@@ -72,14 +70,14 @@ def sweep(**opts: Any) -> None:
 @click.option("--protocol", "protocols", multiple=True, default=("quick",), show_default=True,
               help="Protocol (repeatable with --compare: one defence's latest curve under each).")
 @click.option("--compare", is_flag=True, help="Plot one defence's latest curve against its earlier ones.")
-@click.option("--board-dir", default="leaderboards", show_default=True)
+@BOARD_DIR
 @click.option("--out", required=True, help="PNG file to write.")
 def curve(**opts: Any) -> None:
     """Plot stored curves: the latest of each defence on one figure, or --compare one defence's history
     (or, with several --protocol, its latest curve under each)."""
     from .curves import CurveError, compare, compare_protocols, latest_curves, load_curves, plot_curves
 
-    protocol_dirs = [Path(opts["board_dir"]) / p for p in opts["protocols"]]
+    protocol_dirs = [opts["board_dir"] / p for p in opts["protocols"]]
     protocol_dir = protocol_dirs[0]
     if opts["compare"]:
         if len(opts["defenses"]) != 1:

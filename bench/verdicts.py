@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from .formats import cell
+
 LEAK_EXACT_MATCH = 0.05  # at least 1 prompt in 20 recovered token for token
 LEAK_TOKEN_GAIN = 0.10  # token accuracy 10 points above a blind guess
 OBJECTIVE_RTOL = 1e-5  # the truth must beat the answer by more than float error
@@ -87,8 +89,8 @@ def explain(verdict: str | None, attack: str | None, *, exact_match: float, sear
         return (f"PROTECTED against {names}: {attack} misses and the truth explains the defended states no better "
                 "than its answer, so the misses are the defence's doing (as far as these attacks search).")
     if verdict == "inconclusive":
-        rate = "-" if search_failure_rate is None else f"{search_failure_rate:.2f}"
-        return (f"INCONCLUSIVE: no attack recovers the text, but the misses are search failures (rate {rate} for "
+        return (f"INCONCLUSIVE: no attack recovers the text, but the misses are search failures (rate "
+                f"{cell(search_failure_rate, '.2f')} for "
                 f"{attack}: the truth fits the defended states better than the answer), so a stronger attack could "
                 "recover more. Do not read this as privacy.")
     return "no verdict: these results predate the search-failure check (rerun to get one)"

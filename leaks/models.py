@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPT2Tokenizer, PreTrainedModel
 
+from invbench.errors import one_line
 from invbench.registry import Registry
 
 from .errors import ModelLoadError
@@ -135,9 +136,9 @@ def _load_hub_model(model_id: str, *, alias: str) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32, local_files_only=local_only)
     except Exception as exc:
         kind = "local directory" if Path(model_id).is_dir() else "model"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         allowed = "" if alias in MODELS else f"; --model takes {', '.join(MODELS)}, a Hugging Face id or a local model directory"
-        raise ModelLoadError(f"cannot load {kind} {model_id!r}: {first_line[:200]}{allowed}") from exc
+        raise ModelLoadError(f"cannot load {kind} {model_id!r}: {one_line(exc, limit=200) or type(exc).__name__}"
+                             f"{allowed}") from exc
     tokenizer = offline_gpt2_tokenizer() if alias == "gpt2" else AutoTokenizer.from_pretrained(model_id, local_files_only=local_only)
     return LoadedModel(model.eval(), tokenizer, alias, f"transformers from_pretrained({model_id!r})")
 

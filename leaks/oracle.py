@@ -90,6 +90,15 @@ class WhiteBox:
         self._start_prior: torch.Tensor | None = None
         self._fingerprint: tuple[int, str] | None = None
 
+    @classmethod
+    def of(cls, loaded, *, layer: int = -1, device: torch.device | str | None = None) -> "WhiteBox":
+        """White-box access to a loaded model (`invbench.leaks.models.LoadedModel`) as runs, rankers and
+        studies open it: named after the model (artefacts such as rankers are found by name), with its
+        tokenizer and the document-start prior, moved to `device` when one is given."""
+        model = loaded.model if device is None else loaded.model.to(device)
+        return cls(model, layer=layer, tokenizer=loaded.tokenizer, name=loaded.name,
+                   start_token=document_start_token(loaded.tokenizer))
+
     @property
     def fingerprint(self) -> str:
         """sha256 of the model's weights and of the candidate embeddings in use (computed once per

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from invbench.errors import InvbenchError
+from invbench.errors import InvbenchError, one_line
 
 from .hub import hub_reachable
 
@@ -235,8 +235,9 @@ def _load_builtin(
 
 
 def _one_line(exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    """A Hub failure in a note: its type and, when it has one, its message in one line."""
+    message = one_line(exc, limit=200)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _stream_hub(name: str, config: str, split: str) -> Iterator[str]:

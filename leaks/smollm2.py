@@ -30,6 +30,8 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from invbench.errors import one_line
+
 from .cache import cache_root
 from .errors import ModelLoadError
 
@@ -321,6 +323,5 @@ def _quiet_progress() -> Iterator[None]:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return one_line(exc, limit=200) or type(exc).__name__
 

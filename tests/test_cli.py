@@ -95,3 +95,18 @@ def test_attacks_lists_every_attack_with_its_presets_and_options(capsys):
         assert any(line.startswith(name) for line in out.splitlines()), name
     assert "guided: ranked verification with a certified stop" in out
     assert "--ranker" in out and "--scoring" in out and "--max-candidates" in out
+
+
+def test_attacks_lists_presets_only_where_an_attack_has_them(capsys):
+    """Before: every attack inherited empty fast/baseline/high-acc presets, so `invbench attacks`
+    listed three presets for guided, projection and scan, which have one setting."""
+    from invbench.attacks import make_attack
+
+    code, out, _ = invoke(["attacks"], capsys)
+    listed = dict(zip(out.splitlines()[::2], out.splitlines()[1::2]))
+    presets = {line.split()[0]: detail for line, detail in listed.items()}
+    assert "presets fast, baseline, high-acc" in presets["continuous"]
+    for name in ("guided", "projection", "scan"):
+        assert "presets none" in presets[name], name
+        assert make_attack(name, preset="fast").config == make_attack(name).config  # a protocol's preset is taken
+

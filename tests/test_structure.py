@@ -121,6 +121,14 @@ def test_every_attack_option_is_one_flag_named_after_its_attacks(capsys):
     assert out.count("--chunk-size") == 1 and "guided, scan: sequences per forward pass." in out
 
 
+@pytest.mark.parametrize("flag", ["--device", "--model", "--layer", "--seed", "--runs-dir", "--board-dir"])
+def test_every_shared_flag_is_declared_in_one_place(flag):
+    """Before: --board-dir was declared three times, --seed, --layer and --model three times in cli.py."""
+    declared = {path.name: path.read_text(encoding="utf-8").count(f'"{flag}"')
+                for path in sorted((REPO / "bench").glob("*.py"))}
+    assert {name: count for name, count in declared.items() if count} == {"cli_options.py": 1}
+
+
 @pytest.mark.parametrize("command", ["run", "utility", "fit-ranker", "submit", "verify", "sweep"])
 def test_device_is_declared_once(command, capsys):
     _, out, _ = invoke([command, "--help"], capsys)

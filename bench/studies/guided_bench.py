@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
+from ..formats import cell
 from ..runner import run
 
 SIGMAS = (0.0, 0.01, 0.1, 0.3, 1.0)
@@ -96,16 +97,12 @@ def _share(rows: list[dict], ending: str) -> float | None:
     return ends.count(ending) / len(ends) if ends else None
 
 
-def fmt(value: Any, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def cells_of(a: dict[str, Any], *extra: str) -> str:
     """The table cells of one aggregate (`aggregate`): n, exactness, candidates, time, `extra`
     columns (ratios to scan), then how positions ended."""
     cells = [str(a["prompts"]), f"{a['exact']:.3f}", f"{a['tokens']:.3f}",
              f"{a['candidates']:.1f} ({a['median_candidates']:g})", f"{a['seconds']:.3f}", *extra,
-             fmt(a["certified"], ".2f"), fmt(a["exhausted"], ".2f")]
+             cell(a["certified"], ".2f"), cell(a["exhausted"], ".2f")]
     return " | ".join(cells)
 
 

@@ -24,7 +24,7 @@ import torch
 from invbench.attacks import available_attacks, make_attack
 from invbench.defenses import make_defense
 from invbench.leaks.models import load_model
-from invbench.leaks.oracle import WhiteBox, document_start_token
+from invbench.leaks.oracle import WhiteBox
 from invbench.leaks.prompts import load_prompts
 
 from ..config import device_name
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
     loaded = load_model(args.model, seed=0)
-    oracle = WhiteBox(loaded.model.to(device), tokenizer=loaded.tokenizer, name=loaded.name,
-                      start_token=document_start_token(loaded.tokenizer))
+    oracle = WhiteBox.of(loaded, device=device)
     prompts, source = load_prompts("c4", tokenizer=loaded.tokenizer, n=max(sizes + [args.reference_prompts]),
                                    tokens=args.tokens, seed=0, notify=lambda line: None)
     all_ids = torch.tensor([p.ids for p in prompts])

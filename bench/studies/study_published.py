@@ -59,6 +59,7 @@ import torch
 from invbench.attacks.base import mse, prompt_generator
 from invbench.attacks.continuous import RowAdam, clip_rows, cosine_lr, nearest_tokens
 from invbench.attacks.projection import matches, nearest_unbanned, reset_period, step_lr, unit_clip
+from invbench.config import SEED
 
 METRICS = ("l1", "l2", "cosine")
 SCHEMA = 1
@@ -207,7 +208,7 @@ def ranker_top1(oracle, targets: torch.Tensor) -> tuple[torch.Tensor | None, str
 
 
 def build_problems(loaded, oracle, *, n_prompts: int = 10, tokens: int = 10, per_prompt: int = 3,
-                   seed: int = 42, dataset: str = "c4", positions: list[tuple[int, int]] | None = None) -> Problems:
+                   seed: int = SEED, dataset: str = "c4", positions: list[tuple[int, int]] | None = None) -> Problems:
     from invbench.leaks.prompts import load_prompts
 
     prompts, source = load_prompts(dataset, tokenizer=loaded.tokenizer, n=n_prompts, tokens=tokens, seed=seed,
@@ -702,13 +703,11 @@ def _environment() -> dict[str, Any]:
 
 def _load_oracle(model: str, device: str):
     from invbench.leaks.models import load_model
-    from invbench.leaks.oracle import WhiteBox, document_start_token
+    from invbench.leaks.oracle import WhiteBox
 
     loaded = load_model(model, seed=0, notify=lambda _: None)
-    loaded.model.to(device)
-    # named as the runner names it, so that the guided attack's shipped ranker is found for init=ranker
-    return loaded, WhiteBox(loaded.model, tokenizer=loaded.tokenizer, name=loaded.name,
-                            start_token=document_start_token(loaded.tokenizer))
+    # opened as the runner opens it, so that the guided attack's shipped ranker is found for init=ranker
+    return loaded, WhiteBox.of(loaded, device=device)
 
 
 def _positions(args) -> list[tuple[int, int]] | None:
@@ -798,7 +797,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--positions", default="0,4,8",
                        help="comma-separated position indices t studied in every prompt (empty: the balanced "
                             "design of --per-prompt, every t equally often)")
-        p.add_argument("--seed", type=int, default=42, help="prompts and the attacks' random starts (as the CLI's)")
+        p.add_argument("--seed", type=int, default=SEED, help="prompts and the attacks' random starts (as the CLI's)")
         p.add_argument("--device", default="cpu")
         p.add_argument("--out", default="study-runs", help="results folder")
         p.add_argument("--threads", type=int, default=1, help="torch threads (1 on the shared 2-core CPU)")

@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from invbench.formats import cell
+
 BEGIN, END = "<!-- tables:begin -->", "<!-- tables:end -->"
 THRESHOLDS = (100, 500, 1000, 2000)
 PAPER = "paper"
@@ -106,10 +108,6 @@ def best_spec(runs: dict[str, dict], attack: str) -> str:
     return max(runs, key=key)
 
 
-def _fmt_frac(x) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
 def _fmt_num(x, digits=0) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -134,7 +132,7 @@ def table(model: str, attack: str, runs: dict[str, dict]) -> list[str]:
             lines.append(f"| `{spec}` | 0 | " + " | ".join(["-"] * (len(head) - 3)) + f" | skipped: {s['note']} |")
             continue
         by_t = " ".join(f"t{t}:{a}/{b}" for t, (a, b) in sorted(s["by_t"].items()))
-        row = [f"`{spec}`", str(s["n"])] + [_fmt_frac(s["within"][k]) for k in THRESHOLDS] + [
+        row = [f"`{spec}`", str(s["n"])] + [cell(s["within"][k], ".2f") for k in THRESHOLDS] + [
             f"{_fmt_num(s['median_first_hit'])} / {_fmt_num(s['median_first_hit_among_hits'])}",
             _fmt_num(s["median_final_rank"]), f"{s['mean_seconds']:.1f}", by_t]
         if attack == "continuous":
