@@ -59,17 +59,17 @@ class DChi(Defense):
                  if v is not None}
         super().__init__(**given)
         if (epsilon is None) == (relative_epsilon is None):
-            raise DefenseError("dchi: give exactly one of --epsilon or --relative-epsilon")
+            raise DefenseError("dchi: give exactly one of --epsilon or --param relative_epsilon=R")
         if dim is not None:
             if isinstance(dim, float) and dim.is_integer():
                 dim = int(dim)
             if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-                raise DefenseError(f"dchi: --dim must be an integer >= 1 (the hidden size d), got {dim!r}")
+                raise DefenseError(f"dchi: dim must be an integer >= 1 (the hidden size d), got {dim!r}")
         self.dim = dim
         if relative_epsilon is not None:
             if dim is None:
-                raise DefenseError("dchi: --relative-epsilon needs --dim, the hidden size d (epsilon = relative_epsilon * d)")
-            self.relative_epsilon = positive_param(relative_epsilon, "dchi: --relative-epsilon")
+                raise DefenseError("dchi: relative_epsilon needs --param dim=D, the hidden size d (epsilon = relative_epsilon * d)")
+            self.relative_epsilon = positive_param(relative_epsilon, "dchi: relative_epsilon")
             self.epsilon = self.relative_epsilon * dim
         else:
             self.relative_epsilon = None
@@ -81,7 +81,7 @@ class DChi(Defense):
 
     def _check_dim(self, hidden: torch.Tensor) -> None:
         if self.dim is not None and hidden.shape[-1] != self.dim:
-            raise DefenseError(f"dchi: --dim is {self.dim} but the states have d = {hidden.shape[-1]}")
+            raise DefenseError(f"dchi: dim is {self.dim} but the states have d = {hidden.shape[-1]}")
 
     def simulate(self, hidden: torch.Tensor) -> torch.Tensor:
         self._check_dim(hidden)
@@ -95,7 +95,7 @@ class DChi(Defense):
     def noise_std(self) -> float:
         if self.dim is None:
             raise DefenseError("dchi: the per-coordinate noise std sqrt(d + 1)/epsilon depends on the hidden size d: "
-                               "give --dim, or use noise_law.std(dim=d)")
+                               "give --param dim=D, or use noise_law.std(dim=d)")
         return self.noise_law.std(dim=self.dim)
 
     def guarantee(self, tokens: int | None = None) -> dict[str, Any]:

@@ -252,7 +252,7 @@ def test_check_defense_names_a_bad_law():
 
 
 def test_check_defense_refuses_dchi_without_dim_while_attacks_read_noise_std():
-    with pytest.raises(DefenseError, match="noise_std raised DefenseError: dchi: .*give --dim"):
+    with pytest.raises(DefenseError, match="noise_std raised DefenseError: dchi: .*give --param dim=D"):
         check_defense(make_defense("dchi", {"epsilon": 1}), torch.zeros(2, 4))
 
 
@@ -278,15 +278,15 @@ def test_dp_epsilon_is_the_analytic_gaussian_mechanism(epsilon, delta):
 
 # --- dchi ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("params, fragment", [
-    ({}, "exactly one of --epsilon or --relative-epsilon"),
+    ({}, "exactly one of --epsilon or --param relative_epsilon=R"),
     ({"epsilon": 1, "relative_epsilon": 0.1, "dim": 4}, "exactly one"),
-    ({"relative_epsilon": 0.1}, "--relative-epsilon needs --dim"),
+    ({"relative_epsilon": 0.1}, "relative_epsilon needs --param dim=D"),
     ({"epsilon": 0}, "--epsilon"),
     ({"epsilon": "nan"}, "--epsilon"),
     ({"epsilon": -2}, "--epsilon"),
-    ({"relative_epsilon": -0.1, "dim": 4}, "--relative-epsilon"),
+    ({"relative_epsilon": -0.1, "dim": 4}, "relative_epsilon must be a finite number > 0"),
     ({"epsilon": 1, "clip": 0}, "--clip"),
-    ({"epsilon": 1, "dim": 0}, "--dim"),
+    ({"epsilon": 1, "dim": 0}, "dim must be an integer >= 1"),
     ({"epsilon": 1, "dim": "x"}, "not a valid int"),
 ])
 def test_dchi_invalid_params(params, fragment):
@@ -301,7 +301,7 @@ def test_dchi_relative_epsilon_is_epsilon_over_d():
     assert d.describe() == {"name": "dchi", "params": {"relative_epsilon": 0.05, "dim": 576},
                             "derived": {"epsilon": 28.8, "noise": {"law": "dchi", "epsilon": 28.8},
                                         "noise_std": math.sqrt(577) / 28.8}}
-    with pytest.raises(DefenseError, match="--dim is 576 but the states have d = 8"):
+    with pytest.raises(DefenseError, match="dim is 576 but the states have d = 8"):
         d.apply(torch.zeros(2, 8), generator=gen(0))
 
 
