@@ -142,6 +142,11 @@ class Attack:
         return getattr(self.config, "beam", 1)
 
     # --- what a subclass writes -----------------------------------------------------------------
+    def setup(self, oracle, *, notify: Notify = print) -> None:
+        """Load what the attack needs for this model and layer (default: nothing). The runner calls
+        it once per run, also when no prompt is left to attack (a finished run reopened by `submit`),
+        so that what `diagnostics` reports never depends on whether this session attacked."""
+
     def prepare(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
                 notify: Notify = print) -> Any:
         """Per-run state handed to every `propose` call (default: none). `notify` takes one-line
@@ -208,7 +213,8 @@ class Attack:
         raise NotImplementedError
 
     def diagnostics(self, records: list[dict], *, defense) -> dict[str, Any]:
-        """The attack's own figures for the run summary, from its records (default: none)."""
+        """The attack's own figures for the run summary, from its records and its config, and from
+        what `setup` loaded, never from state that only `prepare` sets (default: none)."""
         return {}
 
 

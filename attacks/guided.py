@@ -62,7 +62,7 @@ from .registry import register_attack
 ENDINGS = ("certified", "exhausted", "codebook", "budget")
 CERTIFIED, EXHAUSTED, CODEBOOK, BUDGET = range(4)
 SCORINGS = ("ml", "map")
-TOLERANCE_NOTE = "measured in bench/GUIDED.md"
+TOLERANCE_NOTE = "measured in bench/studies/GUIDED.md"
 
 
 def acceptance_threshold(*, noise_std: float, dim: int, miss_probability: float, tolerance: float) -> float:
@@ -144,8 +144,12 @@ class GuidedAttack(Attack):
         self._resources: dict[tuple, Any] = {}  # per (weights, layer): ranker and codebook, loaded once
         self.ranker_description: str | None = None
 
-    def prepare(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
-                notify: Callable[[str], None] = print) -> GuidedState:
+    def setup(self, oracle, *, notify: Callable[[str], None] = print) -> None:
+        self._load(oracle, notify)
+
+    def _load(self, oracle, notify: Callable[[str], None]) -> tuple[Ranker | None, torch.Tensor | None]:
+        """The ranker and codebook of this model and layer, loaded once, and the ranker's description
+        that `diagnostics` reports (a finished run reopened never calls `prepare`)."""
         cfg = self.config
         key = (oracle.fingerprint, oracle.layer_index, cfg.ranker, cfg.codebook)
         if key not in self._resources:
@@ -154,6 +158,12 @@ class GuidedAttack(Attack):
             self._resources = {key: (ranker, codebook)}
         ranker, codebook = self._resources[key]
         self.ranker_description = ranker.description if ranker is not None else "the model's prior alone"
+        return ranker, codebook
+
+    def prepare(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
+                notify: Callable[[str], None] = print) -> GuidedState:
+        cfg = self.config
+        ranker, codebook = self._load(oracle, notify)
         noise = float(defense.noise_std)
         threshold = acceptance_threshold(noise_std=noise, dim=oracle.embedding.shape[1],
                                          miss_probability=cfg.miss_probability, tolerance=cfg.tolerance)

@@ -1,7 +1,12 @@
 """The results folder of one run as one object: its lock, config.json, records.jsonl and summary.json.
 
 The file primitives (atomic JSON, whole-batch appends, torn-line repair) are in `results.py`, the
-writer's lock in `lock.py`; this is where a run meets them, and the one place config.json is read.
+writer's lock in `lock.py`; this is where a run meets them, and the one place config.json and
+summary.json are read (`read_config`, `read_summary`; records through `results.read_records`).
+
+What a run records must not depend on how it was opened: a resumed run, or a finished one reopened
+by `submit`, keeps the provenance of the session that began it (`PROVENANCE`: versions, git commit,
+device, sources); config.json lists every session under `sessions`.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from .lock import RunLock
 from .results import append_records, read_records, repair_records, write_json_atomic
 
 STALE_TEMP_GLOBS = (".config.json.*.tmp", ".summary.json.*.tmp")  # left by a run killed mid-write
+PROVENANCE = ("versions", "git_commit", "device", "model_source", "dataset_source")  # kept from the first session
+SESSION = ("git_commit", "device")  # what each session lists of itself
 
 
 class FolderError(InvbenchError, ValueError):
@@ -37,6 +44,22 @@ def read_config(folder: Path) -> dict[str, Any] | None:
     return data
 
 
+def read_summary(folder: Path):
+    """The RunSummary of a results folder (validated by RunSummary.from_dict), or None before the
+    run has finished. A summary.json that is not JSON or does not fit the schema raises in one line."""
+    from .summary import RunSummary
+
+    path = Path(folder) / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise FolderError(f"{path} is unreadable ({type(exc).__name__}: {one_line(exc, limit=200)}); rerun the "
+                          "same command to write it again") from None
+    return RunSummary.from_dict(data)
+
+
 class ResultsFolder:
     """One run's folder: config.json, records.jsonl and summary.json, behind a lock.
 
@@ -50,7 +73,8 @@ class ResultsFolder:
         self.path = Path(path)
         self.records_path = self.path / "records.jsonl"
         self._lock = RunLock(self.path)
-        self.previous: dict[str, Any] | None = None
+        self.previous: dict[str, Any] | None = None  # config.json as this session found it
+        self.config: dict[str, Any] | None = None  # config.json as `start` wrote it
 
     def __enter__(self) -> "ResultsFolder":
         self._lock.__enter__()
@@ -68,17 +92,26 @@ class ResultsFolder:
         self._lock.__exit__(*exc)
 
     def start(self, config: dict[str, Any]) -> set[tuple[str, int]]:
-        """Create or resume: returns the (attack, prompt index) pairs already recorded."""
+        """Create or resume: returns the (attack, prompt index) pairs already recorded. A resumed
+        folder keeps its first session's provenance; `self.config` is what config.json then holds."""
         if self.previous is not None and self.previous["config_hash"] != config["config_hash"]:
             raise FolderError(f"{self.path} holds a different run (config hash {self.previous['config_hash']} vs "
                               f"{config['config_hash']}); choose another --out")
+        self.config = self._with_sessions(config)
         self.path.mkdir(parents=True, exist_ok=True)
         for pattern in STALE_TEMP_GLOBS:
             for stale in self.path.glob(pattern):
                 stale.unlink(missing_ok=True)
-        write_json_atomic(self.path / "config.json", config)
+        write_json_atomic(self.path / "config.json", self.config)
         repair_records(self.records_path)
         return {(r.get("attack"), r.get("prompt_index")) for r in read_records(self.records_path)}
+
+    def _with_sessions(self, config: dict[str, Any]) -> dict[str, Any]:
+        """`config` with the provenance of the session that began the run and every session listed."""
+        previous = self.previous or {}
+        sessions = previous.get("sessions", [{k: previous.get(k) for k in SESSION}] if previous else [])
+        kept = {k: previous[k] for k in PROVENANCE if k in previous}
+        return {**config, **kept, "sessions": [*sessions, {k: config.get(k) for k in SESSION}]}
 
     def append(self, records: Iterable[dict]) -> None:
         append_records(self.records_path, records)

@@ -70,6 +70,23 @@ def summarise_radii(per_prompt: list[dict[str, Any]], *, dim: int, tokens: int) 
             "median_sigma_expected": statistics.median(p["sigma_expected"] for p in per_prompt), "note": note}
 
 
+def of_run(latest: dict[str, list[dict]], *, clean: bool, prompt_indices: list[int], first_gaps: list[float] | None,
+           dim: int, tokens: int) -> dict[str, Any] | None:
+    """The certified radius of a run's prompts (`latest`: each attack's records, one per prompt):
+    position 1 from the codebook's gaps (None without them: no radius); every position where a scan
+    ran on clean states (`clean`: no defence) and recovered the prompt."""
+    if first_gaps is None:
+        return None
+    clean_scan = {}
+    if clean and "scan" in latest:
+        clean_scan = {r["prompt_index"]: later_gaps_from_clean_scan(r["margin"], dim=dim)
+                      for r in latest["scan"] if r["exact_match"] and "margin" in r}
+    per_prompt = prompt_radii(first_gaps, [clean_scan.get(i) for i in prompt_indices], dim=dim, tokens=tokens)
+    for entry, index in zip(per_prompt, prompt_indices):
+        entry["prompt_index"] = index
+    return summarise_radii(per_prompt, dim=dim, tokens=tokens)
+
+
 def later_gaps_from_clean_scan(margins: Sequence[float | None], *, dim: int) -> list[float] | None:
     """Gaps of positions 2..T from a clean scan's runner-up margins (MSE, the true token's ~0), or
     None when one is missing."""

@@ -7,9 +7,11 @@
 3. attack (`attack_pending`): each attack on the prompts not yet recorded, a batch at a time,
    every batch's records appended as it finishes (with the attack's objective for its answer
    and for the truth, for the search-failure check);
-4. score (`score`): the records aggregated into a typed RunSummary: privacy metrics, verdicts,
-   the certified radius and the defence's utility cost;
-5. record: summary.json, written atomically.
+4. score (`score`): what the records cannot hold measured once (the defence's utility cost, the
+   blind guess, the position-1 gaps) into a `RunContext`, and the records aggregated with it into
+   the typed RunSummary by `invbench.summary.build_summary`: privacy metrics, verdicts, the radius;
+5. record: summary.json, written atomically, and read back through `RunSummary.from_dict`: what
+   `run` returns is what the file holds.
 The results folder (`invbench.folder.ResultsFolder`) is locked before anything loads, so a second
 run into it is refused at once; every stage after that can be killed at any moment and the same
 command resumes with exactly the records of an uninterrupted run.
@@ -27,9 +29,9 @@ from tqdm.auto import tqdm
 from . import radius, scoring
 from .config import RunConfig, config_hash, device_name, git_commit, package_versions, with_device_defaults
 from .errors import InvbenchError
-from .folder import ResultsFolder
+from .folder import ResultsFolder, read_summary
 from .metrics import json_safe
-from .summary import RunSummary
+from .summary import RunContext, RunSummary, build_summary
 from .utility import cosine_only, utility_metrics
 from invbench.attacks import Attack, available_attacks, make_attack
 from invbench.attacks.base import prompt_generator
@@ -185,23 +187,25 @@ def attack_pending(attack: Attack, leak: Leak, oracle: WhiteBox, defense: Defens
 # --- 4. score ------------------------------------------------------------------------------------
 
 def score(source: Source, leak: Leak, attacks: list[Attack], defense: Defense, records: list[dict], *,
-          cfg: RunConfig, chash: str, device: torch.device, started: float) -> RunSummary:
-    """The run's RunSummary: privacy per attack with verdicts, the worst case, the certified
-    radius (position 1 from the codebook when the run has one), and the defence's utility."""
+          cfg: RunConfig, recorded: dict[str, Any], wall_seconds: float) -> RunSummary:
+    """The run's RunSummary from its records and what they cannot hold: the defence's utility, the
+    blind guess, the position-1 gaps (from guided's codebook, when guided ran: the radius then does
+    not depend on what a machine happens to have cached), and the provenance `recorded` in
+    config.json when the run began."""
     oracle, prompts = source.oracle, source.prompts
-    head = {"model": source.loaded.name, "model_source": source.loaded.source, "dataset": cfg.dataset,
-            "dataset_source": source.dataset_source, "n": len(prompts), "tokens": cfg.tokens, "layer": cfg.layer,
-            "seed": cfg.seed, "defense": {**defense.describe(), **defense.guarantee(tokens=cfg.tokens)},
-            "utility": defense_utility(source.loaded, leak, layer=cfg.layer), "config_hash": chash,
-            "device": device_name(device), "versions": package_versions(),
-            "wall_seconds": time.perf_counter() - started}
-    codebook = Codebook(oracle, notify=lambda line: None)
     first = None
-    if any(a.name == "guided" for a in attacks) or codebook.path.exists():
+    if any(a.name == "guided" for a in attacks):
+        codebook = Codebook(oracle, notify=lambda line: None)
         first = radius.first_gaps(codebook.states(), torch.tensor([p.ids[0] for p in prompts]))
-    blind = scoring.blind_token_accuracy(scoring.blind_guess(oracle, tokens=cfg.tokens), prompts)
-    return scoring.summarise_run(attacks=attacks, records=records, prompts=prompts, head=head, defense=defense,
-                                 dim=leak.clean.shape[-1], blind_token_accuracy=blind, first_gaps=first)
+    context = RunContext(
+        model=source.loaded.name, model_source=recorded["model_source"], dataset=cfg.dataset,
+        dataset_source=recorded["dataset_source"], prompt_indices=[p.index for p in prompts], tokens=cfg.tokens,
+        layer=cfg.layer, seed=cfg.seed, dim=leak.clean.shape[-1], defense=defense, attacks=attacks,
+        utility=defense_utility(source.loaded, leak, layer=cfg.layer),
+        blind_token_accuracy=scoring.blind_token_accuracy(scoring.blind_guess(oracle, tokens=cfg.tokens), prompts),
+        first_gaps=first, config_hash=recorded["config_hash"], device=recorded["device"],
+        versions=recorded["versions"], wall_seconds=wall_seconds)
+    return build_summary(records, context)
 
 
 def defense_utility(loaded: LoadedModel, leak: Leak, *, layer: int) -> dict[str, Any]:
@@ -254,6 +258,8 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
         try:
             leak = defend(defense, source.prompts, capture(source.oracle, source.prompts, batch_size=cfg.batch_size),
                           seed=cfg.seed)
+            for attack in attacks:  # also when nothing is left to attack: diagnostics may report what it loads
+                attack.setup(source.oracle, notify=echo)
             for attack in attacks:
                 attack_pending(attack, leak, source.oracle, defense, seed=cfg.seed, batch_size=cfg.batch_size,
                                done={i for name, i in done if name == attack.name}, folder=folder,
@@ -263,10 +269,10 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
         # a resumed run's wall time includes the attack time its earlier sessions recorded
         records = folder.records()
         earlier = scoring.recorded_seconds([r for r in records if (r.get("attack"), r.get("prompt_index")) in done])
-        summary = score(source, leak, attacks, defense, records, cfg=cfg, chash=chash, device=device,
-                        started=started - earlier)
+        summary = score(source, leak, attacks, defense, records, cfg=cfg, recorded=folder.config,
+                        wall_seconds=time.perf_counter() - started + earlier)
         folder.write_summary(summary.to_dict())
-    return summary
+    return read_summary(folder.path)
 
 
 def utility_only(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:

@@ -1,11 +1,16 @@
-"""The run summary (`summary.json`), typed and versioned: what a run measured, in one place.
+"""The run summary (`summary.json`): the one contract from a run to everything after it.
 
-`RunSummary` and `AttackSummary` are built by `invbench.scoring` and read by everything after it
-(the CLI table, submissions, curves, the leaderboard) through these fields, so a renamed field
-fails here, at import and in the schema test, not on the board. `from_dict` validates against the
-committed JSON Schema `bench/schemas/summary.schema.json` (any JSON Schema tool can check a
-summary with it) and reads every version:
+`build_summary` is the one place a run's records become numbers: each attack's aggregates and
+verdict (`summarise_attack`), the worst case over attacks, the run's verdict and the certified
+radius, with what the run measured besides its records (a `RunContext`: the defence's cost, the
+blind guess, the position-1 gaps, where and with what it ran). Everything after the run reads the
+summary back through `RunSummary.from_dict`, which validates it against the committed JSON Schema
+`bench/schemas/summary.schema.json`: the CLI's table, leaderboard entries (which embed it whole),
+`verify`, curves, the board and the studies. The schema also marks the fields `verify` compares,
+each with its kind of tolerance (`x-verify`, see `invbench.submit`), so a new per-attack number is
+a field of `AttackSummary`, its line in `summarise_attack` and its node in the schema: nothing else.
 
+`from_dict` reads every version:
 - version 1 (this one): adds `schema_version`, per-attack `search_failure_rate`, `verdict` and
   `diagnostics`, and the run's `verdict`, `radius` and `blind_token_accuracy`;
 - version 0: the layout before versions (no `schema_version` field); read with those fields
@@ -16,9 +21,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from . import metrics, radius, verdicts
 from .errors import InvbenchError
-from .metrics import PRIVACY_METRICS
 from .schema_check import load_schema
+from .scoring import latest_records, recorded_seconds
 
 SCHEMA_VERSION = 1
 READABLE_VERSIONS = (0, 1)
@@ -89,9 +95,7 @@ class RunSummary:
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        from .metrics import json_safe
-
-        return json_safe(asdict(self))
+        return metrics.json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, data: Any) -> "RunSummary":
@@ -136,3 +140,103 @@ def validate(data: Any) -> None:
         first = errors[0]
         where = ".".join(str(p) for p in first.absolute_path) or "(top level)"
         raise SummaryError(f"summary field {where}: {first.message}")
+
+
+# --- building it: the records and a small typed context --------------------------------------------
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run knows besides its records: what ran (the attacks and the defence as objects, for
+    their configs, diagnostics and noise level), on what (model, prompts, layer), what was measured
+    on the states rather than per prompt (the defence's cost, the blind guess, the position-1 gaps),
+    and where and with what the run was made (recorded when it began, so a reopened run says the same)."""
+
+    model: str
+    model_source: str
+    dataset: str
+    dataset_source: str
+    prompt_indices: list[int]
+    tokens: int
+    layer: int
+    seed: int
+    dim: int
+    defense: Any  # invbench.defenses.Defense
+    attacks: list  # invbench.attacks.Attack, in the run's order
+    utility: dict[str, Any]
+    blind_token_accuracy: float | None
+    first_gaps: list[float] | None  # the prompts' position-1 gaps (guided's codebook), None without it
+    config_hash: str
+    device: str
+    versions: dict[str, Any]
+    wall_seconds: float | None
+
+
+def build_summary(records: list[dict], context: RunContext) -> RunSummary:
+    """The RunSummary of a finished run: every attack's aggregates and verdict, the worst case over
+    attacks, the run's verdict and the certified radius where it could be measured."""
+    ctx = context
+    latest = latest_records(records, attacks=[a.name for a in ctx.attacks], prompt_indices=set(ctx.prompt_indices))
+    flag = metrics.default_flag_threshold(noise_std=ctx.defense.noise_std, tokens=ctx.tokens, dim=ctx.dim)
+    attacks = {a.name: summarise_attack(latest[a.name], flag_threshold=flag, config=a.config_dict(),
+                                        diagnostics=a.diagnostics(latest[a.name], defense=ctx.defense),
+                                        blind_token_accuracy=ctx.blind_token_accuracy) for a in ctx.attacks}
+    worst = {m: WorstCase(**w) for m, w in metrics.worst_case({n: vars(s) for n, s in attacks.items()}).items()}
+    return RunSummary(
+        model=ctx.model, model_source=ctx.model_source, dataset=ctx.dataset, dataset_source=ctx.dataset_source,
+        n=len(ctx.prompt_indices), tokens=ctx.tokens, layer=ctx.layer, seed=ctx.seed,
+        defense={**ctx.defense.describe(), **ctx.defense.guarantee(tokens=ctx.tokens)}, utility=ctx.utility,
+        attacks=attacks, worst_case=worst, config_hash=ctx.config_hash, device=ctx.device, versions=ctx.versions,
+        wall_seconds=ctx.wall_seconds, verdict=run_verdict(attacks, worst, ctx.blind_token_accuracy),
+        radius=radius.of_run(latest, clean=ctx.defense.name == "none", prompt_indices=ctx.prompt_indices,
+                             first_gaps=ctx.first_gaps, dim=ctx.dim, tokens=ctx.tokens))
+
+
+def summarise_attack(records: list[dict], *, flag_threshold: float, config: dict[str, Any],
+                     diagnostics: dict[str, Any] | None = None,
+                     blind_token_accuracy: float | None = None) -> AttackSummary:
+    """Aggregates of one attack's records, with the failure detector scored on the cumulative
+    discrete loss (failed prompts are the positives) and the attack's verdict."""
+    seconds = [r["seconds_per_token"] for r in records]
+    total_tokens = sum(len(r["target_ids"]) for r in records)
+    total_seconds = recorded_seconds(records)
+    final_loss = [r["cumulative_discrete_loss"][-1] for r in records]
+    final_loss = [float("inf") if x is None else x for x in final_loss]
+    failed = [not r["exact_match"] for r in records]
+    auroc = metrics.detector_auroc(scores=final_loss, failed=failed)
+    checked = all("search_failure" in r for r in records)
+    exact = sum(not f for f in failed) / len(records)
+    token_accuracy = sum(r["token_accuracy"] for r in records) / len(records)
+    failure_rate = sum(bool(r["search_failure"]) for r in records) / len(records) if checked else None
+    evidence = verdicts.Evidence(exact_match=exact, token_accuracy=token_accuracy, search_failure_rate=failure_rate)
+    return AttackSummary(
+        n=len(records),
+        exact_match=exact,
+        token_accuracy=token_accuracy,
+        similarity=sum(r["similarity"] for r in records) / len(records),
+        detector_auroc=auroc,
+        detector_note=None if auroc is not None else
+        ("undefined: every prompt was recovered exactly" if not any(failed) else "undefined: every prompt failed"),
+        detector_tpr_at_1pct_fpr=metrics.tpr_at_fpr(scores=final_loss, failed=failed, fpr=0.01),
+        detector_threshold=flag_threshold,
+        detector_flag_rate=sum(x > flag_threshold for x in final_loss) / len(records),
+        seconds_per_token=metrics.median(seconds),
+        tokens_per_second=total_tokens / total_seconds if total_seconds > 0 else None,
+        config=config,
+        search_failure_rate=failure_rate,
+        verdict=verdicts.attack_verdict(evidence, blind_token_accuracy=blind_token_accuracy),
+        diagnostics=diagnostics or {},
+    )
+
+
+def run_verdict(attacks: dict[str, AttackSummary], worst: dict[str, WorstCase],
+                blind_token_accuracy: float | None) -> Verdict:
+    """The run's verdict from its attacks' verdicts, named after the attack it rests on, in words."""
+    # the strongest attack first, so that a leak is named after the attack that recovers the most
+    order = dict.fromkeys([worst["exact_match"].attack, worst["token_accuracy"].attack, *attacks])
+    verdict, resting_on = verdicts.run_verdict({n: attacks[n].verdict for n in order})
+    on = attacks.get(resting_on)
+    says = verdicts.explain(verdict, resting_on, exact_match=on.exact_match if on else 0.0,
+                            token_accuracy=on.token_accuracy if on else None,
+                            blind_token_accuracy=blind_token_accuracy,
+                            search_failure_rate=on.search_failure_rate if on else None, attacks=list(attacks))
+    return Verdict(verdict, resting_on, says, blind_token_accuracy, dict(verdicts.THRESHOLDS))

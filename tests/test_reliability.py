@@ -577,3 +577,28 @@ def test_non_finite_captured_states_are_refused_before_the_defense(tmp_path, cap
     code, _, err = invoke([*RUN[:-2], "--batch-size", "2", "--n", "2", "--out", tmp_path / "run"], capsys)
     line = one_error_line(err)
     assert code == 2 and "NaN or infinite for 1 of 2 prompts (first: prompt 1)" in line
+
+
+# --- how a run is opened -------------------------------------------------------------------------
+def test_a_reopened_run_records_what_a_fresh_one_records(tmp_path, monkeypatch):
+    """Before: a finished run reopened (as `submit` and `verify` reopen one) recorded guided's ranker as
+    null, because only `prepare`, which runs when prompts are attacked, set its description; and
+    config.json and the summary took the reopening session's device and commit."""
+    from dataclasses import replace
+
+    from invbench.config import RunConfig
+
+    cfg = RunConfig(model="tiny-gpt2", n=2, tokens=2, device="cpu", attacks=["guided", "continuous"], preset="fast",
+                    attack_options={"ranker": "prior", "steps": 3}, out=str(tmp_path))
+    fresh = runner.run(cfg, echo=lambda line: None)
+    assert fresh.attacks["guided"].diagnostics["ranker"] == "the model's prior alone"
+    monkeypatch.setattr(runner, "device_name", lambda device: "another machine")
+    monkeypatch.setattr(runner, "git_commit", lambda: "0123456789abcdef0123456789abcdef01234567")
+    attacked = []
+    monkeypatch.setattr(runner, "attack_pending", lambda attack, *args, done, **kw: attacked.append(attack.name))
+    reopened = runner.run(replace(cfg, batch_size=1), echo=lambda line: None)
+    assert attacked == ["guided", "continuous"]  # asked, and every prompt was already done
+    assert strip_timing(reopened.to_dict()) == strip_timing(fresh.to_dict())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["device"] == fresh.device and config["git_commit"] != "0123456789abcdef0123456789abcdef01234567"
+    assert [s["device"] for s in config["sessions"]] == [fresh.device, "another machine"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import platform
 import shlex
@@ -31,9 +30,13 @@ from typing import Any
 
 import torch
 
+from .. import formats
 from ..config import RunConfig
-from ..formats import cell
+from ..folder import read_summary
+from ..results import read_records
 from ..runner import run
+from ..scoring import latest_records
+from ..summary import RunSummary
 
 SIGMAS = (0.0, 0.01, 0.1, 0.3, 1.0)
 
@@ -73,14 +76,11 @@ def cells(*, c4: int, random: int, scan_prompts: int, sigmas: tuple[float, ...],
     return out + [Cell("c4", scan_prompts, sigma, "scan") for sigma in (scan_sigmas or sigmas) if scan_prompts]
 
 
-def records(cfg: RunConfig, attack: str) -> list[dict]:
-    lines = (Path(cfg.out) / "records.jsonl").read_text(encoding="utf-8").splitlines()
-    found = {}
-    for line in lines:
-        record = json.loads(line)
-        if record["attack"] == attack:
-            found[record["prompt_index"]] = record
-    return [found[i] for i in sorted(found)]
+def records(folder: Path, attack: str) -> list[dict]:
+    """One attack's latest record of each prompt of a finished run, in prompt order, read as the
+    harness reads them (a torn or damaged line is skipped)."""
+    rows = read_records(Path(folder) / "records.jsonl")
+    return latest_records(rows, attacks=[attack], prompt_indices={r.get("prompt_index") for r in rows})[attack]
 
 
 def aggregate(rows: list[dict], *, vocab: int) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def cells_of(a: dict[str, Any], *extra: str) -> str:
     columns (ratios to scan), then how positions ended."""
     cells = [str(a["prompts"]), f"{a['exact']:.3f}", f"{a['tokens']:.3f}",
              f"{a['candidates']:.1f} ({a['median_candidates']:g})", f"{a['seconds']:.3f}", *extra,
-             cell(a["certified"], ".2f"), cell(a["exhausted"], ".2f")]
+             formats.cell(a["certified"], ".2f"), formats.cell(a["exhausted"], ".2f")]
     return " | ".join(cells)
 
 
@@ -149,21 +149,15 @@ def board_lines(folders: list[Path], *, vocab: int) -> list[str]:
     lines = ["| run | defence | n | exact match | token acc. | candidates / token: mean (median) | s / token | "
              "certified stops | whole vocabulary |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for folder in folders:
-        if not (folder / "summary.json").is_file():
+        summary = read_summary(folder)
+        if summary is None or "guided" not in summary.attacks:
             continue
-        defense = json.loads((folder / "config.json").read_text(encoding="utf-8"))["defining"]["defense"]
-        rows = [r for r in map(json.loads, (folder / "records.jsonl").read_text(encoding="utf-8").splitlines())
-                if r["attack"] == "guided"]
-        if not rows:
-            continue
+        defense = summary.defense
+        rows = records(folder, "guided")
         a = aggregate(rows, vocab=vocab)
         params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
         lines.append(f"| `{folder}` | {defense['name']} {params} | {cells_of(a)} |")
     return lines
-
-
-def summary_of(cfg: RunConfig) -> dict:
-    return json.loads((Path(cfg.out) / "summary.json").read_text(encoding="utf-8"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,15 +185,14 @@ def main(argv: list[str] | None = None) -> None:
     plan = cells(c4=args.c4, random=args.random, scan_prompts=args.scan_prompts, sigmas=levels(args.sigmas),
                  random_sigmas=levels(args.random_sigmas), scan_sigmas=levels(args.scan_sigmas))
     results: dict[Cell, list[dict]] = {}
-    summaries: dict[Cell, dict] = {}
+    summaries: dict[Cell, RunSummary] = {}
     for i, cell in enumerate(plan):
         cfg = cell.config(model=args.model, runs_dir=runs_dir, tokens=args.tokens)
         print(f"[{i + 1}/{len(plan)}] {cell.name}", flush=True)
-        run(cfg, echo=lambda line: print(f"  {line}", flush=True))
-        results[cell] = records(cfg, cell.attack)
-        summaries[cell] = summary_of(cfg)
+        summaries[cell] = run(cfg, echo=lambda line: print(f"  {line}", flush=True))
+        results[cell] = records(Path(cfg.out), cell.attack)
     first = next(iter(summaries.values()))
-    dim = first["radius"]["dim"] if first.get("radius") else 576
+    dim = first.radius["dim"] if first.radius else 576
     vocab = 49152 if args.model == "smollm2-135m" else 50257
     lines = [f"# guided against scan on {args.model}", "",
              f"Measured {dt.date.today().isoformat()} on {platform.processor() or platform.machine()} "
@@ -217,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         lines += ["", "## guided in the leaderboard runs (heavier noise, more prompts; ml scoring)", ""]
         lines += board_lines([Path(p) for p in args.board_runs], vocab=vocab)
     lines += ["", "## Certified-stop tolerance (noise-free stop)", ""] + tolerance_lines(results, dim=dim)
-    radius = next((s["radius"] for c, s in summaries.items() if c.sigma == 0 and c.attack == "guided"
+    radius = next((s.radius for c, s in summaries.items() if c.sigma == 0 and c.attack == "guided"
                    and c.dataset == "c4"), None)
     if radius:
         gaps = [p["first_position_gap"] for p in radius["per_prompt"]]
