@@ -1,11 +1,17 @@
 """Leaderboard entries: one JSON file per defence configuration, `leaderboards/<protocol>/<entry-id>.json`.
 
+An entry is the submission's metadata (who, when, which protocol, where the defence came from, the
+run's git commit) and the run's summary as the run wrote it (`summary`: a `RunSummary`, embedded
+whole: no field is copied by name, so a new summary field reaches every entry untouched).
+
 An entry is read as JSON only (never executed or unpickled) and checked every time it is read:
-first against the committed JSON Schema `bench/schemas/entry.schema.json` (types and ranges; any
-JSON Schema tool can check an entry with it), then across fields (its id is its file name, its
-worst case follows from its attacks, ...). A malformed entry is reported by file and field and
-skipped, so the board never shows half an entry. Every message names the field path in words:
-"field attacks.scan.exact_match: expected a number in [0, 1], got 7".
+first against the committed JSON Schema `bench/schemas/entry.schema.json` (which refers to the
+summary's, `summary.schema.json`; any JSON Schema tool can check an entry with the two files),
+then across fields (its id is its file name, its worst case follows from its attacks, ...). A
+malformed entry is reported by file and field and skipped, so the board never shows half an entry.
+Every message names the field path in words: "field summary.attacks.scan.exact_match: expected a
+number in [0, 1], got 7". Entries of schema_version 2, which copied summary fields by name, are
+read by `invbench.legacy_entries`.
 """
 from __future__ import annotations
 
@@ -17,16 +23,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
 
+from . import legacy_entries, summary as summary_module
 from .errors import InvbenchError
 from .metrics import PRIVACY_METRICS, worst_case
+from .protocols import defining
 from .schema_check import Failure, failures, finite_json, format_checker, load_schema
+from .summary import RunSummary
 from .verdicts import run_verdict
 
-SCHEMA_VERSION = 2  # 2: verdicts (per attack and for the entry) and the certified radius
+SCHEMA_VERSION = 3  # 3: the run's summary embedded as it is; 2: fields copied from it (legacy_entries)
 ENTRY_ID_PATTERN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 ENTRY_ID_MAX = 64
 MAX_ENTRY_BYTES = 1_000_000  # an entry is a few KB; refuse anything that could stall the renderer
+# What the summary must agree on with the protocol it was made under, for entries to be comparable.
+SAME_AS_PROTOCOL = ("model", "dataset", "n", "tokens", "seed", "layer")
 
 
 class EntryError(InvbenchError, ValueError):
@@ -88,16 +100,19 @@ class Problem:
 
 
 @lru_cache(maxsize=None)
-def _validator() -> Draft202012Validator:
+def _validator(name: str = "entry") -> Draft202012Validator:
+    """The validator of the entry schema (`entry-v2`: the version-2 schema, for legacy_entries)."""
     formats = format_checker()
     formats.checks("entry-id", raises=EntryError)(validate_entry_id)
-    return Draft202012Validator(load_schema("entry"), format_checker=formats)
+    summary = summary_module.schema()  # the entry schema refers to it by its $id
+    registry = Registry().with_resource(summary["$id"], Resource.from_contents(summary))
+    return Draft202012Validator(load_schema(name), format_checker=formats, registry=registry)
 
 
 def _message(failure: Failure) -> str:
     """A schema failure in the board's words: "expected a number in [0, 1], got 7"."""
     if failure.kind == "missing":  # a missing section reads as what it should be, as the board has always said
-        section = failure.node.get("type") == "object" and "." not in failure.field
+        section = failure.node.get("type") == "object" and "." not in failure.field.removeprefix("summary.")
         return "expected an object" if section else "missing"
     if isinstance(failure.cause, EntryError):  # validate_entry_id says what is wrong with an id
         return str(failure.cause)
@@ -120,54 +135,64 @@ def check_entry(data: Any, path: Path, *, protocol_dir_name: str | None = None,
     across fields.
 
     Beyond field types, the entry must be consistent with itself and where it lies: its id is its
-    file name, its protocol is the folder's, it reports every attack of its protocol (the worst
-    case is over all of them), its size matches the protocol, and its stored worst case, detector
-    AUROCs and verdict follow from its attacks. `protocol_definition`, when given (the registered
-    protocol of that name), must equal the entry's protocol: results from an older definition
-    are not comparable."""
-    schema = failures(_validator(), data)
+    file name, its protocol is the folder's, its summary reports every attack of its protocol (the
+    worst case is over all of them) and was made with the protocol's model, prompts and seed, and
+    its worst case and verdict follow from its attacks. `protocol_definition`, when given (the
+    registered protocol of that name), must have the entry's protocol's defining fields: results
+    from another definition are not comparable (a reworded description changes nothing)."""
+    legacy = legacy_entries.is_legacy(data)
+    schema = failures(_validator("entry-v2" if legacy else "entry"), data)
     found = [(f.field, _message(f)) for f in schema]
     if isinstance(data, dict):
         def fits(*keys: str) -> bool:
             """Whether nothing at, above or under the field at these keys failed the schema."""
             return not any(f.path[:len(keys)] == keys or keys[:len(f.path)] == f.path for f in schema)
 
-        found += _place_problems(data, path, protocol_dir_name, protocol_definition)
-        found += _attack_problems(data, fits)
+        protocol = legacy_entries.protocol_of(data) if legacy else data.get("protocol")
+        found += _place_problems(data, protocol, path, protocol_dir_name, protocol_definition)
+        if legacy:  # a version-2 entry holds the summary's fields at its top level
+            found += _summary_problems(data, protocol, fits, prefix="")
+            found += legacy_entries.copy_problems(data, fits)
+        elif isinstance(data.get("summary"), dict):
+            found += _summary_problems(data["summary"], protocol, lambda *keys: fits("summary", *keys),
+                                       prefix="summary.")
     return [Problem(path, field, message) for field, message in found]
 
 
-def _place_problems(data: dict, path: Path, dir_name: str | None,
+def _place_problems(data: dict, protocol: Any, path: Path, dir_name: str | None,
                     definition: dict[str, Any] | None) -> list[tuple[str, str]]:
     """(field, message) where the entry disagrees with where it lies: its file name, its folder,
-    the registered protocol."""
+    the registered protocol's defining fields."""
     problems = []
     if data.get("entry_id") != path.stem:
         problems.append(("entry_id", f"must equal the file name {path.stem!r}"))
-    protocol = data.get("protocol")
     if not isinstance(protocol, dict):
         return problems
     if dir_name is not None and protocol.get("name") != dir_name:
         problems.append(("protocol.name", f"{short(protocol.get('name'))} does not match the folder {dir_name!r}"))
-    elif definition is not None and protocol != definition:
-        changed = sorted(k for k in set(protocol) | set(definition) if protocol.get(k) != definition.get(k))
+    elif definition is not None and defining(protocol) != defining(definition):
+        ours, theirs = defining(protocol), defining(definition)
+        changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         problems.append(("protocol", f"differs from the current definition of {definition['name']!r} "
                          f"({', '.join(map(str, changed))}); rerun the submission under the current protocol"))
-    for key in ("model", "dataset", "n", "tokens", "seed"):  # what makes entries of one protocol comparable
-        if key in data and key in protocol and data[key] != protocol[key]:
-            problems.append((key, f"{short(data[key])} differs from the protocol's {short(protocol[key])}"))
     return problems
 
 
-def _attack_problems(data: dict, fits: Callable[..., bool]) -> list[tuple[str, str]]:
-    """(field, message) where the attacks disagree with the protocol, or what the entry derives
-    from them (worst case, detector AUROCs, verdict) with the attacks that fit the schema."""
-    attacks = data.get("attacks")
-    if not isinstance(attacks, dict):
-        return []
+def _summary_problems(summary: dict, protocol: Any, fits: Callable[..., bool], *, prefix: str) -> list[tuple[str, str]]:
+    """(field, message) where the summary disagrees with the protocol it was made under, or with
+    itself: its worst case and verdict must follow from the attacks that fit the schema."""
     problems = []
-    if fits("protocol", "attacks") and sorted(attacks) != sorted(expected := data["protocol"]["attacks"]):
-        problems.append(("attacks", f"expected exactly the protocol's attacks {short(sorted(expected))}, "
+    if isinstance(protocol, dict):
+        for key in SAME_AS_PROTOCOL:  # what makes entries of one protocol comparable
+            if key in summary and key in protocol and summary[key] != protocol[key]:
+                problems.append((prefix + key, f"{short(summary[key])} differs from the protocol's "
+                                 f"{short(protocol[key])}"))
+    attacks = summary.get("attacks")
+    if not isinstance(attacks, dict):
+        return problems
+    expected = protocol.get("attacks") if isinstance(protocol, dict) else None
+    if isinstance(expected, list) and sorted(attacks) != sorted(map(str, expected)):
+        problems.append((prefix + "attacks", f"expected exactly the protocol's attacks {short(sorted(expected))}, "
                          f"got {short(sorted(attacks))}"))
     valid = {name: metrics for name, metrics in attacks.items() if fits("attacks", name)}
     if not valid:
@@ -176,21 +201,18 @@ def _attack_problems(data: dict, fits: Callable[..., bool]) -> list[tuple[str, s
     for metric in PRIVACY_METRICS:
         if not fits("worst_case", metric, "value"):
             continue
-        stored = data["worst_case"][metric]
+        stored = summary["worst_case"][metric]
         if abs(stored["value"] - rule[metric]["value"]) > 1e-12:
-            problems.append((f"worst_case.{metric}.value", f"{short(stored['value'])} is not the maximum over "
-                             f"attacks ({rule[metric]['value']!r})"))
+            problems.append((f"{prefix}worst_case.{metric}.value", f"{short(stored['value'])} is not the maximum "
+                             f"over attacks ({rule[metric]['value']!r})"))
         elif stored.get("attack") != rule[metric]["attack"]:
-            problems.append((f"worst_case.{metric}.attack", f"{short(stored.get('attack'))} is not the strongest "
-                             f"attack by the rule of invbench.metrics.worst_case ({rule[metric]['attack']!r})"))
-    if isinstance(detector := data.get("detector_auroc"), dict):
-        problems += [(f"detector_auroc.{name}", f"must equal attacks.{name}.detector_auroc")
-                     for name, metrics in valid.items() if detector.get(name, "missing") != metrics["detector_auroc"]]
-    if isinstance(verdict := data.get("verdict"), dict):
+            problems.append((f"{prefix}worst_case.{metric}.attack", f"{short(stored.get('attack'))} is not the "
+                             f"strongest attack by the rule of invbench.metrics.worst_case ({rule[metric]['attack']!r})"))
+    if isinstance(verdict := summary.get("verdict"), dict):
         expected_verdict, _ = run_verdict({a: m["verdict"] for a, m in valid.items()})
         if verdict.get("verdict") != expected_verdict:
-            problems.append(("verdict.verdict", f"{short(verdict.get('verdict'))} does not follow from the attacks' "
-                             f"verdicts ({expected_verdict!r})"))
+            problems.append((prefix + "verdict.verdict", f"{short(verdict.get('verdict'))} does not follow from the "
+                             f"attacks' verdicts ({expected_verdict!r})"))
     return problems
 
 
@@ -198,32 +220,39 @@ def _attack_problems(data: dict, fits: Callable[..., bool]) -> list[tuple[str, s
 
 @dataclass(frozen=True)
 class Entry:
-    """A validated entry and the numbers the board ranks it by."""
+    """A validated entry: the submission's metadata, the run's summary, and the numbers the board
+    ranks it by (from the summary)."""
 
     path: Path
-    data: dict[str, Any]
+    meta: dict[str, Any]  # everything but the summary: entry_id, name, authors, url, date, protocol, ...
+    summary: RunSummary
 
     @property
     def entry_id(self) -> str:
-        return self.data["entry_id"]
+        return self.meta["entry_id"]
 
     @property
     def name(self) -> str:
-        return self.data["name"]
+        return self.meta["name"]
+
+    @property
+    def defense_spec(self) -> str:
+        """Where the defence came from: a registered name, or a plug-in file by its base name."""
+        return self.meta.get("defense_spec") or self.summary.defense["name"]
 
     @property
     def worst_exact_match(self) -> float:
         """Recomputed from the attacks (the validator also checks the stored worst case)."""
-        return max(m["exact_match"] for m in self.data["attacks"].values())
+        return max(a.exact_match for a in self.summary.attacks.values())
 
     @property
     def worst_attack(self) -> str:
         """The strongest attack as the entry states it (checked against metrics.worst_case)."""
-        return self.data["worst_case"]["exact_match"]["attack"]
+        return self.summary.worst_case["exact_match"].attack
 
     @property
     def verdict(self) -> str | None:
-        return self.data["verdict"]["verdict"]
+        return self.summary.verdict.verdict if self.summary.verdict else None
 
     @property
     def conclusive(self) -> bool:
@@ -232,11 +261,18 @@ class Entry:
 
     @property
     def worst_token_accuracy(self) -> float:
-        return max(m["token_accuracy"] for m in self.data["attacks"].values())
+        return max(a.token_accuracy for a in self.summary.attacks.values())
 
     @property
     def top1_agreement(self) -> float | None:
-        return self.data["utility"]["top1_agreement"]
+        return self.summary.utility["top1_agreement"]
+
+
+def entry_of(path: Path, data: dict[str, Any]) -> Entry:
+    """An Entry from data that passed `check_entry`; the summary is read through RunSummary.from_dict."""
+    if legacy_entries.is_legacy(data):
+        return Entry(path, legacy_entries.metadata_of(data), legacy_entries.summary_of(data))
+    return Entry(path, {k: v for k, v in data.items() if k != "summary"}, RunSummary.from_dict(data["summary"]))
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -283,7 +319,7 @@ def read_entry(path: Path) -> Entry:
         problems = check_entry(data, path, protocol_definition=registered_definition(name))
     if problems:
         raise EntryError(f"{path}: " + "; ".join(str(p).removeprefix(f"{path}: ") for p in problems))
-    return Entry(path, data)
+    return entry_of(path, data)
 
 
 def load_entries(protocol_dir: Path, *, protocol_definition: dict[str, Any] | None = None,
@@ -301,5 +337,5 @@ def load_entries(protocol_dir: Path, *, protocol_definition: dict[str, Any] | No
         if found:
             problems.extend(found)
         else:
-            entries.append(Entry(path, data))
+            entries.append(entry_of(path, data))
     return entries, problems

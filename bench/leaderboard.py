@@ -1,9 +1,11 @@
 """The leaderboard of one protocol: `LEADERBOARD.md` and a static, self-contained `index.html`.
 
-Ranking: worst-case exact match over the protocol's attacks (lower is more private), among the
-entries whose top-1 agreement is at least the utility floor; ties go to the lower worst-case token
-accuracy, then the higher top-1 agreement. Entries under the floor are listed separately. The
-Pareto frontier of worst-case exact match (down) against top-1 agreement (up) is marked.
+Ranking, by the rule the protocol names (`RANKINGS`; today one, "worst-case-exact-match"): worst-case
+exact match over the protocol's attacks (lower is more private), among the entries whose top-1
+agreement is at least the utility floor; ties go to the lower worst-case token accuracy, then the
+higher top-1 agreement. Entries under the floor are listed separately. The Pareto frontier of
+worst-case exact match (down) against top-1 agreement (up) is marked. Every number comes from the
+entries' summaries (`Entry.summary`, a RunSummary).
 
 Everything that came from a submission is escaped before it is written: by `escape_md` in the
 Markdown, by the autoescaping Jinja2 template `templates/board.html.j2` in the page. The page's
@@ -24,9 +26,10 @@ from typing import Any, Callable, Iterable
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from . import __version__
-from .formats import cell
 from .entries import Entry, Problem, load_entries, registered_definition
+from .formats import cell
 from .plotting import PointLabel, label_points
+from .protocols import RANKING
 from .results import write_bytes_atomic
 
 DEFAULT_UTILITY_FLOOR = 0.5
@@ -71,11 +74,17 @@ def rank_key(entry: Entry) -> tuple:
             entry.entry_id)
 
 
-def rank_entries(entries: list[Entry], *, floor: float) -> tuple[list[Row], list[Row]]:
+# A protocol's `ranking` names its rule here; a new rule is a new name, so entries ranked by another
+# rule are another protocol's (invbench.protocols.defining).
+RANKINGS: dict[str, Callable[[Entry], tuple]] = {RANKING: rank_key}
+
+
+def rank_entries(entries: list[Entry], *, floor: float, ranking: str = RANKING) -> tuple[list[Row], list[Row]]:
     """(ranked rows at or above the floor, rows below it), both in ranking order."""
     frontier = pareto_frontier(entries)
-    above = sorted((e for e in entries if e.top1_agreement is not None and e.top1_agreement >= floor), key=rank_key)
-    below = sorted((e for e in entries if e.top1_agreement is None or e.top1_agreement < floor), key=rank_key)
+    key = RANKINGS[ranking]
+    above = sorted((e for e in entries if e.top1_agreement is not None and e.top1_agreement >= floor), key=key)
+    below = sorted((e for e in entries if e.top1_agreement is None or e.top1_agreement < floor), key=key)
     return ([Row(e, i + 1, e.entry_id in frontier) for i, e in enumerate(above)],
             [Row(e, None, e.entry_id in frontier) for e in below])
 
@@ -86,12 +95,12 @@ def build_board(protocol_dir: Path, *, floor: float = DEFAULT_UTILITY_FLOOR) -> 
     protocol_dir = Path(protocol_dir)
     entries, problems = load_entries(protocol_dir)
     definition = registered_definition(protocol_dir.name)
-    if definition:  # registered: the description is ours, the attack set is the protocol's
-        description, attacks = definition["description"], list(definition["attacks"])
+    if definition:  # registered: the description is ours, the attack set and the ranking rule are the protocol's
+        description, attacks, ranking = definition["description"], list(definition["attacks"]), definition["ranking"]
     else:
-        description = "(not a registered protocol)"
-        attacks = sorted({a for e in entries for a in e.data["attacks"]})
-    ranked, below = rank_entries(entries, floor=floor)
+        description, ranking = "(not a registered protocol)", RANKING
+        attacks = sorted({a for e in entries for a in e.summary.attacks})
+    ranked, below = rank_entries(entries, floor=floor, ranking=ranking)
     return Board(protocol_dir.name, description, floor, attacks, ranked, below, problems)
 
 
@@ -135,22 +144,21 @@ def columns(board: Board) -> list[Column]:
 def cells(row: Row, attacks: list[str]) -> list[tuple[str, Any]]:
     """(display text, sort value) per column, in the order of `columns`. Sort values are numbers,
     None (missing: sorts last) or text."""
-    e, data = row.entry, row.entry.data
-    metrics = data["attacks"]
-    utility = data["utility"]
+    e, meta, summary = row.entry, row.entry.meta, row.entry.summary
+    attack = summary.attacks.get
+    defense, utility = summary.defense, summary.utility
 
     def num(value: Any, spec: str = ".3f") -> tuple[str, Any]:
         return cell(value, spec), value
 
-    return ([num(row.rank, "d"), (data["name"], data["name"].lower()), (data["authors"], data["authors"].lower()),
-             (defense_text(data["defense"]), defense_text(data["defense"]).lower()),
-             (epsilon_text(data["defense"]), data["defense"].get("epsilon")),
+    return ([num(row.rank, "d"), (meta["name"], meta["name"].lower()), (meta["authors"], meta["authors"].lower()),
+             (defense_text(defense), defense_text(defense).lower()), (epsilon_text(defense), defense.get("epsilon")),
              (verdict_text(e), e.verdict or ""), num(e.worst_exact_match), (e.worst_attack, e.worst_attack)]
-            + [num(metrics.get(a, {}).get("exact_match")) for a in attacks]
+            + [num(attack(a).exact_match if attack(a) else None) for a in attacks]
             + [num(e.worst_token_accuracy)]
-            + [num(metrics.get(a, {}).get("detector_auroc")) for a in attacks]
+            + [num(attack(a).detector_auroc if attack(a) else None) for a in attacks]
             + [num(utility["top1_agreement"]), num(utility.get("kl_clean_defended"), ".4g"),
-               (PARETO_MARK if row.pareto else "", "1" if row.pareto else "0"), (data["date"], data["date"])])
+               (PARETO_MARK if row.pareto else "", "1" if row.pareto else "0"), (meta["date"], meta["date"])])
 
 
 def floor_text(board: Board, escape: Callable[[Any], str]) -> str:
@@ -187,7 +195,7 @@ def _md_table(board: Board, rows: list[Row]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for row in rows:
         texts = [escape_md(text) for text, _ in cells(row, board.attacks)]
-        url = row.entry.data["url"]
+        url = row.entry.meta["url"]
         if url:  # validated: http(s), no spaces, brackets or parentheses
             texts[1] = f"[{texts[1]}]({url})"
         lines.append("| " + " | ".join(texts) + " |")
@@ -278,7 +286,7 @@ def _sort_attr(value: Any) -> str:
 
 def html_row(board: Board, row: Row) -> HtmlRow:
     """One table row as the template writes it: plain text, which the template escapes."""
-    url = row.entry.data["url"]  # validated: http(s), or empty for none
+    url = row.entry.meta["url"]  # validated: http(s), or empty for none
     row_cells = [HtmlCell(text, _sort_attr(sort_value), col.kind == "number", url if col.title == "Entry" else "")
                  for col, (text, sort_value) in zip(columns(board), cells(row, board.attacks))]
     return HtmlRow(row.entry.entry_id, row.pareto, row_cells)

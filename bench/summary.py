@@ -103,10 +103,10 @@ class RunSummary:
         validate(data)
         data = dict(data)
         data.setdefault("schema_version", 0)
-        attacks = {name: _build(AttackSummary, a) for name, a in data.pop("attacks").items()}
+        attacks = {name: build(AttackSummary, a) for name, a in data.pop("attacks").items()}
         worst = {m: WorstCase(**w) for m, w in data.pop("worst_case").items()}
         verdict = data.pop("verdict", None)
-        return cls(attacks=attacks, worst_case=worst, verdict=_build(Verdict, verdict) if verdict else None,
+        return cls(attacks=attacks, worst_case=worst, verdict=build(Verdict, verdict) if verdict else None,
                    **{k: v for k, v in data.items() if k in _field_names(cls)})
 
     @property
@@ -119,7 +119,8 @@ def _field_names(cls: type) -> set[str]:
     return {f.name for f in fields(cls)}
 
 
-def _build(cls: type, data: dict[str, Any]):
+def build(cls: type, data: dict[str, Any]):
+    """A dataclass of this module from the keys of `data` it has fields for."""
     return cls(**{k: v for k, v in data.items() if k in _field_names(cls)})
 
 

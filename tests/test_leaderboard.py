@@ -111,33 +111,37 @@ DELETE = object()
 
 
 @pytest.mark.parametrize("field, value, reported, message", [
-    ("attacks.scan.exact_match", 1.5, "attacks.scan.exact_match", "expected a number in [0, 1]"),
-    ("attacks.scan.exact_match", "0.5", "attacks.scan.exact_match", "expected a number in [0, 1]"),
-    ("attacks.scan.exact_match", True, "attacks.scan.exact_match", "expected a number"),
-    ("attacks.continuous.token_accuracy", DELETE, "attacks.continuous.token_accuracy", "missing"),
-    ("attacks.projection.detector_auroc", -0.1, "attacks.projection.detector_auroc", "or null"),
-    ("attacks.scan", DELETE, "attacks", "expected exactly the protocol's attacks"),
-    ("utility.top1_agreement", 2, "utility.top1_agreement", "expected a number in [0, 1]"),
-    ("utility.perplexity_ratio", 0, "utility.perplexity_ratio", "(0, inf)"),
-    ("utility", DELETE, "utility", "expected an object"),
-    ("worst_case.exact_match.value", 0.1, "worst_case.exact_match.value", "not the maximum over attacks"),
-    ("detector_auroc.scan", 0.1, "detector_auroc.scan", "must equal attacks.scan.detector_auroc"),
-    ("defense.params", {"k": [1, 2]}, "defense.params.k", "expected a number, a boolean, null or a string"),
-    ("defense.epsilon", -1, "defense.epsilon", "expected a number in [0, inf) or null"),
-    ("defense.name", "two\nlines", "defense.name", "without control characters"),
+    ("summary.attacks.scan.exact_match", 1.5, "summary.attacks.scan.exact_match", "expected a number in [0, 1]"),
+    ("summary.attacks.scan.exact_match", "0.5", "summary.attacks.scan.exact_match", "expected a number in [0, 1]"),
+    ("summary.attacks.scan.exact_match", True, "summary.attacks.scan.exact_match", "expected a number"),
+    ("summary.attacks.continuous.token_accuracy", DELETE, "summary.attacks.continuous.token_accuracy", "missing"),
+    ("summary.attacks.projection.detector_auroc", -0.1, "summary.attacks.projection.detector_auroc", "or null"),
+    ("summary.attacks.scan.verdict", DELETE, "summary.attacks.scan.verdict", "missing"),
+    ("summary.attacks.scan", DELETE, "summary.attacks", "expected exactly the protocol's attacks"),
+    ("summary.utility.top1_agreement", 2, "summary.utility.top1_agreement", "expected a number in [0, 1]"),
+    ("summary.utility.perplexity_ratio", 0, "summary.utility.perplexity_ratio", "(0, inf)"),
+    ("summary.utility", DELETE, "summary.utility", "expected an object"),
+    ("summary.worst_case.exact_match.value", 0.1, "summary.worst_case.exact_match.value", "not the maximum over attacks"),
+    ("summary.verdict.verdict", "protected", "summary.verdict.verdict", "does not follow from the attacks' verdicts"),
+    ("summary.defense.params", {"k": [1, 2]}, "summary.defense.params.k", "expected a number, a boolean, null or a string"),
+    ("summary.defense.epsilon", -1, "summary.defense.epsilon", "expected a number in [0, inf) or null"),
+    ("summary.defense.name", "two\nlines", "summary.defense.name", "without control characters"),
     ("entry_id", "../evil", "entry_id", "looks like a path"),
     ("name", "", "name", "non-empty"),
     ("url", "javascript:alert(1)", "url", "an http(s) URL"),
     ("url", "https://x.org/a b", "url", "an http(s) URL"),
     ("date", "yesterday", "date", "YYYY-MM-DD"),
-    ("n", 3, "n", "differs from the protocol's 4"),
-    ("model", "gpt2", "model", "differs from the protocol's"),
-    ("config_hash", "xyz", "config_hash", "16 hex digits"),
+    ("summary.n", 3, "summary.n", "differs from the protocol's 4"),
+    ("summary.model", "gpt2", "summary.model", "differs from the protocol's"),
+    ("summary.layer", 1, "summary.layer", "differs from the protocol's -1"),
+    ("summary.config_hash", "xyz", "summary.config_hash", "16 hex digits"),
+    ("summary.device", 5, "summary.device", "expected a string"),
+    ("summary.seed", None, "summary.seed", "expected an integer"),
     ("protocol.name", "c4-gpt2-10tok", "protocol.name", "does not match the folder"),
     ("protocol.n", 400, "protocol", "differs from the current definition"),
-    ("hardware", "cpu", "hardware", "expected an object"),
-    ("seed", None, "seed", "expected an integer"),
-    ("schema_version", 1, "schema_version", "expected 2"),
+    ("protocol.ranking", "best-first", "protocol", "differs from the current definition"),
+    ("defense_spec", "", "defense_spec", "non-empty"),
+    ("schema_version", 1, "schema_version", "expected 3"),
     ("git_commit", "not-a-commit", "git_commit", "a git commit"),
 ])
 def test_each_malformed_field_is_reported_by_file_and_field_and_skipped(tmp_path, field, value, reported, message):
@@ -175,37 +179,42 @@ def test_entry_id_must_be_the_file_name(tmp_path):
 
 def test_read_entry_raises_with_every_problem(tmp_path):
     bad = make_entry("Bad")
-    bad["attacks"]["scan"]["exact_match"] = 7
+    bad["summary"]["attacks"]["scan"]["exact_match"] = 7
     bad["date"] = "soon"
     path = write_entry(tmp_path, bad)
     with pytest.raises(EntryError) as info:
         read_entry(path)
     assert str(info.value).startswith(f"{path}: field date: expected a date YYYY-MM-DD; ")
-    assert "; field attacks.scan.exact_match: expected a number in [0, 1], got 7" in str(info.value)
+    assert "; field summary.attacks.scan.exact_match: expected a number in [0, 1], got 7" in str(info.value)
 
 
 # --- the committed schema file, on its own ------------------------------------------------------
 
-ENTRY_SCHEMA = Path(__file__).resolve().parents[1] / "bench" / "schemas" / "entry.schema.json"
+SCHEMAS = Path(__file__).resolve().parents[1] / "bench" / "schemas"
 
 
 def test_a_real_entry_validates_with_plain_jsonschema():
-    """What a submitter can rely on: the committed file alone, no invbench code, checks an entry."""
+    """What a submitter can rely on: the committed files alone (the entry schema and the summary
+    schema it refers to), no invbench code, check an entry."""
     import jsonschema
+    from referencing import Registry, Resource
 
-    schema = json.loads(ENTRY_SCHEMA.read_text(encoding="utf-8"))
+    schema, summary = (json.loads((SCHEMAS / f"{name}.schema.json").read_text(encoding="utf-8"))
+                       for name in ("entry", "summary"))
+    validator = jsonschema.Draft202012Validator(
+        schema, registry=Registry().with_resource(summary["$id"], Resource.from_contents(summary)))
     entry = json.loads(json.dumps(make_entry("Plain check", em=0.3)))  # as the file holds it
-    jsonschema.validate(entry, schema)
-    entry["attacks"]["scan"]["exact_match"] = 7
+    validator.validate(entry)
+    entry["summary"]["attacks"]["scan"]["exact_match"] = 7
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(entry, schema)
+        validator.validate(entry)
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("config_hash", "0123456789abcdef\n", "16 hex digits"),  # Python's re lets $ match before a final newline
+    ("summary.config_hash", "0123456789abcdef\n", "16 hex digits"),  # Python's re lets $ match before a final newline
     ("git_commit", "abc1234\n", "a git commit"),
     ("url", "https://example.org/\n", "an http(s) URL"),
-    ("defense.params", {"p\n": 1}, "bad name"),
+    ("summary.defense.params", {"p\n": 1}, "bad name"),
     ("name", "right\u202eleft", "without control characters"),  # a bidi override: category Cf, not a control
 ])
 def test_no_field_takes_a_hidden_line_break_or_format_character(tmp_path, field, value, message):
@@ -250,7 +259,7 @@ def test_an_inconclusive_entry_never_outranks_a_conclusive_one(tmp_path):
     """No attack recovers anything from "Masked", but its misses are search failures: its zero is no
     evidence, so it ranks below a defence that leaks a little, conclusively."""
     masked = make_entry("Masked", em=0.0, search_failure=0.8)
-    assert masked["verdict"]["verdict"] == "inconclusive"
+    assert masked["summary"]["verdict"]["verdict"] == "inconclusive"
     board = board_of(tmp_path, masked, make_entry("Leaky", em=0.2), make_entry("Private", em=0.0))
     assert [r.entry.entry_id for r in board.ranked] == ["private", "leaky", "masked"]
     assert [r.entry.verdict for r in board.ranked] == ["protected", "leaks", "inconclusive"]
@@ -260,13 +269,13 @@ def test_an_inconclusive_entry_never_outranks_a_conclusive_one(tmp_path):
 
 def test_ties_name_the_same_strongest_attack_in_the_run_the_entry_and_the_board(tmp_path):
     entry = make_entry("Tie", em={"guided": 1.0, "continuous": 0.2, "projection": 0.2, "scan": 1.0})
-    assert entry["worst_case"]["exact_match"]["attack"] == "guided"  # a tie on every metric: the name that sorts first
+    assert entry["summary"]["worst_case"]["exact_match"]["attack"] == "guided"  # a tie on every metric: the first name
     board = board_of(tmp_path, entry)
     assert board.ranked[0].entry.worst_attack == "guided"
-    entry["worst_case"]["exact_match"]["attack"] = "scan"  # the same value, another name: refused
+    entry["summary"]["worst_case"]["exact_match"]["attack"] = "scan"  # the same value, another name: refused
     write_entry(tmp_path, entry, file_id="tie")
     _, problems = load_entries(tmp_path / "quick")
-    assert [p.field for p in problems] == ["worst_case.exact_match.attack"]
+    assert [p.field for p in problems] == ["summary.worst_case.exact_match.attack"]
 
 
 def test_entries_under_the_floor_are_listed_separately(tmp_path):
@@ -353,7 +362,7 @@ def test_the_page_escapes_by_autoescape_alone():
 
 def test_problem_messages_are_escaped_too(tmp_path):
     bad = make_entry("Bad")
-    bad["attacks"]["scan"]["exact_match"] = "<b>x</b>"
+    bad["summary"]["attacks"]["scan"]["exact_match"] = "<b>x</b>"
     write_entry(tmp_path, bad)
     result = render(tmp_path / "quick")
     assert "<b>" not in result.html.read_text() and "<b>" not in result.markdown.read_text()
@@ -365,3 +374,56 @@ def test_render_writes_both_files_for_an_empty_board(tmp_path):
     result = render(tmp_path / "quick")
     assert "No entry at or above the utility floor yet." in result.markdown.read_text()
     assert "<table" not in result.html.read_text() and 'id="plot"' in result.html.read_text()
+
+
+# --- protocol identity ----------------------------------------------------------------------------
+
+def test_an_edited_protocol_description_keeps_its_entries_valid(tmp_path):
+    """Before: entries had to match the whole protocol, so rewording its description voided them all."""
+    import dataclasses
+
+    from invbench.protocols import PROTOCOLS
+
+    write_entry(tmp_path, make_entry("Made before", em=0.2))
+    reworded = dataclasses.replace(QUICK, description="Reworded: a smoke test, nothing more.")
+    with PROTOCOLS.override("quick", reworded):
+        entries, problems = load_entries(tmp_path / "quick")
+        board = build_board(tmp_path / "quick")
+    assert problems == [] and [e.entry_id for e in entries] == ["made-before"]
+    assert board.description == "Reworded: a smoke test, nothing more."
+    with PROTOCOLS.override("quick", dataclasses.replace(QUICK, seed=7)):  # a defining field: refused
+        _, problems = load_entries(tmp_path / "quick")
+    assert [p.field for p in problems] == ["protocol"] and "(seed)" in problems[0].message
+
+
+# --- entries of schema_version 2 (legacy_entries) ---------------------------------------------------
+
+BOARDS = Path(__file__).resolve().parents[1] / "leaderboards"
+LEGACY = sorted(p for p in BOARDS.glob("*/*.json") if json.loads(p.read_text()).get("schema_version") == 2)
+
+
+@pytest.mark.skipif(not LEGACY, reason="no version-2 entry is committed any more")
+def test_committed_version_2_entries_are_read_with_what_they_recorded():
+    from invbench.legacy_entries import NOT_RECORDED
+
+    for folder in sorted({p.parent for p in LEGACY}):
+        entries, problems = load_entries(folder)
+        assert problems == [], problems
+        for entry in entries:
+            if entry.meta["schema_version"] == 2:
+                assert entry.summary.model_source is None and "model_source" in NOT_RECORDED
+                assert set(entry.summary.attacks) == set(entry.meta["protocol"]["attacks"])
+                assert entry.meta["protocol"]["ranking"] == "worst-case-exact-match"
+
+
+@pytest.mark.skipif(not LEGACY, reason="no version-2 entry is committed any more")
+def test_a_tampered_version_2_entry_is_refused_like_a_version_3_one(tmp_path):
+    source = LEGACY[0]
+    data = json.loads(source.read_text())
+    data["verdict"]["verdict"] = "protected" if data["verdict"]["verdict"] != "protected" else "leaks"
+    data["detector_auroc"] = {name: 0.123 for name in data["detector_auroc"]}
+    folder = tmp_path / source.parent.name
+    folder.mkdir()
+    (folder / source.name).write_text(json.dumps(data))
+    _, problems = load_entries(folder)
+    assert {p.field for p in problems} >= {"verdict.verdict", f"detector_auroc.{next(iter(data['attacks']))}"}

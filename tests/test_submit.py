@@ -5,67 +5,130 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
 from helpers import invoke, spy_on_attacks
-from invbench.entries import load_entries
+from invbench.entries import check_entry, load_entries
 from invbench.protocols import PROTOCOLS
-from invbench.submit import (FULL_PRIVACY_TOL, UTILITY_ABS_TOL, MetricCheck, compare, recorded_spec, sampling_margin)
+from invbench.submit import (FULL_PRIVACY_TOL, UTILITY_ABS_TOL, MetricCheck, build_entry, compare, recorded_spec,
+                             sampling_margin)
+from invbench.summary import RunSummary
 from test_leaderboard import fake_summary, make_entry
-
 
 
 def by_metric(checks: list[MetricCheck]) -> dict[str, MetricCheck]:
     return {c.metric: c for c in checks}
 
 
+def checks_of(entry: dict, rerun: RunSummary, *, subset: int | None = None) -> dict[str, MetricCheck]:
+    """verify's comparison of an entry (as its file holds it) with a rerun's summary."""
+    return by_metric(compare(RunSummary.from_dict(entry["summary"]), rerun, subset=subset))
+
+
 # --- the comparison -----------------------------------------------------------------------------
 
 def test_identical_rerun_passes_every_check():
     entry = make_entry("Same", em=0.5)
-    checks = compare(entry, fake_summary(em={a: 0.5 for a in entry["attacks"]}, top1=0.9), subset=None)
-    assert all(c.ok is not False for c in checks)
-    assert by_metric(checks)["config_hash"].ok is True
-    assert by_metric(checks)["attacks.scan.seconds_per_token"].ok is None  # shown, never checked
+    checks = checks_of(entry, fake_summary(em={a: 0.5 for a in entry["summary"]["attacks"]}, top1=0.9))
+    assert all(c.ok is not False for c in checks.values())
+    assert checks["config_hash"].ok is True and checks["verdict.verdict"].ok is True
+    assert checks["attacks.scan.verdict"].ok is True and checks["attacks.scan.search_failure_rate"].ok is True
+    assert checks["attacks.scan.seconds_per_token"].ok is None  # shown, never checked
 
 
 def test_a_difference_beyond_the_tolerance_fails_and_names_the_metric():
     entry = make_entry("Tampered", em=0.5)
     rerun = fake_summary(em={"guided": 0.5, "continuous": 0.5, "projection": 0.5, "scan": 0.5 + FULL_PRIVACY_TOL + 0.01},
                          top1=0.9)
-    checks = by_metric(compare(entry, rerun, subset=None))
+    checks = checks_of(entry, rerun)
     assert checks["attacks.scan.exact_match"].ok is False
-    assert checks["worst_case.exact_match"].ok is False
+    assert checks["worst_case.exact_match.value"].ok is False
     assert checks["attacks.continuous.exact_match"].ok is True
 
 
 def test_within_tolerance_passes():
     entry = make_entry("Close", em=0.5)
-    rerun = fake_summary(em={a: 0.5 + FULL_PRIVACY_TOL - 0.001 for a in entry["attacks"]},
+    rerun = fake_summary(em={a: 0.5 + FULL_PRIVACY_TOL - 0.001 for a in entry["summary"]["attacks"]},
                          top1=0.9 + UTILITY_ABS_TOL / 2)
-    assert all(c.ok is not False for c in compare(entry, rerun, subset=None))
+    assert all(c.ok is not False for c in checks_of(entry, rerun).values())
 
 
 def test_utility_kl_is_relative_and_full_runs_only():
     entry = make_entry("KL", em=0.5)
-    rerun = fake_summary(em={a: 0.5 for a in entry["attacks"]}, top1=0.9)
+    rerun = fake_summary(em={a: 0.5 for a in entry["summary"]["attacks"]}, top1=0.9)
     rerun.utility["kl_clean_defended"] = 0.1 * 1.01  # 1% off: beyond 1e-3 relative
-    assert by_metric(compare(entry, rerun, subset=None))["utility.kl_clean_defended"].ok is False
-    subset_check = by_metric(compare(entry, dataclasses.replace(rerun, n=2), subset=2))["utility.kl_clean_defended"]
+    assert checks_of(entry, rerun)["utility.kl_clean_defended"].ok is False
+    subset_check = checks_of(entry, dataclasses.replace(rerun, n=2), subset=2)["utility.kl_clean_defended"]
     assert subset_check.ok is None and "subset" in subset_check.note
 
 
 def test_subset_tolerance_widens_with_sampling_error_and_skips_the_hash():
     entry = make_entry("Subset", em=0.5)
-    rerun = fake_summary(em={a: 1.0 for a in entry["attacks"]}, top1=0.9)
+    rerun = fake_summary(em={a: 1.0 for a in entry["summary"]["attacks"]}, top1=0.9)
     rerun.n, rerun.config_hash = 2, "fedcba9876543210"
-    checks = by_metric(compare(entry, rerun, subset=2))
+    for attack in rerun.attacks.values():
+        attack.n = 2
+    checks = checks_of(entry, rerun, subset=2)
     margin = sampling_margin(0.5, subset=2, n=4)
     assert checks["attacks.scan.exact_match"].tolerance == pytest.approx(FULL_PRIVACY_TOL + margin)
     assert checks["attacks.scan.exact_match"].ok is True  # 0.5 off, within 0.05 + 3 standard errors
-    assert "config_hash" not in checks and checks["attacks.scan.detector_auroc"].ok is None
-    assert checks["n"].ok is True
+    assert checks["config_hash"].ok is None and checks["attacks.scan.detector_auroc"].ok is None
+    assert checks["attacks.scan.verdict"].ok is None  # a verdict of fewer prompts may differ: shown
+    assert checks["n"].ok is True and checks["attacks.scan.n"].ok is True
+
+
+@pytest.mark.parametrize("field, value", [
+    ("attacks.scan.verdict", "protected"), ("verdict.verdict", "inconclusive"),
+    ("attacks.scan.search_failure_rate", 1.0), ("attacks.guided.n", 40), ("defense.epsilon", 1.0),
+])
+def test_a_tampered_verdict_or_rate_fails_verify(field, value):
+    """Before: verify compared neither verdicts nor search-failure rates (nor n or epsilon), so an entry
+    that claimed protection its run does not show passed."""
+    entry = make_entry("Tampered verdict", em=0.5)
+    target = entry["summary"]
+    *parents, last = field.split(".")
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    checks = checks_of(entry, fake_summary(em={a: 0.5 for a in entry["summary"]["attacks"]}, top1=0.9))
+    assert checks[field].ok is False
+    assert [c.metric for c in checks.values() if c.ok is False] == [field]
+
+
+def test_a_new_summary_field_is_embedded_and_verified_without_an_edit_here(monkeypatch):
+    """What adding one per-attack number takes: its field in AttackSummary (with the line of
+    summarise_attack that computes it) and its node in summary.schema.json. submit.py, entries.py and
+    the entry schema are untouched: the entry embeds the summary and verify walks the schema."""
+    from dataclasses import dataclass
+
+    from invbench import entries, summary
+
+    @dataclass
+    class WithLeakRate(summary.AttackSummary):
+        leak_rate: float | None = None
+
+    schema = copy.deepcopy(summary.schema())
+    schema["$defs"]["attack"]["properties"]["leak_rate"] = {"$ref": "#/$defs/fraction", "x-verify": "fraction"}
+    monkeypatch.setattr(summary, "AttackSummary", WithLeakRate)
+    monkeypatch.setattr(summary, "schema", lambda: schema)
+    entries._validator.cache_clear()  # the entry validator holds the summary schema it refers to
+    try:
+        def measured(rate: float) -> RunSummary:
+            base = fake_summary(em={a: 0.5 for a in PROTOCOLS["quick"].attacks}, top1=0.9).to_dict()
+            for attack in base["attacks"].values():
+                attack["leak_rate"] = rate
+            return RunSummary.from_dict(base)
+
+        entry = build_entry(measured(0.25), protocol=PROTOCOLS["quick"], entry_id="new-field", name="New field",
+                            authors="", url="", spec="gaussian", day="2025-01-02")
+        assert entry["summary"]["attacks"]["scan"]["leak_rate"] == 0.25
+        assert check_entry(json.loads(json.dumps(entry)), Path("quick/new-field.json"), protocol_dir_name="quick") == []
+        assert checks_of(entry, measured(0.25))["attacks.scan.leak_rate"].ok is True
+        assert checks_of(entry, measured(0.9))["attacks.scan.leak_rate"].ok is False
+    finally:
+        entries._validator.cache_clear()
 
 
 def test_sampling_margin():
@@ -77,16 +140,16 @@ def test_sampling_margin():
 
 def test_auroc_defined_in_one_run_only_is_shown_not_failed():
     entry = make_entry("Auroc", em=0.5)
-    rerun = fake_summary(em={a: 0.5 for a in entry["attacks"]}, top1=0.9, auroc=None)
-    check = by_metric(compare(entry, rerun, subset=None))["attacks.scan.detector_auroc"]
+    rerun = fake_summary(em={a: 0.5 for a in entry["summary"]["attacks"]}, top1=0.9, auroc=None)
+    check = checks_of(entry, rerun)["attacks.scan.detector_auroc"]
     assert check.ok is None and "undefined" in check.note
 
 
 def test_a_different_config_hash_fails_a_full_verification():
     entry = make_entry("Hash", em=0.5)
-    rerun = fake_summary(em={a: 0.5 for a in entry["attacks"]}, top1=0.9)
+    rerun = fake_summary(em={a: 0.5 for a in entry["summary"]["attacks"]}, top1=0.9)
     rerun.config_hash = "fedcba9876543210"
-    assert by_metric(compare(entry, rerun, subset=None))["config_hash"].ok is False
+    assert checks_of(entry, rerun)["config_hash"].ok is False
 
 
 def test_plug_in_files_are_recorded_by_base_name():
@@ -119,10 +182,12 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     assert f"entry: {path}" in out
     entries, problems = load_entries(path.parent)
     assert problems == [] and [e.entry_id for e in entries] == ["top-k-32"]
-    entry = entries[0].data
-    assert entry["defense"]["name"] == "topk" and entry["defense"]["params"] == {"k": 32, "sigma": 0.0}
-    assert entry["protocol"]["name"] == "quick" and entry["n"] == 2 and set(entry["attacks"]) == {"continuous"}
-    assert entry["hardware"]["device"].startswith("cpu") and entry["versions"]["torch"]
+    entry = json.loads(path.read_text())
+    summary = entry["summary"]  # the run's summary.json, embedded as it is
+    assert summary == json.loads((tmp_path / "runs" / "quick" / "top-k-32" / "summary.json").read_text())
+    assert summary["defense"]["name"] == "topk" and summary["defense"]["params"] == {"k": 32, "sigma": 0.0}
+    assert entry["protocol"]["name"] == "quick" and summary["n"] == 2 and set(summary["attacks"]) == {"continuous"}
+    assert summary["device"].startswith("cpu") and summary["versions"]["torch"] and entry["defense_spec"] == "topk"
     assert (tmp_path / "runs" / "quick" / "top-k-32" / "records.jsonl").exists()
 
     # a rerun of the same submission resumes: nothing is attacked again
@@ -143,13 +208,20 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     assert f"git commit: entry {entry['git_commit'] or '-'}; rerun {entry['git_commit'] or '-'}" in out
 
     tampered = copy.deepcopy(entry)  # claims an exact match the run does not give
-    claimed = entry["attacks"]["continuous"]["exact_match"]
-    tampered["attacks"]["continuous"]["exact_match"] = 0.0 if claimed >= 0.5 else 1.0
-    tampered["worst_case"]["exact_match"]["value"] = tampered["attacks"]["continuous"]["exact_match"]
+    claimed = summary["attacks"]["continuous"]["exact_match"]
+    tampered["summary"]["attacks"]["continuous"]["exact_match"] = 0.0 if claimed >= 0.5 else 1.0
+    tampered["summary"]["worst_case"]["exact_match"]["value"] = 0.0 if claimed >= 0.5 else 1.0
     path.write_text(json.dumps(tampered))
     code, out, _ = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
     assert code == 1
-    assert "verification FAILED: attacks.continuous.exact_match, worst_case.exact_match" in out
+    assert "verification FAILED: attacks.continuous.exact_match, worst_case.exact_match.value" in out
+
+    tampered = copy.deepcopy(entry)  # a verdict the run does not give, consistent with the entry's other fields
+    other = {"leaks": "protected", "protected": "leaks", "inconclusive": "protected"}[summary["verdict"]["verdict"]]
+    tampered["summary"]["attacks"]["continuous"]["verdict"] = tampered["summary"]["verdict"]["verdict"] = other
+    path.write_text(json.dumps(tampered))
+    code, out, _ = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 1 and "verification FAILED: attacks.continuous.verdict, verdict.verdict" in out
 
     code, out, _ = invoke(["verify", str(path), "--subset", "1", "--device", "cpu",
                            "--runs-dir", str(tmp_path / "runs")], capsys)
@@ -192,15 +264,15 @@ def test_verify_refuses_a_malformed_entry_and_a_bad_subset(tmp_path, capsys):
     path.write_text(json.dumps(entry))
     code, _, err = invoke(["verify", str(path), "--subset", "9", "--runs-dir", str(tmp_path / "runs")], capsys)
     assert code == 2 and "--subset must be between 1 and the entry's 4 prompts" in err
-    entry["attacks"]["scan"]["exact_match"] = 3
+    entry["summary"]["attacks"]["scan"]["exact_match"] = 3
     path.write_text(json.dumps(entry))
     code, _, err = invoke(["verify", str(path), "--runs-dir", str(tmp_path / "runs")], capsys)
-    assert code == 2 and "field attacks.scan.exact_match" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "field summary.attacks.scan.exact_match" in err and len(err.strip().splitlines()) == 1
 
 
 def test_plug_in_file_entries_need_the_file_to_verify(tmp_path, capsys):
     entry = make_entry("From a file", em=0.5)
-    entry["defense"]["spec"] = "my_def.py:MyDefense"
+    entry["defense_spec"] = "my_def.py:MyDefense"
     path = tmp_path / "quick" / "from-a-file.json"
     path.parent.mkdir()
     path.write_text(json.dumps(entry))
