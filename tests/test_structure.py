@@ -219,6 +219,15 @@ def test_schema_files_and_the_code_agree_on_versions_and_fields():
     assert {f.name for f in fields(CurvePoint)} == set(curve["$defs"]["point"]["properties"])
 
 
+def test_results_files_are_parsed_in_one_place():
+    """Before: guided_bench parsed config.json and records.jsonl itself (no torn-line repair), though
+    folder.py called itself the one place config.json is read."""
+    for path in sorted((REPO / "bench").rglob("*.py")):
+        if path.name != "folder.py":
+            text = path.read_text(encoding="utf-8")
+            assert '"config.json"' not in text and '"summary.json"' not in text, path
+
+
 def test_a_version_0_summary_is_still_readable():
     from invbench.summary import RunSummary, SummaryError
 
