@@ -27,18 +27,23 @@ class FolderError(InvbenchError, ValueError):
     """A results folder that cannot be used for this run (foreign, damaged)."""
 
 
+def _read_json(path: Path, *, remedy: str) -> Any:
+    """The JSON in `path`, or None when there is no such file; unreadable or not JSON raises
+    FolderError in one line ending in `remedy`."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise FolderError(f"{path} is unreadable ({type(exc).__name__}: {one_line(exc, limit=200)}); {remedy}") from None
+
+
 def read_config(folder: Path) -> dict[str, Any] | None:
     """The config.json of a results folder, or None when there is none. The one place it is
     parsed: unreadable, not JSON, or without a config hash raises FolderError in one line."""
     config_path = Path(folder) / "config.json"
-    if not config_path.exists():
-        return None
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise FolderError(f"{config_path} is unreadable ({type(exc).__name__}: {one_line(exc, limit=200)}); "
-                          "remove it or choose another --out") from None
-    if not isinstance(data, dict) or not isinstance(data.get("config_hash"), str):
+    data = _read_json(config_path, remedy="remove it or choose another --out")
+    if data is not None and (not isinstance(data, dict) or not isinstance(data.get("config_hash"), str)):
         what = "an object without a config_hash" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
         raise FolderError(f"{config_path} is not an invbench config ({what}); remove it or choose another --out")
     return data
@@ -49,15 +54,8 @@ def read_summary(folder: Path):
     run has finished. A summary.json that is not JSON or does not fit the schema raises in one line."""
     from .summary import RunSummary
 
-    path = Path(folder) / "summary.json"
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise FolderError(f"{path} is unreadable ({type(exc).__name__}: {one_line(exc, limit=200)}); rerun the "
-                          "same command to write it again") from None
-    return RunSummary.from_dict(data)
+    data = _read_json(Path(folder) / "summary.json", remedy="rerun the same command to write it again")
+    return None if data is None else RunSummary.from_dict(data)
 
 
 class ResultsFolder:
