@@ -193,15 +193,17 @@ class VerifyReport:
 
     def format(self) -> str:
         scope = f"first {self.subset} of {self.n_entry} prompts" if self.subset else f"all {self.n_entry} prompts"
+        width = max([36] + [len(c.metric) for c in self.checks])
         lines = [f"verify {self.entry_path} ({scope}; rerun in {self.run_dir})",
                  f"hardware: entry {self.hardware[0]}; rerun {self.hardware[1]}",
                  f"git commit: entry {cell(self.commits[0])}; rerun {cell(self.commits[1])}"
                  + (" (different code: differences may come from it)" if self.commits[0] != self.commits[1] else ""),
-                 f"{'metric':<36} {'entry':>10} {'rerun':>10} {'diff':>9} {'tol':>8}  result"]
+                 f"{'metric':<{width}} {'entry':>10} {'rerun':>10} {'diff':>9} {'tol':>8}  result"]
         for c in self.checks:
             result = {True: "ok", False: "FAIL", None: "shown"}[c.ok]
-            lines.append(f"{c.metric:<36} {cell(c.entry, '.4f'):>10} {cell(c.rerun, '.4f'):>10} {cell(c.difference, '+.4f'):>9} "
-                         f"{cell(c.tolerance, '.4f'):>8}  {result}{f' ({c.note})' if c.note else ''}")
+            lines.append(f"{c.metric:<{width}} {cell(c.entry, '.4f'):>10} {cell(c.rerun, '.4f'):>10} "
+                         f"{cell(c.difference, '+.4f'):>9} {cell(c.tolerance, '.4f'):>8}  {result}"
+                         f"{f' ({c.note})' if c.note else ''}")
         verdict = "PASSED" if self.ok else f"FAILED: {', '.join(c.metric for c in self.failures)}"
         lines.append(f"verification {verdict}")
         return "\n".join(lines)
