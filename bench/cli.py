@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
+import textwrap
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -82,7 +85,9 @@ def defenses() -> None:
 
     for name, cls in sorted(available_defenses().items()):
         params = ", ".join(f"{p}: {t.__name__}" for p, t in cls.param_types.items()) or "no parameters"
-        click.echo(f"{name:<10} {params:<60} {first_line(cls.__doc__)}")
+        click.echo(f"{name:<10} {params}")
+        for line in textwrap.wrap(first_paragraph(cls.__doc__), width=100):  # whole sentences, never cut
+            click.echo(f"{'':<10} {line}")
 
 
 @cli.command()
@@ -100,6 +105,17 @@ def attacks() -> None:
 def first_line(doc: str | None) -> str:
     """The first non-blank line of a docstring ('' for none or a blank one)."""
     return next((line.strip() for line in (doc or "").splitlines() if line.strip()), "")
+
+
+def first_paragraph(doc: str | None) -> str:
+    """The first paragraph of a docstring as one line ('' for none or a blank one): a docstring's
+    first line is often half a sentence."""
+    paragraph = []
+    for line in (doc or "").strip().splitlines():
+        if not line.strip():
+            break
+        paragraph.append(line.strip())
+    return " ".join(paragraph)
 
 
 @cli.command()
@@ -207,36 +223,95 @@ def format_summary(summary) -> str:
     return "\n".join(lines)
 
 
+DEBUG_HINT = "rerun with `invbench --debug ...` (before the command) for the traceback"
+SIGTERM_EXIT = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into what Ctrl-C raises, so a run saves and says what it kept in the same way."""
+
+
+def debug_requested(args: list[str]) -> bool:
+    """Whether --debug was given to invbench itself: among the options before the command."""
+    for arg in args:
+        if arg == "--debug":
+            return True
+        if not arg.startswith("-"):
+            return False
+    return False
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[list[int]]:
+    """While the CLI runs, SIGTERM raises `Terminated` (a KeyboardInterrupt), so `kill PID` saves
+    what Ctrl-C saves and prints the same message; the list holds the signal once it came."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding program): leave signals to it
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors (InvbenchError, and the system's OSError such as a full disk)
-    print one line (`error: ...`) and exit 2; --debug shows the traceback instead. Ctrl-C prints
-    what was saved and how to resume, and exits 130."""
+    print one line (`error: ...`) and exit 2; anything else (a bug, an input nobody foresaw) one
+    line naming the exception and exit 1; `invbench --debug ...` shows the traceback instead.
+    Ctrl-C and SIGTERM print what was saved and how to resume, and exit 130 and 143."""
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args
-    try:
-        cli.main(args=args, prog_name="invbench", standalone_mode=False)
-    except click.UsageError as exc:  # bad option or value: click's message, without the usage block
-        if debug:
-            raise
-        hint = f" (see: invbench {exc.ctx.command_path.split(' ', 1)[1]} --help)" if exc.ctx and " " in exc.ctx.command_path else ""
-        click.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        if debug:
-            raise
-        exc.show()
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, click.Abort) as exc:
-        if isinstance(exc, click.Abort) and isinstance(exc.__context__, KeyboardInterrupt):
-            exc = exc.__context__  # click turns Ctrl-C into a bare Abort; the runner's message is on the original
-        click.echo(one_line(str(exc)) or "interrupted: what was saved so far is kept; rerun the same command to "
-                   "resume", err=True)
-        sys.exit(130)
-    except (InvbenchError, OSError) as exc:
-        if debug:
-            raise
-        click.echo(f"error: {one_line(str(exc)) or type(exc).__name__}", err=True)
-        sys.exit(2)
+    debug = debug_requested(args)
+    with sigterm_as_interrupt() as terminated:
+        try:
+            cli.main(args=args, prog_name="invbench", standalone_mode=False)
+        except click.exceptions.NoArgsIsHelpError as exc:  # plain `invbench`: its help, as help
+            click.echo(exc.ctx.get_help() if exc.ctx else cli.get_help(click.Context(cli, info_name="invbench")))
+            sys.exit(0)
+        except click.UsageError as exc:  # bad option or value: click's message, without the usage block
+            if debug:
+                raise
+            click.echo(f"error: {usage_message(exc, args)}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            if debug:
+                raise
+            exc.show()
+            sys.exit(exc.exit_code)
+        except (KeyboardInterrupt, click.Abort) as exc:
+            if isinstance(exc, click.Abort) and isinstance(exc.__context__, KeyboardInterrupt):
+                exc = exc.__context__  # click turns Ctrl-C into a bare Abort; the runner's message is on the original
+            click.echo(one_line(str(exc)) or "interrupted: what was saved so far is kept; rerun the same command to "
+                       "resume", err=True)
+            sys.exit(SIGTERM_EXIT if terminated else 130)
+        except (InvbenchError, OSError) as exc:
+            if debug:
+                raise
+            click.echo(f"error: {one_line(str(exc)) or type(exc).__name__}", err=True)
+            sys.exit(2)
+        except Exception as exc:  # noqa: BLE001 - the promise is one line, even for what nobody foresaw
+            if debug:
+                raise
+            click.echo(f"error: unexpected {type(exc).__name__}: {one_line(exc, limit=300) or '(no message)'}; "
+                       f"this is an invbench bug or an input it does not check: {DEBUG_HINT}", err=True)
+            sys.exit(1)
+
+
+def usage_message(exc: click.UsageError, args: list[str]) -> str:
+    """click's message in one line, with where to look; --debug after the command says where it goes."""
+    if isinstance(exc, click.NoSuchOption) and exc.option_name == "--debug":
+        return ("--debug is an option of invbench itself, not of the command: put it first "
+                f"(invbench --debug {' '.join(a for a in args if a != '--debug')})")
+    path = exc.ctx.command_path if exc.ctx else ""
+    hint = f" (see: invbench {path.split(' ', 1)[1]} --help)" if " " in path else ""
+    return f"{one_line(exc.format_message())}{hint}"
 
 
 # Commands defined in their own modules (leaderboard and sweeps), registered on the one group.

@@ -122,6 +122,8 @@ OTHER_CASES = [  # other commands
     ("protocol folder with a path", ["leaderboard", "--protocol", "../etc", "--board-dir", "{tmp}"], ["../etc"]),
     ("utility with a bad defence", ["utility", "--model", "tiny-gpt2", "--defense", "gaussian", "--sigma", "-0.5"],
      ["-0.5", ">= 0"]),
+    ("--debug after the command", ["run", "--debug"], ["--debug is an option of invbench itself",
+                                                        "invbench --debug run"]),
     ("utility with a layer out of range", ["utility", "--model", "tiny-gpt2", "--device", "cpu", "--layer", "9"],
      ["layer 9", "allowed -3..2"]),
 ]

@@ -110,3 +110,35 @@ def test_attacks_lists_presets_only_where_an_attack_has_them(capsys):
         assert "presets none" in presets[name], name
         assert make_attack(name, preset="fast").config == make_attack(name).config  # a protocol's preset is taken
 
+
+
+def test_plain_invbench_prints_its_help_as_help(capsys):
+    """Before: plain `invbench` printed its whole help squashed into one `error:` line."""
+    code, out, err = invoke([], capsys)
+    assert code == 0 and err == ""
+    assert out.startswith("Usage: invbench") and "\nCommands:\n" in out and "  run " in out
+
+
+def test_an_unforeseen_error_is_one_line_and_debug_shows_its_traceback(capsys, monkeypatch):
+    """Before: any error that was not an InvbenchError printed a traceback."""
+    from invbench import cli
+
+    def broken(**_):
+        raise RuntimeError("an invbench bug\nwith a second line")
+
+    monkeypatch.setattr(cli.protocols, "callback", broken)
+    code, out, err = invoke(["protocols"], capsys)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: unexpected RuntimeError: an invbench bug with a second line;")
+    assert "invbench --debug" in err
+    with pytest.raises(RuntimeError, match="an invbench bug"):
+        cli.main(["--debug", "protocols"])
+
+
+def test_defenses_lists_whole_descriptions(capsys):
+    """Before: each description was its docstring's first line, cut mid-sentence."""
+    code, out, _ = invoke(["defenses"], capsys)
+    text = " ".join(out.split())
+    assert code == 0
+    assert "Give noise_multiplier, or epsilon (and delta) to solve for it." in text
+    assert "Hidden states have unbounded sensitivity, so there is no formal guarantee." in text

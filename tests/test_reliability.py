@@ -326,6 +326,23 @@ def test_second_run_refused_while_first_alive_then_ctrl_c_says_how_to_resume(tmp
     assert results(out) == reference[1]
 
 
+def test_sigterm_says_what_ctrl_c_says_and_the_run_resumes(tmp_path, capsys, reference):
+    """Before: `kill PID` (SIGTERM) ended a run with exit 143 and no word, though it could be resumed."""
+    out, log = tmp_path / "run", tmp_path / "stderr"
+    proc = start_child("slow", RUN + ["--out", out], log)
+    wait_until(lambda: records_on_disk(out) >= 1, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    err = log.read_text()
+    assert "Traceback" not in err
+    assert error_lines(err)[-1] == (f"interrupted: {records_on_disk(out)} of 3 prompt results are saved in "
+                                    f"{out / 'records.jsonl'}; rerun the same command to resume")
+    assert not (out / LOCK_NAME).exists()
+    code, _, err = invoke(RUN + ["--out", out], capsys)
+    assert code == 0, err
+    assert results(out) == reference[1]
+
+
 def test_stale_lock_of_dead_process_does_not_block(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
