@@ -14,6 +14,7 @@ own: `prepare` (per-run state, e.g. random starts) and `propose` (one position).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar, Callable
@@ -58,11 +59,48 @@ CHUNK_SIZE = 4096  # candidate sequences per forward pass, for the attacks that 
 CHUNK_SIZE_HELP = "sequences per forward pass."
 
 
+# The largest count an integer option takes unless it declares its own `max`: torch sizes tensors in
+# int64, and a count beyond this is a typo, not a budget (before: --max-candidates 99999999999999999999
+# overflowed deep inside guided).
+OPTION_INT_MAX = 2**31 - 1
+
+
 def option(default: Any, help: str, **metadata: Any) -> Any:
     """A config field that is also a command-line option (`--name-with-dashes`) with this help
     (the CLI prefixes the names of the attacks that take it). `metadata` may bound numbers
-    (`min`, `min_open`) or list `choices`."""
+    (`min`, `min_open`, `max`) or list `choices`. Numbers are finite and integers at most
+    OPTION_INT_MAX unless `max` says otherwise: `check_options` and the CLI's flags apply these
+    bounds, so no attack repeats them."""
     return field(default=default, metadata={"help": help, **metadata})
+
+
+def option_problem(name: str, value: Any, metadata: dict[str, Any]) -> str | None:
+    """What is wrong with `value` for the option declared with `metadata`, in words, or None."""
+    if "choices" in metadata:
+        return None if value in metadata["choices"] else f"must be one of {', '.join(map(str, metadata['choices']))}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None  # text options (a file name, a ranker) are the attack's own to check
+    low, high = metadata.get("min"), metadata.get("max", OPTION_INT_MAX if isinstance(value, int) else None)
+    bounds = " and ".join(([f"{'>' if metadata.get('min_open') else '>='} {low}"] if low is not None else [])
+                          + ([f"<= {high}"] if high is not None else []))
+    wanted = f"a finite number{f' {bounds}' if bounds else ''}" if isinstance(value, float) else f"an integer {bounds}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be {wanted}"
+    if low is not None and (value <= low if metadata.get("min_open") else value < low):
+        return f"must be {wanted}"
+    if high is not None and value > high:
+        return f"must be {wanted}"
+    return None
+
+
+def check_options(attack: str, config: Any) -> None:
+    """Every command-line option of `config` within its declared bounds, else one AttackError
+    naming the flag ("continuous: --lr must be a finite number > 0, got inf")."""
+    for name, f in command_line_options(type(config)).items():
+        value = getattr(config, name)
+        problem = option_problem(name, value, f.metadata)
+        if problem:
+            raise AttackError(f"{attack}: --{name.replace('_', '-')} {problem}, got {value!r}")
 
 
 def chunk_size_option() -> Any:
@@ -118,6 +156,7 @@ class Attack:
             cls.option_names = frozenset(command_line_options(cls.config_class))
 
     def __init__(self, config) -> None:
+        check_options(self.name, config)  # the declared bounds, for every attack alike
         config.validate()
         self.config = config
 

@@ -20,7 +20,9 @@ def parse_attack_list(spec: str) -> list[str]:
     """`continuous`, `continuous,scan` or `all` -> attack names, validated, in order."""
     names = ATTACKS.names() if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
     unknown = [n for n in names if n not in ATTACKS]
-    if unknown or not names:
+    if not names:  # --attack "" once ran the defaults without a word
+        raise AttackError(f"--attack {spec!r} names no attack; choose from {', '.join(ATTACKS)} or all")
+    if unknown:
         raise AttackError(f"unknown attack {', '.join(unknown) or spec!r}; choose from {', '.join(ATTACKS)} or all")
     return list(dict.fromkeys(names))
 

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import click
 
-from .cli_options import BOARD_DIR, DEVICE, RUNS_DIR, defense_flags, defense_params
+from .cli_options import (BOARD_DIR, DEVICE, RUNS_DIR, FiniteFloatRange, defense_flags, defense_params,
+                          existing_board_dir)
 from .entries import NAME, EntryError, check_value
 from .leaderboard import DEFAULT_UTILITY_FLOOR
 from .protocols import PROTOCOLS, Protocol, ProtocolError, get_protocol
@@ -100,7 +101,7 @@ def verify(entry: Path, subset: int | None, defense: str | None, device: str, ru
 
 @click.command()
 @click.option("--protocol", default=None, help="One protocol's board [default: every protocol with a folder].")
-@click.option("--utility-floor", type=click.FloatRange(0, 1), default=DEFAULT_UTILITY_FLOOR, show_default=True,
+@click.option("--utility-floor", type=FiniteFloatRange(0, 1), default=DEFAULT_UTILITY_FLOOR, show_default=True,
               help="Minimum top-1 agreement to be ranked.")
 @click.option("--strict", is_flag=True, help="Exit 1 when an entry was skipped as malformed.")
 @BOARD_DIR
@@ -115,9 +116,14 @@ def leaderboard(protocol: str | None, utility_floor: float, strict: bool, board_
         folder = board_dir / protocol
         if protocol not in PROTOCOLS and not folder.is_dir():
             get_protocol(protocol)  # raises: unknown protocol, listing the known ones
+        existing_board_dir(board_dir)
+        if not folder.is_dir():
+            raise BoardUsageError(f"{folder} does not exist: protocol {protocol} has no entries under --board-dir "
+                                  f"{board_dir} yet; submit one (invbench submit --protocol {protocol} ...) or check the "
+                                  "folder given as --board-dir")
         folders = [folder]
     else:
-        folders = protocol_dirs(board_dir)
+        folders = protocol_dirs(existing_board_dir(board_dir))
         if not folders:
             raise BoardUsageError(f"no protocol folders under {board_dir}; submit an entry first")
     skipped = 0

@@ -13,13 +13,17 @@ import click
 
 from . import __version__
 from .board_cli import leaderboard, protocols, submit, verify
-from .cli_options import (DEVICE, LAYER, SEED_OPTION, attack_options, defense_options, defense_params,
+from .cli_options import (DEVICE, LAYER, SEED_OPTION, NamedPath, attack_options, defense_options, defense_params,
                           given_attack_options, model_option)
 from .config import BATCH_SIZE, DEVICE_DEFAULTS, RunConfig
 from .errors import InvbenchError, one_line
 from .formats import cell
 from .sweep_cli import curve, sweep
 from invbench.attacks.base import PRESET_NAMES
+from invbench.attacks.ranker import Recipe as _RankerRecipe
+
+RANKER_DOCUMENTS, RANKER_HELD_OUT, RANKER_TOKENS = (_RankerRecipe.documents, _RankerRecipe.held_out,
+                                                    _RankerRecipe.tokens_per_document)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -60,7 +64,7 @@ def _device_default(key: str) -> str:
 @defense_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True,
               help="Prompts attacked together.")
-@click.option("--out", default="runs/latest", show_default=True,
+@click.option("--out", type=NamedPath(), default="runs/latest", show_default=True,
               help="Results folder (config.json, records.jsonl, summary.json); rerunning resumes.")
 def run(**opts: Any) -> None:
     """Leak, defend, attack, score: write results to --out and print a table with a verdict."""
@@ -70,7 +74,7 @@ def run(**opts: Any) -> None:
 
     cfg = RunConfig(model=opts["model"], dataset=opts["dataset"], n=opts["n"], tokens=opts["tokens"], layer=opts["layer"],
                     seed=opts["seed"], device=opts["device"],
-                    attacks=parse_attack_list(opts["attack_spec"]) if opts["attack_spec"] else None,
+                    attacks=parse_attack_list(opts["attack_spec"]) if opts["attack_spec"] is not None else None,
                     preset=opts["preset"], attack_options=given_attack_options(opts), defense=opts["defense"],
                     defense_params=defense_params(opts), batch_size=opts["batch_size"], out=opts["out"])
     summary = run_benchmark(cfg, echo=lambda line: click.echo(line, err=True))
@@ -127,7 +131,7 @@ def first_paragraph(doc: str | None) -> str:
 @SEED_OPTION
 @DEVICE
 @defense_options
-@click.option("--out", default=None, help="Also write the result as JSON to this file.")
+@click.option("--out", type=NamedPath(dir_okay=False), default=None, help="Also write the result as JSON to this file.")
 def utility(**opts: Any) -> None:
     """The defence's cost alone (no attack): LM-head agreement, KL, perplexity ratio, cosine."""
     from .results import write_json_atomic
@@ -145,27 +149,32 @@ def utility(**opts: Any) -> None:
 @cli.command("fit-ranker")
 @model_option("smollm2-135m")
 @LAYER
-@click.option("--documents", type=click.IntRange(min=2), default=None,
-              help="Training documents [the recipe's: 1200, the last 100 held out].")
+@click.option("--documents", type=click.IntRange(min=RANKER_HELD_OUT + 1), default=None,
+              help=f"Training documents, more than the {RANKER_HELD_OUT} held out; those shorter than "
+                   f"{RANKER_TOKENS} tokens are skipped [the recipe's: {RANKER_DOCUMENTS}].")
 @SEED_OPTION
 @DEVICE
-@click.option("--out", default=None, help="Ranker file to write [the invbench cache, where `guided` finds it].")
+@click.option("--out", type=NamedPath(dir_okay=False), default=None,
+              help="Ranker file to write [the invbench cache, where `guided` finds it].")
 def fit_ranker(model: str, layer: int, documents: int | None, seed: int, device: str, out: str | None) -> None:
     """Fit the `guided` attack's learned ranker on the model's states of public text (resumable)."""
     from dataclasses import replace
 
     from invbench.attacks.ranker import Recipe, cache_path, fit_ranker as fit
     from invbench.leaks.models import load_model
-    from invbench.leaks.oracle import WhiteBox
     from invbench.leaks.prompts import ranker_training_texts
 
-    from .runner import resolve_device
+    from .runner import resolve_device, white_box
 
     echo = lambda line: click.echo(line, err=True)  # noqa: E731
     loaded = load_model(model, seed=seed, notify=echo)
-    oracle = WhiteBox.of(loaded, layer=layer, device=resolve_device(device))
+    oracle = white_box(loaded, layer=layer, device=resolve_device(device))
     recipe = Recipe() if documents is None else replace(Recipe(), documents=documents)
     texts, data = ranker_training_texts(notify=echo, limit=recipe.documents)
+    if len(texts) < recipe.documents:  # the recipe records what was used, not what was asked for
+        echo(f"note: only {len(texts)} training documents are available ({data}); using {len(texts)}, "
+             f"not --documents {recipe.documents}")
+        recipe = replace(recipe, documents=len(texts))
     path = Path(out) if out else cache_path(oracle, data, recipe)
     fit(oracle, texts=texts, data=data, out=path, recipe=recipe, notify=echo, model_name=loaded.name,
         command="invbench " + shlex.join(["fit-ranker", *sys.argv[2:]]) if sys.argv[1:2] == ["fit-ranker"]

@@ -3,25 +3,44 @@ seed, the device, the runs and leaderboards folders, how a defence and its param
 and every attack's options (made from the attacks' own configs)."""
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from .config import SEED
+from .config import SEED, SEED_MAX
+
+class NamedPath(click.Path):
+    """click.Path refusing an empty name: `--out ""` would write into the working directory (and
+    `curve --out ""` a hidden file named `.png`)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail(f"{value!r} is an empty name; name a file or folder", param, ctx)
+        return super().convert(value, param, ctx)
+
 
 DEVICE = click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                       help="Where the model runs (auto: a CUDA GPU if there is one).")
 LAYER = click.option("--layer", type=int, default=-1, show_default=True,
                      help="Leaked layer: index into hidden_states (-1 = last, after the final norm).")
-SEED_OPTION = click.option("--seed", type=int, default=SEED, show_default=True,
+SEED_OPTION = click.option("--seed", type=click.IntRange(0, SEED_MAX), default=SEED, show_default=True,
                            help="Seed for prompts, noise, attacks and seeded random models.")
-RUNS_DIR = click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"),
+RUNS_DIR = click.option("--runs-dir", type=NamedPath(file_okay=False, path_type=Path), default=Path("runs"),
                         show_default=True, help="Where runs are written, one folder per run (rerunning resumes).")
-BOARD_DIR = click.option("--board-dir", type=click.Path(file_okay=False, path_type=Path),
+BOARD_DIR = click.option("--board-dir", type=NamedPath(file_okay=False, path_type=Path),
                          default=Path("leaderboards"), show_default=True,
                          help="The leaderboards folder: <protocol>/ holds the entries, <protocol>/curves/ the curves.")
+
+
+def existing_board_dir(board_dir: Path) -> Path:
+    """A --board-dir to read from must exist: a mistyped one once rendered an empty board without a word."""
+    if not Path(board_dir).is_dir():
+        raise click.UsageError(f"--board-dir {str(board_dir)!r} is not a folder (mistyped?); the boards are under "
+                               "leaderboards/ by default")
+    return Path(board_dir)
 
 
 def model_option(default: str | None = None) -> Callable:
@@ -33,12 +52,17 @@ def model_option(default: str | None = None) -> Callable:
 
 
 def parse_params(pairs: tuple[str, ...]) -> dict[str, str]:
+    """`--param NAME=VALUE` pairs; a name given twice is refused (see `defense_params`)."""
     params = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
             raise click.BadParameter(f"expected name=value, got {pair!r}", param_hint="--param")
-        params[name.strip()] = value.strip()
+        key = name.strip().replace("-", "_")  # --param noise-multiplier=1 names noise_multiplier
+        if key in params:
+            raise click.BadParameter(f"{key} is given twice ({key}={params[key]} and {key}={value.strip()}); "
+                                     "give each parameter once", param_hint="--param")
+        params[key] = value.strip()
     return params
 
 
@@ -70,8 +94,19 @@ NAMED_DEFENSE_FLAGS = ("sigma", "clip", "noise_multiplier", "epsilon", "delta", 
 
 
 def defense_params(opts: dict[str, Any]) -> dict[str, Any]:
+    """The defence's parameters from its named flags and --param. The one rule, in `run`, `utility`,
+    `submit` and `sweep` alike: each parameter is given once. `--sigma 0.2 --param sigma=0.1` (before:
+    0.2 silently won) and two `--param sigma=...` (before: the last won) are refused, as `sweep`
+    refuses a swept parameter listed twice."""
     params: dict[str, Any] = parse_params(opts["params"])
-    params.update({k: opts[k] for k in NAMED_DEFENSE_FLAGS if opts[k] is not None})
+    for key in NAMED_DEFENSE_FLAGS:
+        if opts[key] is None:
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        if key in params:
+            raise click.BadParameter(f"{flag} {opts[key]} and --param {key}={params[key]} both give {key}; "
+                                     "give each parameter once", param_hint=flag)
+        params[key] = opts[key]
     return params
 
 
@@ -91,13 +126,29 @@ def attack_option_specs() -> dict[str, dict[str, Any]]:
     return specs
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, refusing nan and inf too (it lets them through: nan fails no comparison)."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def _click_type(kind: type, metadata: dict[str, Any]) -> Any:
+    """The flag's type from the option's declaration: the bounds `attacks.base.check_options` applies."""
+    from invbench.attacks.base import OPTION_INT_MAX
+
     if "choices" in metadata:
         return click.Choice(list(metadata["choices"]))
     if kind is int:
-        return click.IntRange(min=metadata.get("min"))
+        return click.IntRange(min=metadata.get("min"), max=metadata.get("max", OPTION_INT_MAX))
     if kind is float:
-        return click.FloatRange(min=metadata.get("min"), min_open=metadata.get("min_open", False))
+        return FiniteFloatRange(min=metadata.get("min"), min_open=metadata.get("min_open", False),
+                                max=metadata.get("max"))
     return str
 
 

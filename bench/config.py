@@ -16,6 +16,9 @@ from . import __version__
 
 RECORDED_PACKAGES = ("torch", "transformers", "datasets", "opacus", "numpy", "scipy", "gguf")
 SEED = 42  # prompts, noise, attacks and seeded random models, wherever a seed is not given
+# Seeds go to numpy (non-negative only) and torch (64 bits at most) and are offset per prompt: 32 bits
+# is the range every one of them takes.
+SEED_MAX = 2**32 - 1
 BATCH_SIZE = 256  # prompts attacked together
 # Steps the published attacks (continuous, projection) get where a CPU runs them: the CPU defaults and
 # the SmolLM2 protocols. More do not make them recover prompts of a trained model on any CPU budget

@@ -200,6 +200,17 @@ def _curve(data: dict[str, Any], *, source: str) -> Curve:
 
 
 # --- plots --------------------------------------------------------------------------------
+PLOT_SUFFIX = ".png"
+
+
+def check_plot_path(path: Path) -> Path:
+    """The file a plot goes to: a named .png (CurveError otherwise, before anything is read or created)."""
+    path = Path(path)
+    if path.suffix.lower() != PLOT_SUFFIX or not path.stem:
+        raise CurveError(f"--out {str(path)!r}: a plot is written as PNG; name a .png file (e.g. curves.png)")
+    return path
+
+
 PRIVACY = (("worst_case_exact_match", "exact match", "-", "o"),
            ("worst_case_token_accuracy", "token accuracy", "--", "s"))
 
@@ -217,6 +228,7 @@ def plot_curves(curves: list[Curve], path: Path, *, title: str | None = None,
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    path = check_plot_path(path)
     if not curves:
         raise CurveError("no curves to plot")
     labels = labels or [c.defense for c in curves]
@@ -251,7 +263,6 @@ def plot_curves(curves: list[Curve], path: Path, *, title: str | None = None,
     fig.canvas.draw()  # the constrained layout first: label placement measures the rendered labels
     for ax, x_key in ((axes[0], "top1_agreement"), (axes[1], "kl_clean_defended")):
         label_points(ax, [label for curve, colour in shown for label in _point_labels(curve, x_key, colour)])
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -58,6 +58,9 @@ def validate_entry_id(entry_id: Any) -> str:
     Ids become file names, so anything path-like is refused outright."""
     if not isinstance(entry_id, str):
         raise EntryError(f"entry id must be a string, got {type(entry_id).__name__}")
+    if not entry_id:
+        raise EntryError("entry id '' is empty; use lowercase letters, digits and hyphens (or leave --entry-id out "
+                         "to make one from --name)")
     if any(sep in entry_id for sep in ("/", "\\", "..")) or entry_id.startswith("."):
         raise EntryError(f"entry id {short(entry_id)} looks like a path; use lowercase letters, digits and hyphens")
     if len(entry_id) > ENTRY_ID_MAX:

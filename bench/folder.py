@@ -38,14 +38,24 @@ def _read_json(path: Path, *, remedy: str) -> Any:
         raise FolderError(f"{path} is unreadable ({type(exc).__name__}: {one_line(exc, limit=200)}); {remedy}") from None
 
 
+def _config_remedy(folder: Path) -> str:
+    """What to do about a damaged config.json. With records beside it, removing it alone would only
+    get the records refused ("config.json is missing"), so the way out is the whole folder."""
+    records = Path(folder) / "records.jsonl"
+    if records.exists() and records.stat().st_size > 0:
+        return (f"its records cannot be matched to a run without it: remove the folder {folder} to start the run "
+                "over, or choose another --out")
+    return "remove it (no records depend on it) or choose another --out"
+
+
 def read_config(folder: Path) -> dict[str, Any] | None:
     """The config.json of a results folder, or None when there is none. The one place it is
     parsed: unreadable, not JSON, or without a config hash raises FolderError in one line."""
     config_path = Path(folder) / "config.json"
-    data = _read_json(config_path, remedy="remove it or choose another --out")
+    data = _read_json(config_path, remedy=_config_remedy(folder) if config_path.exists() else "")
     if data is not None and (not isinstance(data, dict) or not isinstance(data.get("config_hash"), str)):
         what = "an object without a config_hash" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
-        raise FolderError(f"{config_path} is not an invbench config ({what}); remove it or choose another --out")
+        raise FolderError(f"{config_path} is not an invbench config ({what}); {_config_remedy(folder)}")
     return data
 
 
@@ -80,7 +90,8 @@ class ResultsFolder:
             self.previous = read_config(self.path)
             if self.previous is None and self.records_path.exists() and self.records_path.stat().st_size > 0:
                 raise FolderError(f"{self.records_path} has results but {self.path / 'config.json'} is missing, so they "
-                                  "cannot be matched to this run; choose another --out")
+                                  f"cannot be matched to this run; choose another --out, or remove the folder {self.path} "
+                                  "to start over")
         except BaseException:
             self._lock.__exit__(None, None, None)
             raise

@@ -27,12 +27,17 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from . import __version__
 from .entries import Entry, Problem, load_entries, registered_definition
+from .errors import InvbenchError
 from .formats import cell
 from .plotting import PointLabel, label_points
 from .protocols import RANKING
 from .results import write_bytes_atomic
 
 DEFAULT_UTILITY_FLOOR = 0.5
+
+
+class LeaderboardError(InvbenchError, ValueError):
+    """A board that cannot be rendered as asked (a utility floor outside [0, 1]); one line."""
 PARETO_MARK = "\u25c6"  # a filled diamond
 
 
@@ -90,8 +95,8 @@ def rank_entries(entries: list[Entry], *, floor: float, ranking: str = RANKING) 
 
 
 def build_board(protocol_dir: Path, *, floor: float = DEFAULT_UTILITY_FLOOR) -> Board:
-    if not 0.0 <= floor <= 1.0:
-        raise ValueError(f"the utility floor is a top-1 agreement in [0, 1], got {floor}")
+    if not 0.0 <= floor <= 1.0:  # nan fails this too
+        raise LeaderboardError(f"the utility floor is a top-1 agreement in [0, 1], got {floor}")
     protocol_dir = Path(protocol_dir)
     entries, problems = load_entries(protocol_dir)
     definition = registered_definition(protocol_dir.name)

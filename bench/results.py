@@ -12,6 +12,7 @@ What survives what:
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -27,10 +28,21 @@ class ResultsError(InvbenchError, OSError):
     """A results file cannot be written (disk full, read-only folder, no permission)."""
 
 
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
 def results_error(path: Path, exc: OSError, *, what: str = "write") -> ResultsError:
+    """One line for a failed write, with the remedy that fits its cause (before: a read-only folder
+    was told to free space)."""
     reason = exc.strerror or str(exc) or type(exc).__name__
-    error = ResultsError(f"cannot {what} {path} ({reason}); results saved before are unchanged: free space or "
-                         "choose a writable folder, then rerun the same command to resume")
+    if exc.errno in NO_SPACE:
+        remedy = "free space on that disk, then rerun the same command to resume"
+    elif exc.errno in NOT_WRITABLE:
+        remedy = "the folder is not writable: make it writable and rerun the same command, or write to another folder"
+    else:
+        remedy = "fix the cause, then rerun the same command to resume"
+    error = ResultsError(f"cannot {what} {path} ({reason}); results saved before are unchanged: {remedy}")
     error.errno = exc.errno
     return error
 

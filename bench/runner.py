@@ -27,16 +27,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import radius, scoring
-from .config import RunConfig, config_hash, device_name, git_commit, package_versions, with_device_defaults
+from .config import SEED_MAX, RunConfig, config_hash, device_name, git_commit, package_versions, with_device_defaults
 from .errors import InvbenchError
 from .folder import ResultsFolder, read_summary
 from .metrics import json_safe
-from .summary import RunContext, RunSummary, build_summary
+from .summary import RunContext, RunSummary, build_summary, validate as validate_summary
 from .utility import cosine_only, utility_metrics
 from invbench.attacks import Attack, available_attacks, make_attack
 from invbench.attacks.base import prompt_generator
 from invbench.defenses import Defense, make_defense
-from invbench.defenses.checks import check_defense, defend_one
+from invbench.defenses.checks import check_defense, defend_one, described
 from invbench.leaks.codebook import Codebook
 from invbench.leaks.models import LoadedModel, distinct_token_ids, load_model
 from invbench.leaks.oracle import WhiteBox
@@ -103,14 +103,20 @@ def load_source(cfg: RunConfig, device: torch.device, *, echo: Callable[[str], N
     context = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(loaded.model.config, "n_positions", None)
     if context and cfg.tokens > context:
         raise RunError(f"--tokens {cfg.tokens} exceeds the context of {loaded.name} ({context} positions)")
-    try:
-        oracle = WhiteBox.of(loaded, layer=cfg.layer, device=device)
-    except ValueError as exc:
-        raise RunError(f"--layer: {exc}") from None
+    oracle = white_box(loaded, layer=cfg.layer, device=device)
     allowed = distinct_token_ids(loaded) if cfg.dataset == "random" else None
     prompts, dataset_source = load_prompts(cfg.dataset, tokenizer=loaded.tokenizer, n=cfg.n, tokens=cfg.tokens,
                                            seed=cfg.seed, notify=echo, allowed_ids=allowed)
     return Source(loaded, oracle, prompts, dataset_source)
+
+
+def white_box(loaded: LoadedModel, *, layer: int, device: torch.device) -> WhiteBox:
+    """White-box access to the model at `layer`; a layer the model does not have is one RunError
+    (`run`, `utility` and `fit-ranker` alike)."""
+    try:
+        return WhiteBox.of(loaded, layer=layer, device=device)
+    except ValueError as exc:
+        raise RunError(f"--layer: {exc}") from None
 
 
 def capture(oracle: WhiteBox, prompts: list[Prompt], *, batch_size: int) -> torch.Tensor:
@@ -224,13 +230,24 @@ def defense_utility(loaded: LoadedModel, leak: Leak, *, layer: int) -> dict[str,
 
 # --- the run -------------------------------------------------------------------------------------
 
+def check_config(cfg: RunConfig) -> None:
+    """What the CLI's flags bound, checked again for Python callers: a seed every generator takes, a
+    results folder that is named (an empty --out would write into the working directory)."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed <= SEED_MAX:
+        raise RunError(f"--seed must be an integer in 0..{SEED_MAX}, got {cfg.seed!r}")
+    if not str(cfg.out).strip():
+        raise RunError("--out is empty; name a results folder (default runs/latest)")
+
+
 def prepare(cfg: RunConfig, *, echo: Callable[[str], None]) -> tuple[RunConfig, torch.device, Defense, list[Attack]]:
     """The run as it will happen: the device, the device's defaults for what cfg leaves unset
     (said in one line when they reduce a CPU run), the defence and the attacks. Bad options
     fail here, before anything loads."""
+    check_config(cfg)
     device = resolve_device(cfg.device)
     cfg, filled = with_device_defaults(cfg, device.type)
     defense = make_defense(cfg.defense, cfg.defense_params)
+    described(defense, tokens=cfg.tokens)  # a plug-in's description or guarantee that cannot be recorded fails now
     attacks = build_attacks(cfg)
     if filled and device.type == "cpu":
         echo(f"note: no GPU, so this run uses the CPU defaults ({', '.join(filled)}); "
@@ -271,19 +288,23 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
         earlier = scoring.recorded_seconds([r for r in records if (r.get("attack"), r.get("prompt_index")) in done])
         summary = score(source, leak, attacks, defense, records, cfg=cfg, recorded=folder.config,
                         wall_seconds=time.perf_counter() - started + earlier)
-        folder.write_summary(summary.to_dict())
+        data = summary.to_dict()
+        validate_summary(data)  # nothing malformed is written: the file must read back
+        folder.write_summary(data)
     return read_summary(folder.path)
 
 
 def utility_only(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """`invbench utility`: the defence's cost alone (no attack), for privacy-utility curves."""
+    check_config(cfg)
     device = resolve_device(cfg.device)
     defense = make_defense(cfg.defense, cfg.defense_params)
+    record = described(defense, tokens=cfg.tokens)
     source = load_source(cfg, device, echo=echo)
     leak = defend(defense, source.prompts, capture(source.oracle, source.prompts, batch_size=cfg.batch_size),
                   seed=cfg.seed)
     return json_safe({
         "model": source.loaded.name, "dataset": cfg.dataset, "dataset_source": source.dataset_source,
         "n": len(source.prompts), "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
-        "defense": {**defense.describe(), **defense.guarantee(tokens=cfg.tokens)},
+        "defense": record,
         "utility": defense_utility(source.loaded, leak, layer=cfg.layer), "versions": package_versions()})

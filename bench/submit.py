@@ -133,7 +133,7 @@ def submit(*, defense: str, defense_params: dict[str, Any], protocol: Protocol |
     from .runner import run
 
     protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
-    entry_id = validate_entry_id(entry_id) if entry_id else slugify(name)
+    entry_id = validate_entry_id(entry_id) if entry_id is not None else slugify(name)  # "" is refused, not ignored
     run_dir = Path(runs_dir) / protocol.name / entry_id
     entry_path = Path(board_dir) / protocol.name / f"{entry_id}.json"
     described = make_defense(defense, defense_params).describe()  # bad parameters fail before any model loads

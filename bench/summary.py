@@ -25,6 +25,7 @@ from . import metrics, radius, verdicts
 from .errors import InvbenchError
 from .schema_check import load_schema
 from .scoring import latest_records, recorded_seconds
+from invbench.defenses.checks import described
 
 SCHEMA_VERSION = 1
 READABLE_VERSIONS = (0, 1)
@@ -185,7 +186,7 @@ def build_summary(records: list[dict], context: RunContext) -> RunSummary:
     return RunSummary(
         model=ctx.model, model_source=ctx.model_source, dataset=ctx.dataset, dataset_source=ctx.dataset_source,
         n=len(ctx.prompt_indices), tokens=ctx.tokens, layer=ctx.layer, seed=ctx.seed,
-        defense={**ctx.defense.describe(), **ctx.defense.guarantee(tokens=ctx.tokens)}, utility=ctx.utility,
+        defense=described(ctx.defense, tokens=ctx.tokens), utility=ctx.utility,
         attacks=attacks, worst_case=worst, config_hash=ctx.config_hash, device=ctx.device, versions=ctx.versions,
         wall_seconds=ctx.wall_seconds, verdict=run_verdict(attacks, worst, ctx.blind_token_accuracy),
         radius=radius.of_run(latest, clean=ctx.defense.name == "none", prompt_indices=ctx.prompt_indices,

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from .formats import cell
-from .cli_options import BOARD_DIR, DEVICE, RUNS_DIR
+from .cli_options import BOARD_DIR, DEVICE, RUNS_DIR, NamedPath, existing_board_dir
 
 
 def _echo_err(line: str) -> None:
@@ -71,12 +71,14 @@ def sweep(**opts: Any) -> None:
               help="Protocol (repeatable with --compare: one defence's latest curve under each).")
 @click.option("--compare", is_flag=True, help="Plot one defence's latest curve against its earlier ones.")
 @BOARD_DIR
-@click.option("--out", required=True, help="PNG file to write.")
+@click.option("--out", type=NamedPath(dir_okay=False), required=True, help="PNG file to write.")
 def curve(**opts: Any) -> None:
     """Plot stored curves: the latest of each defence on one figure, or --compare one defence's history
     (or, with several --protocol, its latest curve under each)."""
-    from .curves import CurveError, compare, compare_protocols, latest_curves, load_curves, plot_curves
+    from .curves import CurveError, check_plot_path, compare, compare_protocols, latest_curves, load_curves, plot_curves
 
+    check_plot_path(Path(opts["out"]))  # before any curve is read
+    existing_board_dir(opts["board_dir"])
     protocol_dirs = [opts["board_dir"] / p for p in opts["protocols"]]
     protocol_dir = protocol_dirs[0]
     if opts["compare"]:

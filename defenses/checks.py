@@ -5,15 +5,19 @@ and every `apply` through `defend_one`, so a broken plug-in is named in one line
 failing deep inside an attack. What is checked: a tensor of the input's shape, dtype and
 device, all finite; `noise_law` None or a NoiseLaw whose std at the states' d is a finite
 number >= 0; `noise_std` a finite number >= 0 (attacks still read it: a dchi defence without
-`dim` is refused here until they use the law).
+`dim` is refused here until they use the law); and what a run records of it (`described`).
 """
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 import torch
 
-from .base import Defense, DefenseError
+from invbench.errors import one_line as _one_line
+
+from .base import GUARANTEE_KINDS, Defense, DefenseError
 from .noise import NoiseLaw
 
 
@@ -22,8 +26,50 @@ def defense_label(defense: Defense) -> str:
 
 
 def one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return " ".join(lines)[:300] or "(no message)"
+    """A plug-in's exception as one line of at most 300 characters."""
+    return _one_line(exc, limit=300) or "(no message)"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def described(defense: Defense, *, tokens: int | None = None) -> dict[str, Any]:
+    """What a run records of its defence: `describe()` and `guarantee(tokens=T)` in one dict,
+    checked before anything is written (a plug-in's epsilon "lots" once reached summary.json and broke
+    its schema): a name and a params dict, epsilon None or a number >= 0 (inf: no meaningful
+    guarantee), delta None or in [0, 1], kind None or one of GUARANTEE_KINDS, all of it JSON."""
+    label = defense_label(defense)
+    try:
+        description = defense.describe()
+    except Exception as exc:
+        raise DefenseError(f"{label}: describe raised {type(exc).__name__}: {one_line(exc)}") from exc
+    if (not isinstance(description, dict) or not isinstance(description.get("name"), str)
+            or not isinstance(description.get("params"), dict)):
+        raise DefenseError(f"{label}: describe returned {type(description).__name__} {str(description)[:80]!r}; "
+                           "expected a dict with 'name' (a string) and 'params' (a dict)")
+    try:
+        guarantee = defense.guarantee(tokens=tokens)
+    except Exception as exc:
+        raise DefenseError(f"{label}: guarantee raised {type(exc).__name__}: {one_line(exc)}") from exc
+    if not isinstance(guarantee, dict):
+        raise DefenseError(f"{label}: guarantee returned {type(guarantee).__name__}; expected a dict")
+    checks = {"epsilon": lambda v: v is None or (_number(v) and v >= 0),
+              "epsilon_per_prompt": lambda v: v is None or (_number(v) and v >= 0),
+              "delta": lambda v: v is None or (_number(v) and 0 <= v <= 1),
+              "kind": lambda v: v is None or v in GUARANTEE_KINDS}
+    wanted = {"epsilon": "None or a number >= 0", "epsilon_per_prompt": "None or a number >= 0",
+              "delta": "None or a number in [0, 1]", "kind": f"None or one of {', '.join(GUARANTEE_KINDS)}"}
+    for key, ok in checks.items():
+        if not ok(guarantee.get(key)):
+            raise DefenseError(f"{label}: guarantee gives {key} {guarantee[key]!r}; expected {wanted[key]}")
+    record = {**description, **guarantee}
+    try:
+        json.dumps(record)  # inf is allowed here: the summary stores it as null ("no meaningful guarantee")
+    except (TypeError, ValueError) as exc:
+        raise DefenseError(f"{label}: describe or guarantee returned what JSON cannot hold "
+                           f"({type(exc).__name__}: {one_line(exc)})") from None
+    return record
 
 
 def check_output(label: str, what: str, out: object, like: torch.Tensor) -> None:

@@ -7,7 +7,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from invbench.registry import Registry
+from invbench.errors import one_line
+from invbench.registry import Registry, is_file_spec
 
 from .base import Defense, DefenseError
 
@@ -27,7 +28,12 @@ def available_defenses() -> dict[str, type[Defense]]:
     found = DEFENSES.items()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in found:
-            found[ep.name] = _checked(ep.load(), f"entry point {ep.name!r}")
+            try:
+                loaded = ep.load()
+            except Exception as exc:  # an installed plug-in's own code: name it, in one line
+                raise DefenseError(f"could not load the defence entry point {ep.name!r} ({ep.value}): "
+                                   f"{type(exc).__name__}: {one_line(exc, limit=300) or '(no message)'}") from exc
+            found[ep.name] = _checked(loaded, f"entry point {ep.name!r}")
     return found
 
 
@@ -39,7 +45,7 @@ def _checked(obj: Any, where: str) -> type[Defense]:
 
 def load_defense_class(spec: str) -> type[Defense]:
     """A registered name, or `path/to/file.py:ClassName`."""
-    if ":" in spec and spec.split(":", 1)[0].endswith(".py"):
+    if is_file_spec(spec):
         path_str, cls_name = spec.rsplit(":", 1)
         path = Path(path_str)
         if not path.is_file():
@@ -49,7 +55,7 @@ def load_defense_class(spec: str) -> type[Defense]:
         try:
             module_spec.loader.exec_module(module)
         except Exception as exc:  # the plug-in is user code: report, don't trace
-            message = " ".join(str(exc).split()) or "(no message)"
+            message = one_line(exc, limit=300) or "(no message)"
             raise DefenseError(f"could not import defence file {path_str}: {type(exc).__name__}: {message}") from exc
         if not hasattr(module, cls_name):
             raise DefenseError(f"{path_str} has no class {cls_name!r}")
@@ -89,5 +95,10 @@ def make_defense(spec: str, params: dict[str, Any] | None = None) -> Defense:
             raise DefenseError(f"defence {cls.name!r}: parameter {key}={value!r} is not a valid {kind.__name__}") from None
     try:
         return cls(**converted)
+    except DefenseError:
+        raise
     except TypeError as exc:
-        raise DefenseError(f"defence {cls.name!r}: {exc}") from None
+        raise DefenseError(f"defence {cls.name!r}: {one_line(exc, limit=300)}") from None
+    except Exception as exc:  # a plug-in's own code: name it, in one line
+        raise DefenseError(f"defence {cls.name!r} ({cls.__module__}.{cls.__qualname__}): __init__ raised "
+                           f"{type(exc).__name__}: {one_line(exc, limit=300) or '(no message)'}") from exc

@@ -2,6 +2,7 @@
 names the bad value and what is allowed, and no traceback; `--debug` shows the traceback."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,10 @@ def files(tmp_path) -> Path:
     (tmp_path / "list-out").mkdir()
     (tmp_path / "list-out" / "config.json").write_text("[1, 2, 3]")
     (tmp_path / "entry.json").write_text('{"entry_id": "x", ')
+    (tmp_path / "corrupt-with-records").mkdir()
+    (tmp_path / "corrupt-with-records" / "config.json").write_text('{"config_hash": "abc", ')
+    (tmp_path / "corrupt-with-records" / "records.jsonl").write_text('{"attack": "continuous", "prompt_index": 0}\n')
+    (tmp_path / "boards" / "quick").mkdir(parents=True)
     return tmp_path
 
 
@@ -84,7 +89,7 @@ RUN_CASES = [
     ("layer too low", ["--layer", "-9"], ["layer -9", "-3..2"]),
     ("n 0", ["--n", "0"], ["--n", "0", "x>=1"]),
     ("n not a number", ["--n", "many"], ["many", "integer"]),
-    ("steps 0", ["--steps", "0"], ["--steps", "0", "x>=1"]),
+    ("steps 0", ["--steps", "0"], ["--steps", "0", "1<=x<=2147483647"]),
     ("negative learning rate", ["--lr", "-1"], ["--lr", "-1", "x>0"]),
     ("batch size 0", ["--batch-size", "0"], ["--batch-size", "0", "x>=1"]),
     ("option of another attack", ["--attack", "projection"], ["steps", "projection"]),
@@ -105,9 +110,34 @@ RUN_CASES = [
     ("malformed jsonl", ["--dataset", "{tmp}/bad.jsonl"], ["line 2", "bad.jsonl", "not valid JSON", "'text'"]),
     ("jsonl without text", ["--dataset", "{tmp}/notext.jsonl"], ["line 1", "notext.jsonl", "'text'"]),
     ("corrupt parquet", ["--dataset", "{tmp}/broken.parquet"], ["broken.parquet", "parquet", "'text'"]),
-    # the results folder
-    ("corrupt config.json in --out", ["--out", "{tmp}/corrupt-out"], ["corrupt-out/config.json", "unreadable", "--out"]),
+    # the results folder (a damaged config.json: removing it alone fixes a folder without records)
+    ("corrupt config.json in --out", ["--out", "{tmp}/corrupt-out"],
+     ["corrupt-out/config.json", "unreadable", "remove it (no records depend on it)", "--out"]),
     ("config.json not an object", ["--out", "{tmp}/list-out"], ["list-out/config.json", "not an invbench config", "--out"]),
+    ("corrupt config.json beside records", ["--out", "{tmp}/corrupt-with-records"],
+     ["corrupt-with-records/config.json", "unreadable", "remove the folder", "corrupt-with-records to start the run over"]),
+    # issue 26, list 5: each once a traceback
+    ("negative seed", ["--seed", "-5"], ["--seed", "-5", "0<=x<=4294967295"]),
+    ("seed beyond 64 bits", ["--seed", "99999999999999999999999"], ["--seed", "99999999999999999999999", "0<=x<=4294967295"]),
+    ("infinite learning rate", ["--lr", "inf"], ["--lr", "'inf' is not a finite number"]),
+    ("infinite loss threshold", ["--loss-threshold", "inf"], ["--loss-threshold", "'inf' is not a finite number"]),
+    ("max candidates beyond any count", ["--attack", "guided", "--max-candidates", "99999999999999999999"],
+     ["--max-candidates", "99999999999999999999", "0<=x<=2147483647"]),
+    ("plug-in whose __init__ raises", ["--defense", "{plugins}/bad.py:InitRaises"],
+     ["'init-raises'", "invbench_plugin_bad.InitRaises", "__init__ raised RuntimeError: no licence for this defence second line"]),
+    ("plug-in whose describe() is not JSON", ["--defense", "{plugins}/bad.py:DescribeNotJson"],
+     ["invbench_plugin_bad.DescribeNotJson", "JSON cannot hold", "object is not JSON serializable"]),
+    ("plug-in whose guarantee gives epsilon 'lots'", ["--defense", "{plugins}/bad.py:GuaranteeNotANumber"],
+     ["invbench_plugin_bad.GuaranteeNotANumber", "epsilon 'lots'", "None or a number >= 0"]),
+    # issue 26, list 6: empty or conflicting input, once accepted without a word
+    ("empty --attack", ["--attack", ""], ["--attack ''", "names no attack", "continuous"]),
+    ("empty --out", ["--out", ""], ["--out", "'' is an empty name"]),
+    ("--sigma and --param sigma", ["--defense", "gaussian", "--sigma", "0.2", "--param", "sigma=0.1"],
+     ["--sigma 0.2 and --param sigma=0.1 both give sigma", "give each parameter once"]),
+    ("--param sigma twice", ["--defense", "gaussian", "--param", "sigma=0.1", "--param", "sigma=0.2"],
+     ["sigma is given twice", "sigma=0.1 and sigma=0.2"]),
+    ("--param and its flag, dashed", ["--defense", "dp", "--clip", "1", "--noise-multiplier", "1",
+                                       "--param", "noise-multiplier=2"], ["--noise-multiplier 1.0", "noise_multiplier=2"]),
 ]
 if not torch.cuda.is_available():
     RUN_CASES.append(("cuda without a GPU", ["--device", "cuda"], ["--device cuda", "cpu or auto"]))
@@ -124,6 +154,29 @@ OTHER_CASES = [  # other commands
      ["-0.5", ">= 0"]),
     ("--debug after the command", ["run", "--debug"], ["--debug is an option of invbench itself",
                                                         "invbench --debug run"]),
+    ("utility with a negative seed", ["utility", "--model", "tiny-gpt2", "--seed", "-1"], ["--seed", "-1", "0<=x<="]),
+    ("utility floor nan", ["leaderboard", "--utility-floor", "nan", "--board-dir", "{tmp}/boards"],
+     ["--utility-floor", "'nan' is not a finite number"]),
+    ("fit-ranker layer out of range", ["fit-ranker", "--model", "tiny-gpt2", "--layer", "99", "--device", "cpu"],
+     ["--layer", "layer 99", "allowed -3..2"]),
+    ("fit-ranker with fewer documents than it holds out", ["fit-ranker", "--model", "tiny-gpt2", "--documents", "2"],
+     ["--documents", "x>=101"]),
+    ("curve written as text", ["curve", "--board-dir", "{tmp}/boards", "--out", "{tmp}/curves/c1.txt"],
+     ["c1.txt", "name a .png file"]),
+    ("curve --out empty", ["curve", "--board-dir", "{tmp}/boards", "--out", ""], ["--out", "'' is an empty name"]),
+    ("submit with an empty entry id", ["submit", "--defense", "none", "--protocol", "quick", "--name", "x",
+                                       "--entry-id", ""], ["entry id ''", "empty", "--name"]),
+    ("submit with --sigma and --param sigma", ["submit", "--defense", "gaussian", "--sigma", "0.2", "--param",
+                                               "sigma=0.1", "--protocol", "quick", "--name", "x"],
+     ["--sigma 0.2 and --param sigma=0.1 both give sigma"]),
+    ("sweep with a parameter twice", ["sweep", "--defense", "gaussian", "--param", "sigma=0.1", "--param", "sigma=0.2"],
+     ["--param sigma is given twice"]),
+    ("leaderboard of a mistyped --board-dir", ["leaderboard", "--protocol", "quick", "--board-dir", "{tmp}/boardz"],
+     ["--board-dir", "boardz", "not a folder"]),
+    ("leaderboard of a protocol without entries", ["leaderboard", "--protocol", "c4-gpt2-10tok", "--board-dir",
+                                                   "{tmp}/boards"], ["c4-gpt2-10tok does not exist", "submit one"]),
+    ("curve of a mistyped --board-dir", ["curve", "--board-dir", "{tmp}/boardz", "--out", "{tmp}/c.png"],
+     ["--board-dir", "boardz", "not a folder"]),
     ("utility with a layer out of range", ["utility", "--model", "tiny-gpt2", "--device", "cpu", "--layer", "9"],
      ["layer 9", "allowed -3..2"]),
 ]
@@ -177,6 +230,19 @@ def test_bad_input_of_other_commands(files, capsys, quick_model, args, words, mo
     check_one_line(code, err, words)
 
 
+def test_refused_curve_creates_no_folder(files, capsys):
+    """Before: `curve --out curves/c1.txt` created curves/ and then failed in matplotlib."""
+    code, _, err = invoke(["curve", "--board-dir", str(files / "boards"), "--out", str(files / "new" / "c1.txt")], capsys)
+    assert code == 2 and not (files / "new").exists()
+
+
+def test_nothing_malformed_reaches_summary_json(files, capsys, quick_model):
+    """Before: epsilon "lots" was written into summary.json, which then failed its own schema."""
+    out = files / "lots"
+    code, _, err = invoke(run_args(out) + ["--defense", f"{PLUGINS}/bad.py:GuaranteeNotANumber"], capsys)
+    assert code == 2 and not (out / "summary.json").exists()
+
+
 def test_debug_shows_the_traceback(files, capsys):
     with pytest.raises(AttackError, match="unknown attack 'nope'"):
         main(["--debug"] + run_args(files / "out") + ["--attack", "nope"])
@@ -207,3 +273,41 @@ def test_short_texts_skipped_through_the_cli(files, capsys):
     assert code == 0, err
     assert "only 1 of 2 prompts" in err and "1 texts shorter than 8 tokens skipped" in err
     assert "1 texts x 8 tokens" in out
+
+
+@pytest.mark.parametrize("attack, option, value, words", [
+    ("continuous", "lr", float("inf"), "continuous: --lr must be a finite number > 0, got inf"),
+    ("continuous", "loss_threshold", float("nan"), "continuous: --loss-threshold must be a finite number >= 0"),
+    ("guided", "max_candidates", 10**20, "guided: --max-candidates must be an integer >= 0 and <= 2147483647"),
+    ("projection", "max_steps", 0, "projection: --max-steps must be an integer >= 1"),
+])
+def test_attack_options_are_bounded_from_python_too(attack, option, value, words):
+    """The bounds an option declares (attacks.base.option) hold for Python callers as for the CLI."""
+    from invbench.attacks import make_attack
+
+    with pytest.raises(AttackError, match=re.escape(words)):
+        make_attack(attack, overrides={option: value})
+
+
+@pytest.mark.parametrize("field, value, words", [("seed", -1, "--seed must be an integer in 0..4294967295"),
+                                                 ("out", " ", "--out is empty")])
+def test_run_config_from_python_is_checked(field, value, words):
+    from invbench.config import RunConfig
+    from invbench.runner import RunError, run
+
+    with pytest.raises(RunError, match=re.escape(words)):
+        run(RunConfig(model="tiny-gpt2", device="cpu", **{field: value}), echo=lambda line: None)
+
+
+def test_fit_ranker_records_the_documents_it_used(capsys, monkeypatch, tmp_path):
+    """Before: --documents 99999999 was recorded in the recipe, though the source had far fewer."""
+    from invbench.attacks import ranker
+
+    used = {}
+    monkeypatch.setattr(ranker, "fit_ranker", lambda oracle, *, texts, recipe, out, **kw: used.update(
+        texts=len(texts), recipe=recipe) or out)
+    code, _, err = invoke(["fit-ranker", "--model", "tiny-gpt2", "--device", "cpu", "--documents", "99999999",
+                           "--out", str(tmp_path / "r.safetensors")], capsys)
+    assert code == 0, err
+    assert used["recipe"].documents == used["texts"] < 99999999
+    assert f"only {used['texts']} training documents are available" in err

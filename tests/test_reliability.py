@@ -278,7 +278,8 @@ def test_records_without_their_config_are_refused(tmp_path, capsys, reference):
     shutil.copy(reference[0] / "records.jsonl", out / "records.jsonl")
     before = snapshot_bytes(out)
     code, _, err = invoke(RUN + ["--out", out], capsys)
-    assert code == 2 and "config.json is missing" in one_error_line(err)
+    line = one_error_line(err)
+    assert code == 2 and "config.json is missing" in line and f"remove the folder {out} to start over" in line
     assert snapshot_bytes(out) == before
 
 
@@ -419,7 +420,7 @@ def test_disk_full_is_one_line_and_leaves_saved_results_intact(tmp_path, capsys,
     monkeypatch.setattr(os, "write", full_disk_write)
     code, _, err = invoke(RUN + ["--out", out], capsys)
     line = one_error_line(err)
-    assert code == 2 and "No space left on device" in line and target in line and "rerun" in line
+    assert code == 2 and "No space left on device" in line and target in line and "free space" in line and "rerun" in line
     assert snapshot(out) == before  # byte for byte, and no temp file or lock left behind
 
     monkeypatch.setattr(os, "write", real_write)  # space freed: the same command finishes the job
@@ -445,6 +446,7 @@ def test_read_only_folder_is_one_line_and_changes_nothing(tmp_path, capsys, monk
     code, _, err = invoke(RUN + ["--out", out], capsys)
     line = one_error_line(err)
     assert code == 2 and "Read-only file system" in line and str(out) in line
+    assert "not writable" in line and "free space" not in line  # before: a read-only folder was told to free space
     assert snapshot(out) == before
 
 

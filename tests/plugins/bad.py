@@ -97,3 +97,30 @@ class InPlace(Defense):
     def apply(self, hidden, *, generator):
         return hidden.add_(torch.randn(hidden.shape, generator=generator) * self.sigma)
 
+
+
+class InitRaises(Defense):
+    """__init__ raises: the defence cannot be built."""
+
+    name = "init-raises"
+
+    def __init__(self, **params):
+        raise RuntimeError("no licence for this defence\nsecond line")
+
+
+class DescribeNotJson(Defense):
+    """describe() holds an object JSON cannot write (config.json and summary.json would break)."""
+
+    name = "describe-not-json"
+
+    def describe(self):
+        return {"name": self.name, "params": {}, "extra": object()}
+
+
+class GuaranteeNotANumber(Defense):
+    """guarantee() gives epsilon "lots" (once written into summary.json, breaking its schema)."""
+
+    name = "guarantee-not-a-number"
+
+    def guarantee(self, tokens=None):
+        return {"epsilon": "lots", "delta": None, "kind": None, "neighbouring": None, "reason": "trust me"}
