@@ -23,9 +23,10 @@ from .errors import InvbenchError, one_line
 from .metrics import finite_or_none, json_safe
 from .plotting import PointLabel, label_points
 from .results import write_json_atomic
-from .schema_check import Failure, failures, finite_json, format_checker, load_schema
+from .schema_check import Failure, failures, format_checker, load_schema, read_json_file
 
 FORMAT = "invbench-curve/1"
+MAX_CURVE_BYTES = 4_000_000  # a curve is a few KB per grid point
 
 
 class CurveError(InvbenchError, ValueError):
@@ -148,7 +149,7 @@ def load_curve(path: Path) -> Curve:
     """Read and validate one curve file; CurveError names the file and the bad field."""
     path = Path(path)
     try:
-        data = finite_json(path.read_text(encoding="utf-8"))
+        data = read_json_file(path, max_bytes=MAX_CURVE_BYTES)
     except OSError as exc:
         raise CurveError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError

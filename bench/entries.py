@@ -26,10 +26,10 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from . import legacy_entries, summary as summary_module
-from .errors import InvbenchError
+from .errors import InvbenchError, one_line
 from .metrics import PRIVACY_METRICS, worst_case
 from .protocols import defining
-from .schema_check import Failure, failures, finite_json, format_checker, load_schema
+from .schema_check import Failure, failures, format_checker, load_schema, read_json_file
 from .summary import RunSummary
 from .verdicts import run_verdict
 
@@ -287,16 +287,16 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def parse_entry_file(path: Path) -> tuple[Any, Problem | None]:
-    """JSON text to data, strictly: finite numbers only, no duplicate keys, no oversized files."""
+    """JSON text to data, strictly: finite numbers only, no duplicate keys, no oversized or deeply
+    nested files (schema_check.read_json_file)."""
     try:
         if path.is_symlink() or not path.is_file():
             return None, Problem(path, "", "not a regular file")
         if path.stat().st_size > MAX_ENTRY_BYTES:
             return None, Problem(path, "", f"larger than {MAX_ENTRY_BYTES} bytes")
-        raw = path.read_text(encoding="utf-8")
-        return finite_json(raw, object_pairs_hook=_unique_keys), None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return None, Problem(path, "", f"not valid JSON: {exc}")
+        return read_json_file(path, max_bytes=MAX_ENTRY_BYTES, object_pairs_hook=_unique_keys), None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        return None, Problem(path, "", f"not valid JSON: {one_line(exc, limit=200)}")
 
 
 def registered_definition(name: Any) -> dict[str, Any] | None:

@@ -10,17 +10,20 @@ device, sources); config.json lists every session under `sessions`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import InvbenchError, one_line
 from .lock import RunLock
 from .results import append_records, read_records, repair_records, write_json_atomic
+from .schema_check import read_json_file
+from .scoring import record_problem
 
 STALE_TEMP_GLOBS = (".config.json.*.tmp", ".summary.json.*.tmp")  # left by a run killed mid-write
 PROVENANCE = ("versions", "git_commit", "device", "model_source", "dataset_source")  # kept from the first session
 SESSION = ("git_commit", "device")  # what each session lists of itself
+# config.json holds the prompts' ids and summary.json a radius per prompt: megabytes for the largest runs
+MAX_RESULTS_JSON_BYTES = 256_000_000
 
 
 class FolderError(InvbenchError, ValueError):
@@ -33,7 +36,7 @@ def _read_json(path: Path, *, remedy: str) -> Any:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_file(path, max_bytes=MAX_RESULTS_JSON_BYTES)  # bounded in size and depth
     except (ValueError, OSError) as exc:
         raise FolderError(f"{path} is unreadable ({type(exc).__name__}: {one_line(exc, limit=200)}); {remedy}") from None
 
@@ -68,13 +71,18 @@ def read_summary(folder: Path):
     return None if data is None else RunSummary.from_dict(data)
 
 
+def _record_key(record: dict) -> tuple[Any, Any]:
+    return record.get("attack"), record.get("prompt_index")
+
+
 class ResultsFolder:
     """One run's folder: config.json, records.jsonl and summary.json, behind a lock.
 
     Entering takes the lock (a second writer is refused) and checks an existing folder before
     anything is loaded: records without a config, or a damaged config, are refused. `start`
-    refuses a folder of another configuration, writes config.json, repairs a torn records file
-    and returns what is already done; `append` saves a batch of records whole; `write_summary`
+    refuses a folder of another configuration, writes config.json, rewrites the records file without
+    its torn lines (any line that is not a whole record by the record schema) and duplicates, and
+    returns what is already done; `append` saves a batch of records whole; `write_summary`
     writes summary.json."""
 
     def __init__(self, path: Path | str) -> None:
@@ -83,6 +91,7 @@ class ResultsFolder:
         self._lock = RunLock(self.path)
         self.previous: dict[str, Any] | None = None  # config.json as this session found it
         self.config: dict[str, Any] | None = None  # config.json as `start` wrote it
+        self.repaired = 0  # torn or duplicate lines `start` dropped from records.jsonl
 
     def __enter__(self) -> "ResultsFolder":
         self._lock.__enter__()
@@ -112,8 +121,8 @@ class ResultsFolder:
             for stale in self.path.glob(pattern):
                 stale.unlink(missing_ok=True)
         write_json_atomic(self.path / "config.json", self.config)
-        repair_records(self.records_path)
-        return {(r.get("attack"), r.get("prompt_index")) for r in read_records(self.records_path)}
+        self.repaired = repair_records(self.records_path, check=record_problem, key=_record_key)
+        return {_record_key(r) for r in self.records()}
 
     def _with_sessions(self, config: dict[str, Any]) -> dict[str, Any]:
         """`config` with the provenance of the session that began the run and every session listed."""
@@ -126,7 +135,8 @@ class ResultsFolder:
         append_records(self.records_path, records)
 
     def records(self) -> list[dict]:
-        return read_records(self.records_path)
+        """The whole records: a line that fails the record schema counts as torn (its prompt is redone)."""
+        return read_records(self.records_path, check=record_problem)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", summary)

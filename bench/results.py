@@ -6,7 +6,9 @@ What survives what:
 - records.jsonl gets one line per prompt and attack, appended and fsynced as each batch finishes.
   An append that fails (full disk, Ctrl-C in the middle) is cut back to where it started, so the
   file holds whole batches only; a process killed mid-append (SIGKILL, power) can leave a torn
-  last line, which readers skip and `repair_records` cuts off before a resume appends again.
+  last line. A line that is not a whole record (torn, garbage, or failing the record schema) is
+  skipped by readers, so its prompt is attacked again, and `repair_records` rewrites the file
+  (atomically) without it, one record per prompt, before a resume appends again.
 - Writing errors become ResultsError: one line naming the file and the reason, and what was
   already saved is left as it was.
 """
@@ -17,9 +19,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import InvbenchError
+from .schema_check import finite_json
 
 FILE_MODE = 0o644  # results are meant to be read by others (mkstemp alone would make them private)
 
@@ -58,8 +61,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_bytes_atomic(path, blob)
 
 
-def write_bytes_atomic(path: Path, blob: bytes) -> None:
-    """Temp file beside `path`, fsync, os.replace; readable by others (FILE_MODE)."""
+def write_bytes_atomic(path: Path, blob: bytes, *, what: str = "write") -> None:
+    """Temp file beside `path`, fsync, os.replace; readable by others (FILE_MODE). `what` names the
+    operation in the error."""
     path = Path(path)
     tmp = None
     try:
@@ -75,49 +79,68 @@ def write_bytes_atomic(path: Path, blob: bytes) -> None:
         os.replace(tmp, path)
         tmp = None
     except OSError as exc:
-        raise results_error(path, exc) from exc
+        raise results_error(path, exc, what=what) from exc
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def read_records(path: Path) -> list[dict]:
-    """All complete records; a torn last line (no newline) and lines that are not JSON objects
-    are skipped."""
+MAX_RECORD_LINE_BYTES = 4_000_000  # one prompt's record is a few KB; a line beyond this is damage
+
+
+def _parse_records(data: bytes, check: Callable[[Any], str | None] | None) -> tuple[list[dict], int]:
+    """(the whole records in `data`, the number of lines that are not): a line without its newline
+    (torn), not JSON, nested too deep, over the size bound, not an object, or one `check` refuses."""
+    records, bad = [], 0
+    for line in data.splitlines(keepends=True):
+        if not line.strip():
+            continue
+        try:
+            if not line.endswith(b"\n") or len(line) > MAX_RECORD_LINE_BYTES:
+                raise ValueError("torn or oversized")
+            record = finite_json(line.decode("utf-8"))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError, NaN, too deep
+            bad += 1
+            continue
+        if not isinstance(record, dict) or (check is not None and check(record) is not None):
+            bad += 1
+            continue
+        records.append(record)
+    return records, bad
+
+
+def read_records(path: Path, *, check: Callable[[Any], str | None] | None = None) -> list[dict]:
+    """All whole records; lines that are not (see `_parse_records`) are skipped, as torn."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return []
-    records = []
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            record = json.loads(line)
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return _parse_records(data, check)[0]
 
 
-def repair_records(path: Path) -> int:
-    """Cut a torn last line so that new records start on a line of their own; returns the number
-    of bytes cut. os.truncate changes only the length: nothing before the torn line is rewritten,
-    so being killed here loses nothing."""
+def repair_records(path: Path, *, check: Callable[[Any], str | None] | None = None,
+                   key: Callable[[dict], Any] | None = None) -> int:
+    """Rewrite the file without its torn lines (a torn last line, garbage in the middle, a record
+    `check` refuses), and with one record per `key` (the last, as readers take it), so that new
+    records start on a line of their own and the file holds each prompt once; returns the number of
+    lines dropped. The rewrite is atomic (temp file, fsync, os.replace): killed here, the file is
+    the old one or the new one, and nothing whole is lost. A file with nothing to drop is not touched."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return 0
-    if not data or data.endswith(b"\n"):
+    records, bad = _parse_records(data, check)
+    whole = len(records)
+    if key is not None:
+        latest = {key(r): r for r in records}
+        records = [r for r in records if latest[key(r)] is r]  # the survivors, in the order they were written
+    dropped = bad + whole - len(records)
+    if not dropped:
         return 0
-    keep = data.rfind(b"\n") + 1
-    try:
-        os.truncate(path, keep)
-    except OSError as exc:
-        raise results_error(path, exc, what="repair the torn last line of") from exc
-    return len(data) - keep
+    blob = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records).encode("utf-8")
+    write_bytes_atomic(path, blob, what="rewrite (without its torn lines)")
+    return dropped
 
 
 def append_records(path: Path, records: Iterable[dict]) -> None:

@@ -270,6 +270,9 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
             "config_hash": chash, "command": cfg.to_dict(), "defining": defining, "model_source": source.loaded.source,
             "dataset_source": source.dataset_source, "versions": package_versions(), "git_commit": git_commit(),
             "device": device_name(device)})
+        if folder.repaired:
+            echo(f"note: {folder.repaired} damaged or repeated line(s) of {folder.records_path} were dropped (the file "
+                 "is rewritten without them); their prompts are attacked again")
         echo(f"model {source.loaded.name} ({source.loaded.source}); {len(source.prompts)} prompts x {cfg.tokens} "
              f"tokens from {source.dataset_source}")
         try:

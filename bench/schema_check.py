@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator, FormatChecker, ValidationError
@@ -54,10 +56,56 @@ def is_iso_date_time(value: Any) -> bool:
     return not isinstance(value, str) or bool(datetime.fromisoformat(value))
 
 
-def finite_json(text: str, **hooks: Any) -> Any:
-    """JSON text to data with every number finite: a schema cannot refuse NaN, Infinity or 1e999
-    (NaN even passes `minimum` and `maximum`), so they are refused here, as invalid JSON."""
-    return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, **hooks)
+# --- the one bounded JSON reader -------------------------------------------------------------
+# Every JSON file invbench reads (entries, verification records, curves, summary.json, config.json,
+# each records.jsonl line) goes through `finite_json`, and files through `read_json_file`: bounded in
+# size and depth, so that a crafted file is malformed like any other (named and skipped) rather than a
+# RecursionError (1,000 nested `[` in a 2 KB entry once stopped `leaderboard`, `verify` and `curve`).
+MAX_DEPTH = 64  # invbench's own files nest at most ~8 deep
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def nesting_depth(text: str, *, limit: int | None = None) -> int:
+    """How deep the arrays and objects of JSON `text` nest (brackets inside strings aside); stops
+    counting once past `limit`."""
+    depth = deepest = 0
+    for match in _BRACKET.finditer(_STRING.sub('""', text)):
+        if match.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if limit is not None and deepest > limit:
+                break
+        else:
+            depth -= 1
+    return deepest
+
+
+def finite_json(text: str, *, max_depth: int = MAX_DEPTH, **hooks: Any) -> Any:
+    """JSON text to data with every number finite and at most `max_depth` levels of nesting: a
+    schema cannot refuse NaN, Infinity or 1e999 (NaN even passes `minimum` and `maximum`), and deep
+    nesting would exhaust the parser's and the validator's recursion, so both are refused here as
+    invalid JSON (ValueError)."""
+    if nesting_depth(text, limit=max_depth) > max_depth:
+        raise ValueError(f"nested deeper than {max_depth} levels")
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float, **hooks)
+    except RecursionError:  # a bracket count the scan above missed: still only a malformed file
+        raise ValueError(f"nested deeper than {max_depth} levels") from None
+
+
+def read_json_file(path: Path, *, max_bytes: int, max_depth: int = MAX_DEPTH, **hooks: Any) -> Any:
+    """The data of a JSON file, refused (ValueError) when larger than `max_bytes`, nested deeper than
+    `max_depth`, not UTF-8, or not strict JSON; OSError when it cannot be read."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes ({size})")
+    with open(path, "rb") as handle:
+        raw = handle.read(max_bytes + 1)  # the file may have grown since: never read more than the bound
+    if len(raw) > max_bytes:
+        raise ValueError(f"larger than {max_bytes} bytes")
+    return finite_json(raw.decode("utf-8"), max_depth=max_depth, **hooks)
 
 
 def _reject_constant(name: str) -> None:

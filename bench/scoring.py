@@ -5,11 +5,13 @@ the one place records become numbers (the typed `RunSummary`).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
 
 from . import metrics, verdicts
+from .schema_check import failures, load_schema
 
 
 def prompt_record(attack, prompt, out, row: int, decode: Callable, *, objective: tuple[float, float]) -> dict[str, Any]:
@@ -45,6 +47,27 @@ def prompt_record(attack, prompt, out, row: int, decode: Callable, *, objective:
         "search_failure": verdicts.is_search_failure(truth=truth, answer=answer, tokens=len(target), exact=exact),
         **extras,
     }
+
+
+def record_problem(record: Any) -> str | None:
+    """What is wrong with one parsed line of records.jsonl, or None when it is a whole record: it fits
+    `bench/schemas/record.schema.json`, and its ids and per-position losses have one value per token.
+    A line that is not a whole record counts as torn (invbench.results.read_records skips it)."""
+    found = failures(_record_validator(), record)
+    if found:
+        return f"field {found[0].field}: expected {found[0].expected or 'it to be present'}"
+    length = len(record["target_ids"])
+    for key in ("recovered_ids", "discrete_loss", "cumulative_discrete_loss"):
+        if len(record[key]) != length:
+            return f"field {key}: {len(record[key])} values for {length} tokens"
+    return None
+
+
+@lru_cache(maxsize=None)
+def _record_validator():
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(load_schema("record"))
 
 
 def recorded_seconds(records: list[dict]) -> float:

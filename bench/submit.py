@@ -27,7 +27,6 @@ marks with `x-verify`, by that field's kind of tolerance (`KINDS`, absolute unle
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,7 +34,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import summary as summary_module
-from .entries import NAME, SCALAR, SCHEMA_VERSION, check_entry, check_value, read_entry, slugify, validate_entry_id
+from .entries import (NAME, SCALAR, SCHEMA_VERSION, check_entry, check_value, parse_entry_file, read_entry, slugify,
+                      validate_entry_id)
 from .errors import InvbenchError
 from .folder import read_config
 from .formats import cell
@@ -101,10 +101,10 @@ def _preflight(*, name: str, authors: str, url: str, described: dict[str, Any]) 
 def _refuse_foreign(entry_path: Path, run_dir: Path, described: dict[str, Any]) -> None:
     """An entry id belongs to one defence configuration: never overwrite another's entry or run."""
     if entry_path.exists():
+        data, problem = parse_entry_file(entry_path)  # bounded, as every entry read
         try:
-            data = json.loads(entry_path.read_text(encoding="utf-8"))
-            existing = data.get("summary", data).get("defense", {})  # version 2 held the defence at the top
-        except (OSError, ValueError, AttributeError):
+            existing = None if problem else data.get("summary", data).get("defense", {})  # version 2: at the top
+        except AttributeError:
             existing = None
         if not isinstance(existing, dict) or {k: existing.get(k) for k in described} != described:
             raise SubmitError(f"{entry_path} already holds a different submission; choose another --name or --entry-id")

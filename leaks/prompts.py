@@ -344,6 +344,9 @@ def _jsonl_text(line: str, number: int, path: Path) -> str:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"line {number} of {path} is not valid JSON ({exc.msg}); expected one object with a 'text' field per line") from None
+    except RecursionError:  # thousands of nested brackets: malformed, like any other bad line
+        raise DatasetError(f"line {number} of {path} nests too deeply to be read; expected one object with a 'text' "
+                           "field per line") from None
     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
         raise DatasetError(f"line {number} of {path} has no string field 'text'; expected one object with a 'text' field per line")
     return row["text"]

@@ -46,6 +46,11 @@ def files(tmp_path) -> Path:
     (tmp_path / "corrupt-with-records" / "config.json").write_text('{"config_hash": "abc", ')
     (tmp_path / "corrupt-with-records" / "records.jsonl").write_text('{"attack": "continuous", "prompt_index": 0}\n')
     (tmp_path / "boards" / "quick").mkdir(parents=True)
+    deep = "[" * 1000 + "]" * 1000  # 2 KB: once a RecursionError in every reader
+    (tmp_path / "deep.json").write_text(deep)
+    (tmp_path / "deep-config").mkdir()
+    (tmp_path / "deep-config" / "config.json").write_text(deep)
+    (tmp_path / "dataset-deep.jsonl").write_text('{"text": "fine"}\n' + deep + "\n")
     return tmp_path
 
 
@@ -116,6 +121,9 @@ RUN_CASES = [
     ("config.json not an object", ["--out", "{tmp}/list-out"], ["list-out/config.json", "not an invbench config", "--out"]),
     ("corrupt config.json beside records", ["--out", "{tmp}/corrupt-with-records"],
      ["corrupt-with-records/config.json", "unreadable", "remove the folder", "corrupt-with-records to start the run over"]),
+    ("deeply nested config.json", ["--out", "{tmp}/deep-config"],
+     ["deep-config/config.json", "unreadable", "nested deeper than 64 levels"]),
+    ("deeply nested dataset line", ["--dataset", "{tmp}/dataset-deep.jsonl"], ["line 2", "nests too deeply"]),
     # issue 26, list 5: each once a traceback
     ("negative seed", ["--seed", "-5"], ["--seed", "-5", "0<=x<=4294967295"]),
     ("seed beyond 64 bits", ["--seed", "99999999999999999999999"], ["--seed", "99999999999999999999999", "0<=x<=4294967295"]),
@@ -154,6 +162,8 @@ OTHER_CASES = [  # other commands
      ["-0.5", ">= 0"]),
     ("--debug after the command", ["run", "--debug"], ["--debug is an option of invbench itself",
                                                         "invbench --debug run"]),
+    ("verify a deeply nested entry", ["verify", "{tmp}/deep.json"], ["deep.json", "not valid JSON",
+                                                                     "nested deeper than 64 levels"]),
     ("utility with a negative seed", ["utility", "--model", "tiny-gpt2", "--seed", "-1"], ["--seed", "-1", "0<=x<="]),
     ("utility floor nan", ["leaderboard", "--utility-floor", "nan", "--board-dir", "{tmp}/boards"],
      ["--utility-floor", "'nan' is not a finite number"]),
@@ -241,6 +251,30 @@ def test_nothing_malformed_reaches_summary_json(files, capsys, quick_model):
     out = files / "lots"
     code, _, err = invoke(run_args(out) + ["--defense", f"{PLUGINS}/bad.py:GuaranteeNotANumber"], capsys)
     assert code == 2 and not (out / "summary.json").exists()
+
+
+def test_a_deeply_nested_entry_is_skipped_and_the_board_carries_on(files, capsys):
+    """Before: 1,000 nested `[` in one 2 KB entry file stopped `leaderboard` with a RecursionError."""
+    import json
+
+    from test_leaderboard import make_entry
+
+    board = files / "boards" / "quick"
+    (board / "fine.json").write_text(json.dumps(make_entry("Fine")))
+    (board / "deep.json").write_text("[" * 1000 + "]" * 1000)
+    code, out, err = invoke(["leaderboard", "--board-dir", str(files / "boards")], capsys)
+    assert code == 0, err
+    assert "skipped: " in err and "deep.json: not valid JSON: nested deeper than 64 levels" in err
+    assert "quick: 1 ranked" in out and "Traceback" not in err
+
+
+def test_a_deeply_nested_summary_is_one_line(files):
+    from invbench.folder import FolderError, read_summary
+
+    (files / "deep-summary").mkdir()
+    (files / "deep-summary" / "summary.json").write_text("{" * 500 + "}" * 500)
+    with pytest.raises(FolderError, match="nested deeper than 64 levels"):
+        read_summary(files / "deep-summary")
 
 
 def test_debug_shows_the_traceback(files, capsys):

@@ -5,6 +5,7 @@ import pytest
 from opacus.accountants.analysis.gdp import eps_from_mu
 
 from helpers import invoke, spy_on_attacks
+from invbench.scoring import record_problem
 
 BASE = ["run", "--model", "tiny-gpt2", "--attack", "continuous", "--preset", "fast", "--n", "3", "--tokens", "3",
         "--device", "cpu"]
@@ -23,6 +24,7 @@ def test_run_writes_config_records_and_summary(tmp_path, capsys):
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert [r["prompt_index"] for r in records] == [0, 1, 2]
     assert all(r["recovered_ids"] == r["target_ids"] for r in records)
+    assert all(record_problem(r) is None for r in records)  # what a run writes fits the record schema
     assert "continuous" in out and "1.000" in out
 
 

@@ -263,6 +263,41 @@ def test_torn_last_line_is_cut_and_redone(tmp_path, capsys, reference):
     assert results(out) == reference[1]
 
 
+@pytest.mark.parametrize("damage", ["schema", "garbage", "nested", "duplicate"])
+def test_a_damaged_record_line_counts_as_torn_and_the_file_is_rewritten_without_it(tmp_path, capsys, reference, damage):
+    """Before: a line with exact_match "yes" and token_accuracy NaN was read into the summary (its
+    verdict then named another attack), and a garbage line was skipped, left in the file and the
+    record redone beside it. Now such a line is torn: redone, and the file rewritten (atomically)
+    without it, so that it holds each prompt once."""
+    out = partial_copy(reference[0], tmp_path / "run", keep_records=3)
+    lines = (out / "records.jsonl").read_bytes().splitlines(keepends=True)
+    if damage == "schema":
+        record = json.loads(lines[1])
+        record.update(exact_match="yes", token_accuracy=float("nan"))
+        lines[1] = (json.dumps(record) + "\n").encode()  # NaN as json.dumps writes it
+    elif damage == "garbage":
+        lines.insert(1, b"not json at all\n")
+        del lines[2]
+    elif damage == "nested":
+        lines[1] = b"[" * 1000 + b"]" * 1000 + b"\n"
+    else:  # the same prompt twice: the last is what readers take
+        lines.append(lines[0])
+    (out / "records.jsonl").write_bytes(b"".join(lines))
+    code, _, err = invoke(RUN + ["--out", out], capsys)
+    assert code == 0, err
+    assert results(out) == reference[1]  # every line whole and each prompt once
+    assert "line(s) of" in err and "were dropped" in err
+
+
+def test_a_nan_record_is_not_read(tmp_path):
+    from invbench.results import read_records
+    from invbench.scoring import record_problem
+
+    path = tmp_path / "records.jsonl"
+    path.write_text('{"attack": "a", "prompt_index": 0, "token_accuracy": NaN}\n[[[[\n')
+    assert read_records(path) == [] and read_records(path, check=record_problem) == []
+
+
 def test_temp_files_of_a_write_killed_midway_are_cleared_on_resume(tmp_path, capsys, reference):
     out = tmp_path / "run"
     shutil.copytree(reference[0], out)

@@ -92,12 +92,14 @@ def test_curve_command_plots_several_defenses_and_compares_history(swept, tmp_pa
     for name, content in {"gaussian-new.json": data, "gaussian-old.json": older, "dp.json": other}.items():
         (curves_dir / name).write_text(json.dumps(content))
     (curves_dir / "broken.json").write_text("{")
+    (curves_dir / "deep.json").write_text("[" * 1000 + "]" * 1000)  # before: a RecursionError traceback
 
     result = CliRunner().invoke(cli, ["curve", "--protocol", "quick", "--board-dir", str(boards),
                                       "--out", str(tmp_path / "all.png")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "all.png").read_bytes()[:4] == b"\x89PNG"
     assert "dp " in result.stdout and "gaussian " in result.stdout and "broken.json" in result.output
+    assert "skipped " in result.output and "deep.json: not valid JSON (nested deeper than 64 levels)" in result.output
 
     result = CliRunner().invoke(cli, ["curve", "--defense", "gaussian", "--compare", "--protocol", "quick",
                                       "--board-dir", str(boards), "--out", str(tmp_path / "history.png")],

@@ -34,6 +34,7 @@ from .. import formats
 from ..config import RunConfig
 from ..folder import read_summary
 from ..results import read_records
+from ..scoring import record_problem
 from ..runner import run
 from ..scoring import latest_records
 from ..summary import RunSummary
@@ -79,7 +80,7 @@ def cells(*, c4: int, random: int, scan_prompts: int, sigmas: tuple[float, ...],
 def records(folder: Path, attack: str) -> list[dict]:
     """One attack's latest record of each prompt of a finished run, in prompt order, read as the
     harness reads them (a torn or damaged line is skipped)."""
-    rows = read_records(Path(folder) / "records.jsonl")
+    rows = read_records(Path(folder) / "records.jsonl", check=record_problem)
     return latest_records(rows, attacks=[attack], prompt_indices={r.get("prompt_index") for r in rows})[attack]
 
 
