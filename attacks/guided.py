@@ -18,9 +18,10 @@ cheap ranker already knew. Per position t, with the prefix x1..x(t-1) committed:
      (MSE) of the target is the token: certified, since the map from tokens to states is
      injective and float32 puts the true token at ~1e-12 and the nearest wrong one far above
      (measured: see `TOLERANCE_NOTE`);
-   - Gaussian noise of known std sigma: a candidate passes when its MSE is below the level the
-     true token stays under with probability 1 - `miss_probability` (`acceptance_threshold`:
-     sigma^2 chi2_d quantile / d). Several wrong tokens can pass once noise is large, so after
+   - noise of a known law (the defence's `noise_law`, scored through `attacks.likelihood`): a
+     candidate passes when the law's statistic (Gaussian: the MSE) is below the level the true
+     token stays under with probability 1 - `miss_probability` (Gaussian: sigma^2 chi2_d quantile
+     / d; Laplace and dchi: Gamma quantiles). Several wrong tokens can pass once noise is large, so after
      the first pass verification goes on to `lookahead` times that many candidates (at least
      `min_noisy_candidates`) and the best verified candidate is committed;
    - no candidate passes: verification goes on through the whole vocabulary (or `max_candidates`,
@@ -34,9 +35,11 @@ cheap ranker already knew. Per position t, with the prefix x1..x(t-1) committed:
      earlier commit was wrong, so no token reproduces the target): its later positions verify at
      most `after_failure` candidates until one passes again. Exact match is lost either way, as
      it is for scan; this only stops a failed prompt from costing a full scan at every position.
-4. Scoring of the candidates: `ml` commits the nearest simulated state (maximum likelihood under
-   Gaussian noise, as `scan`); `map` (noisy defences only) the highest Gaussian log-likelihood
-   plus log prior, -d MSE / (2 sigma^2) + log p(x_t | prefix), which wins once noise is large.
+4. Scoring of the candidates: `ml` commits the most likely simulated state under the law (the
+   nearest under Gaussian noise, as `scan`); `map` (noisy defences only) the highest
+   log-likelihood plus log prior (Gaussian: -d MSE / (2 sigma^2) + log p(x_t | prefix)), which
+   wins once noise is large. Guided decides each position alone; `sequence` (attacks/sequence.py)
+   decides the whole sequence with the same verification.
 
 Recorded per position: `candidates` (exact forward passes; 0 at a codebook lookup) and `ended`
 (certified; exhausted: the whole vocabulary verified without a pass; budget: stopped at
@@ -50,12 +53,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from scipy.stats import chi2
 
 from invbench.leaks.codebook import Codebook
 
 from .base import (Attack, AttackError, AttackOutput, Candidates, chunk_size_option, distribution, mse, option,
                    position_values)
+from .likelihood import Likelihood
 from .ranker import Ranker, load_ranker
 from .registry import register_attack
 
@@ -63,16 +66,6 @@ ENDINGS = ("certified", "exhausted", "codebook", "budget")
 CERTIFIED, EXHAUSTED, CODEBOOK, BUDGET = range(4)
 SCORINGS = ("ml", "map")
 TOLERANCE_NOTE = "measured in bench/studies/GUIDED.md"
-
-
-def acceptance_threshold(*, noise_std: float, dim: int, miss_probability: float, tolerance: float) -> float:
-    """The MSE under which the true token's simulated state lies, given the defended target.
-    Noise-free: `tolerance` (float32 error). With N(0, sigma^2) noise per coordinate the true
-    token's MSE is sigma^2 chi2_d / d, below sigma^2 chi2.ppf(1 - miss, d) / d with probability
-    1 - miss; `tolerance` is added for float32 error."""
-    if noise_std == 0:
-        return tolerance
-    return noise_std ** 2 * float(chi2.ppf(1 - miss_probability, dim)) / dim + tolerance
 
 
 def interleaved_order(scores: list[torch.Tensor]) -> torch.Tensor:
@@ -92,8 +85,9 @@ def interleaved_order(scores: list[torch.Tensor]) -> torch.Tensor:
 class GuidedConfig:
     ranker: str = option("auto", "auto: the learned ranker (shipped, cached or fitted once) with the model's "
                          "prior; prior: the prior alone; or a ranker .safetensors file.")
-    scoring: str = option("ml", "ml: nearest simulated state; map: Gaussian log-likelihood plus log prior "
-                          "(noisy defences).", choices=SCORINGS)
+    scoring: str = option("ml", "ml: the most likely simulated state under the defence's noise law (Gaussian: "
+                          "the nearest); map: its log-likelihood plus the model's log prior (noisy defences).",
+                          choices=SCORINGS)
     chunk_size: int = chunk_size_option()
     max_candidates: int = option(0, "candidates verified per position at most when none passes (0: the whole "
                                  "vocabulary, exact like scan).", min=0)
@@ -127,8 +121,8 @@ class GuidedState:
 
     ranker: Ranker | None
     codebook: torch.Tensor | None  # (V, d) simulate(position-1 states)
-    threshold: float
-    noise_std: float
+    likelihood: Likelihood  # the defence's noise law: statistic, nll, threshold
+    threshold: float  # the statistic the true token stays under (the certified stop)
     map: bool  # MAP scoring (noisy defences with scoring=map)
     failed: torch.Tensor  # (B,) prompts whose last verified position found no passing candidate
 
@@ -164,23 +158,22 @@ class GuidedAttack(Attack):
                 notify: Callable[[str], None] = print) -> GuidedState:
         cfg = self.config
         ranker, codebook = self._load(oracle, notify)
-        noise = float(defense.noise_std)
-        threshold = acceptance_threshold(noise_std=noise, dim=oracle.embedding.shape[1],
-                                         miss_probability=cfg.miss_probability, tolerance=cfg.tolerance)
+        likelihood = Likelihood.of(defense, dim=oracle.embedding.shape[1])
+        threshold = likelihood.threshold(miss_probability=cfg.miss_probability, tolerance=cfg.tolerance)
         simulated = defense.simulate(codebook) if codebook is not None else None
-        return GuidedState(ranker, simulated, threshold, noise, map=cfg.scoring == "map" and noise > 0,
+        return GuidedState(ranker, simulated, likelihood, threshold, map=self.uses_map(likelihood),
                            failed=torch.zeros(len(targets), dtype=torch.bool, device=oracle.device))
+
+    def uses_map(self, likelihood: Likelihood) -> bool:
+        """MAP scoring needs a likelihood: asked for, and the defence adds noise (without noise MAP is ML)."""
+        return self.config.scoring == "map" and likelihood.noisy
 
     def propose(self, oracle, prefix, goal: torch.Tensor, *, defense, position: int, owner: torch.Tensor,
                 state: GuidedState) -> Candidates:
         if position == 0 and state.codebook is not None:
             return self._lookup(oracle, goal, state)
         prior = oracle.log_prior(prefix)
-        if state.ranker is None:
-            order = prior.argsort(dim=1, descending=True)
-        else:
-            learned = state.ranker.log_probs(goal, state.noise_std)
-            order = interleaved_order([learned + prior, learned])
+        order = self._order(goal, prior, state)
         vocab = order.shape[1]
         budget = torch.full((len(goal),), self.config.max_candidates or vocab, device=goal.device)
         budget = torch.where(state.failed[owner], min(self.config.after_failure, vocab), budget.clamp(max=vocab))
@@ -188,35 +181,50 @@ class GuidedAttack(Attack):
         state.failed[owner] = found.extras["ended"] != CERTIFIED  # guided keeps no beams: rows are prompts
         return found
 
+    @staticmethod
+    def _order(goal: torch.Tensor, prior: torch.Tensor, state: GuidedState) -> torch.Tensor:
+        """Which tokens to verify first (R, V): the prior plus the learned ranker, interleaved with the
+        learned ranker alone (or the prior alone, without a ranker)."""
+        if state.ranker is None:
+            return prior.argsort(dim=1, descending=True)
+        learned = state.ranker.log_probs(goal, state.likelihood.std)
+        return interleaved_order([learned + prior, learned])
+
     def _lookup(self, oracle, goal: torch.Tensor, state: GuidedState) -> Candidates:
-        """Position 1: nearest codebook entry (exact over the whole vocabulary, no forward pass)."""
-        dim = goal.shape[-1]
-        # cdist's direct kernel keeps tiny distances exact (the true token's MSE is ~0)
-        dist = torch.cdist(goal, state.codebook, compute_mode="donot_use_mm_for_euclid_dist").pow(2) / dim
-        objective = self._objective(dist, oracle.start_prior()[None, :], state, dim)
+        """Position 1: the best codebook entry (exact over the whole vocabulary, no forward pass)."""
+        statistic, objective = self._codebook_scores(oracle, goal, state)
         best = objective.argmin(dim=1, keepdim=True)
         rows = len(goal)
-        return Candidates(best, dist.gather(1, best), objective=objective.gather(1, best),
+        loss = statistic.gather(1, best) if state.likelihood.scores_mse else mse(state.codebook[best[:, 0]], goal)[:, None]
+        return Candidates(best, loss, objective=objective.gather(1, best),
                           extras={"candidates": torch.zeros(rows), "ended": torch.full((rows,), float(CODEBOOK))})
 
+    def _codebook_scores(self, oracle, goal: torch.Tensor, state: GuidedState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The statistic and the objective (both (R, V)) of every codebook entry as each row's first token."""
+        statistic = state.likelihood.pairwise(goal, state.codebook)
+        return statistic, self._objective(statistic, oracle.start_prior()[None, :], state)
+
     @staticmethod
-    def _objective(dist: torch.Tensor, log_prior: torch.Tensor, state: GuidedState, dim: int) -> torch.Tensor:
-        """What is minimised among verified candidates: MSE (ml), or the negative log posterior
-        under N(0, sigma^2) noise, d MSE / (2 sigma^2) - log prior (map)."""
+    def _objective(statistic: torch.Tensor, log_prior: torch.Tensor, state: GuidedState) -> torch.Tensor:
+        """What is minimised among verified candidates: the law's statistic (ml: the most likely
+        state), or the negative log posterior, nll - log prior (map). The one place MAP is decided."""
         if not state.map:
-            return dist
-        return dim * dist / (2 * state.noise_std ** 2) - log_prior
+            return statistic
+        return state.likelihood.nll(statistic) - log_prior
 
     def _verify(self, oracle, prefix, goal: torch.Tensor, order: torch.Tensor, prior: torch.Tensor, defense,
-                state: GuidedState, *, budget: torch.Tensor) -> Candidates:
+                state: GuidedState, *, budget: torch.Tensor, keep: int = 1) -> Candidates:
         """Verify candidates in `order` (R, V), all rows in lockstep rounds, until each row stops
-        (a pass, or its `budget` (R,) of candidates spent)."""
+        (a pass, or its `budget` (R,) of candidates spent). Returns each row's `keep` best verified
+        candidates by objective, best first (inf where fewer were verified); an earlier candidate wins
+        a tie."""
         cfg = self.config
-        rows, vocab, dim = order.shape[0], order.shape[1], goal.shape[-1]
+        rows, vocab = order.shape
         device = goal.device
-        best_token = torch.zeros(rows, dtype=torch.long, device=device)
-        best_loss = torch.full((rows,), float("inf"), device=device)
-        best_objective = torch.full((rows,), float("inf"), device=device)
+        likelihood = state.likelihood
+        best = {"token": torch.zeros(rows, keep, dtype=torch.long, device=device),
+                "loss": torch.full((rows, keep), float("inf"), device=device),
+                "objective": torch.full((rows, keep), float("inf"), device=device)}
         first_pass = torch.zeros(rows, dtype=torch.long, device=device)  # candidates verified at the first pass; 0: none
         verified = torch.zeros(rows, dtype=torch.long, device=device)
         ended = torch.full((rows,), float(EXHAUSTED), device=device)
@@ -226,29 +234,41 @@ class GuidedAttack(Attack):
             columns = slice(done_so_far, min(vocab, done_so_far + size, int(budget[active].min())))
             ids = order[active, columns]
             goal_a = goal[active]
-            losses = oracle.hidden_of_tokens(prefix.select(active), ids, chunk_size=cfg.chunk_size,
-                                             reduce=lambda hidden, _: mse(defense.simulate(hidden), goal_a[:, None, :]))
-            objective = self._objective(losses, prior[active].gather(1, ids), state, dim)
-            round_best = objective.argmin(dim=1)
-            better = objective.gather(1, round_best[:, None])[:, 0] < best_objective[active]
-            take = active[better]
-            best_objective[take] = objective[better, round_best[better]]
-            best_loss[take] = losses[better, round_best[better]]
-            best_token[take] = ids[better, round_best[better]]
+
+            def measure(hidden: torch.Tensor, _) -> torch.Tensor:
+                simulated = defense.simulate(hidden)
+                statistic = likelihood.statistic(goal_a[:, None, :], simulated)
+                loss = statistic if likelihood.scores_mse else mse(simulated, goal_a[:, None, :])
+                return torch.stack([statistic, loss], dim=-1)
+
+            measured = oracle.hidden_of_tokens(prefix.select(active), ids, chunk_size=cfg.chunk_size, reduce=measure)
+            statistic, loss = measured[..., 0], measured[..., 1]
+            objective = self._objective(statistic, prior[active].gather(1, ids), state)
+            self._merge(best, active, {"token": ids, "loss": loss, "objective": objective})
             done_so_far = columns.stop
             verified[active] = done_so_far
-            passes = losses < state.threshold
+            passes = statistic < state.threshold
             newly = passes.any(dim=1) & (first_pass[active] == 0)
             first_pass[active[newly]] = columns.start + passes[newly].int().argmax(dim=1) + 1
-            stop = self._stop(first_pass[active], done_so_far, noisy=state.noise_std > 0)
+            stop = self._stop(first_pass[active], done_so_far, noisy=likelihood.noisy)
             spent = done_so_far >= budget[active]
             finished = stop | spent
             ended[active[spent & (budget[active] < vocab)]] = float(BUDGET)
             ended[active[finished & (first_pass[active] > 0)]] = float(CERTIFIED)
             active = active[~finished]
             size = cfg.first_round if done_so_far < 2 * cfg.first_round else done_so_far
-        return Candidates(best_token[:, None], best_loss[:, None], objective=best_objective[:, None],
+        return Candidates(best["token"], best["loss"], objective=best["objective"],
                           extras={"candidates": verified.float(), "ended": ended})
+
+    @staticmethod
+    def _merge(best: dict[str, torch.Tensor], rows: torch.Tensor, found: dict[str, torch.Tensor]) -> None:
+        """Keep, per row, the best of `best` and this round's `found` by objective; a stable sort, so
+        what was found earlier wins a tie (as the ranking put it first)."""
+        keep = best["objective"].shape[1]
+        joined = {k: torch.cat([best[k][rows], found[k]], dim=1) for k in best}
+        order = joined["objective"].sort(dim=1, stable=True).indices[:, :keep]
+        for k in best:
+            best[k][rows] = joined[k].gather(1, order)
 
     def _stop(self, first_pass: torch.Tensor, verified: int, *, noisy: bool) -> torch.Tensor:
         """Which rows stop after `verified` candidates, given where each first passed (0: not yet)."""
@@ -261,13 +281,14 @@ class GuidedAttack(Attack):
     # --- what the harness asks of every attack ----------------------------------------------------
     @torch.no_grad()
     def objective(self, oracle, targets: torch.Tensor, tokens: torch.Tensor, *, defense) -> torch.Tensor:
-        """MSE per position (ml), or the negative log posterior d MSE / (2 sigma^2) - log p(x_t | x_<t)
-        under MAP scoring with a noisy defence."""
-        loss = super().objective(oracle, targets, tokens, defense=defense)
-        if self.config.scoring != "map" or defense.noise_std == 0:
-            return loss
-        dim = targets.shape[-1]
-        return dim * loss / (2 * defense.noise_std ** 2) - oracle.log_prior_of(tokens)
+        """Per position (B, T): the noise law's statistic (ml; Gaussian: the MSE), or the negative log
+        posterior nll - log p(x_t | x_<t) under MAP scoring with a noisy defence."""
+        likelihood = Likelihood.of(defense, dim=targets.shape[-1])
+        targets = targets.to(oracle.device)
+        statistic = likelihood.statistic(targets, defense.simulate(oracle.capture(tokens.to(oracle.device))))
+        if not self.uses_map(likelihood):
+            return statistic
+        return likelihood.nll(statistic) - oracle.log_prior_of(tokens)
 
     def flops_per_token(self, out: AttackOutput, *, params: int, vocab: int) -> float:
         return float(out.extras["candidates"].mean()) * 2 * params
@@ -282,7 +303,19 @@ class GuidedAttack(Attack):
                 "ranker": self.ranker_description}
 
     def scoring_used(self, defense) -> str:
-        """Which scoring ran: map needs Gaussian noise (without it MAP is ML)."""
-        if self.config.scoring == "map" and defense.noise_std > 0:
-            return f"map (Gaussian likelihood, sigma {defense.noise_std:g}, plus the model's prior)"
+        """Which scoring ran: map needs noise (without it MAP is ML)."""
+        law = defense.noise_law
+        if self.config.scoring == "map" and law is not None:
+            name, params = law_words(law)
+            return f"map ({name} likelihood, {params}, plus the model's prior)"
+        if law is not None and law.name != "gaussian":
+            name, params = law_words(law)
+            return f"ml (most likely simulated state under {name} noise, {params})"
         return "ml (nearest simulated state)" + (" (map asked; the defence has no noise)" if self.config.scoring == "map" else "")
+
+
+def law_words(law) -> tuple[str, str]:
+    """A noise law in the words the diagnostics use: ("Gaussian", "sigma 0.3")."""
+    described = law.describe()
+    name = {"gaussian": "Gaussian", "laplace": "Laplace"}.get(described.pop("law"), law.name)
+    return name, ", ".join(f"{k} {v:g}" for k, v in described.items())

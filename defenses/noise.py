@@ -54,6 +54,12 @@ def _check_miss(miss_probability: float) -> float:
     return float(miss_probability)
 
 
+def squared_distances(observed: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distances (R, V). cdist's direct kernel keeps tiny distances exact (a true
+    token's state is ~1e-6 from a noise-free target; the matmul form loses that)."""
+    return torch.cdist(observed, states, compute_mode="donot_use_mm_for_euclid_dist").pow(2)
+
+
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     # draw in at least float32 (bfloat16 samplers are coarse or missing), return in dtype
     return torch.promote_types(dtype, torch.float32)
@@ -73,6 +79,11 @@ class NoiseLaw:
 
     def threshold(self, *, dim: int, miss_probability: float) -> float:
         raise NotImplementedError
+
+    def pairwise_statistic(self, observed: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """statistic (R, V) of each of R observations (R, d) against each of V states (V, d): how an
+        attack scores a whole table of candidates (the position-1 codebook) at once."""
+        return torch.stack([self.statistic(row[None, :], states) for row in observed])
 
     def std(self, *, dim: int | None = None) -> float:
         raise NotImplementedError
@@ -96,6 +107,9 @@ class GaussianNoise(NoiseLaw):
 
     def statistic(self, observed: torch.Tensor, simulated: torch.Tensor) -> torch.Tensor:
         return (observed - simulated).pow(2).mean(dim=-1)  # the MSE every attack used before laws
+
+    def pairwise_statistic(self, observed: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return squared_distances(observed, states) / observed.shape[-1]
 
     def nll(self, statistic: torch.Tensor, *, dim: int) -> torch.Tensor:
         return dim * statistic / (2 * self.sigma ** 2)
@@ -127,6 +141,9 @@ class LaplaceNoise(NoiseLaw):
 
     def statistic(self, observed: torch.Tensor, simulated: torch.Tensor) -> torch.Tensor:
         return (observed - simulated).abs().mean(dim=-1)
+
+    def pairwise_statistic(self, observed: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(observed, states, p=1) / observed.shape[-1]
 
     def nll(self, statistic: torch.Tensor, *, dim: int) -> torch.Tensor:
         return dim * statistic / self.scale
@@ -161,6 +178,9 @@ class DChiNoise(NoiseLaw):
 
     def statistic(self, observed: torch.Tensor, simulated: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(observed - simulated, dim=-1)
+
+    def pairwise_statistic(self, observed: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return squared_distances(observed, states).sqrt()
 
     def nll(self, statistic: torch.Tensor, *, dim: int) -> torch.Tensor:
         return self.epsilon * statistic  # p(y | s) ~ exp(-eps ||y - s||), whatever d

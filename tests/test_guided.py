@@ -13,7 +13,9 @@ from scipy.stats import chi2
 
 from helpers import invoke
 from invbench.attacks import make_attack
-from invbench.attacks.guided import (BUDGET, CERTIFIED, CODEBOOK, EXHAUSTED, GuidedAttack, acceptance_threshold,
+from invbench.attacks.likelihood import Likelihood
+from invbench.defenses.noise import GaussianNoise
+from invbench.attacks.guided import (BUDGET, CERTIFIED, CODEBOOK, EXHAUSTED, GuidedAttack,
                                      interleaved_order)
 from invbench.attacks.ranker import Recipe, fit_ranker, load_ranker, read_ranker
 from invbench.defenses import make_defense
@@ -46,9 +48,9 @@ def test_interleaved_order_alternates_and_keeps_each_token_once():
 
 def test_acceptance_threshold_is_the_chi2_quantile_and_passes_true_noise():
     d, sigma = 576, 0.3
-    threshold = acceptance_threshold(noise_std=sigma, dim=d, miss_probability=1e-4, tolerance=0.0)
+    threshold = Likelihood(GaussianNoise(sigma), d).threshold(miss_probability=1e-4, tolerance=0.0)
     assert chi2.sf(threshold * d / sigma ** 2, d) == pytest.approx(1e-4, rel=1e-6)
-    assert acceptance_threshold(noise_std=0.0, dim=d, miss_probability=1e-4, tolerance=1e-7) == 1e-7
+    assert Likelihood(None, d).threshold(miss_probability=1e-4, tolerance=1e-7) == 1e-7
     # The true token's MSE under the defence's noise is the noise's mean square: it passes at the stated rate.
     generator, misses, draws = torch.Generator().manual_seed(0), 0, 0
     for _ in range(20):

@@ -1,0 +1,246 @@
+"""sequence: sequence-level decoding under noise (ours): the most probable whole text, not each token alone.
+
+`guided` decides each position alone: position 1 is the nearest codebook entry, position t the best
+verified token after the committed prefix. Under heavy noise that throws evidence away. A prompt's
+first state h_1 varies little between tokens (measured on SmolLM2 at sigma 0.3: the codebook lookup
+gets the first token right for 2 of 16 held-out prompts), but every later state depends on x_1 as
+well, and there the evidence is strong: with the true x_1, the true x_2's state fits y_2 far better
+than any token's state after a wrong x_1 (bench/SEQUENCE.md). So this attack searches the sequence
+objective itself, the negative log posterior of the whole text under the defence's noise law,
+
+    sum_t nll(y_t | simulate(h_t(x_1..t))) - log p(x_1..T)     (map; ml drops the prior),
+
+with guided's ranked verification as the step, by beam search over hypotheses (prefixes):
+
+1. Position 1: every codebook entry is scored (no forward pass); the hypotheses are the entries
+   within `margin` nats of the best, at most `hypotheses` of them.
+2. Each later position: every hypothesis verifies candidates in guided's order (its prior plus the
+   learned ranker) and stop (a pass of the noise law's test, then `lookahead`). The best hypothesis
+   verifies up to `wide` candidates, the one ranked r-th up to max(`narrow`, `wide` // r): a wrong
+   hypothesis, whose states no token reproduces, is given up cheaply. If no hypothesis of a prompt
+   passes, the most promising one continues as guided would (the whole vocabulary, or
+   `max_candidates`; `after_failure` once a hypothesis has failed before).
+3. The extensions (each hypothesis' `keep` best verified tokens) within `margin` nats of the
+   prompt's best become the next hypotheses, at most `hypotheses`. After `max_forwards` candidate
+   forwards a prompt keeps only its best hypothesis (the stated per-prompt budget).
+4. The answer is the prompt's best hypothesis at the last position.
+
+Exactness. A prompt whose decision is never close (every runner-up more than `margin` nats behind,
+as on clean states and light noise) keeps one hypothesis throughout and is decoded exactly as
+`guided` decodes it, at guided's cost. Noise-free defences have no likelihood to weigh hypotheses
+by, so they are decoded by guided's loop outright (where guided is as exact as `scan`). Under noise
+the search is a beam search, not an exhaustive one: the truth can be dropped (its first token
+outside the kept hypotheses, a token outside the verified candidates), and the harness's
+search-failure check flags every miss where the truth scores better than the answer under this
+same objective.
+
+Recorded per position (prompt): `candidates` (exact forward passes of all its hypotheses),
+`hypotheses` (how many were alive) and `ended` (of the answer's own hypothesis, as guided's).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .base import AttackError, AttackOutput, distribution, mse, option, position_values
+from .guided import CERTIFIED, CODEBOOK, ENDINGS, GuidedAttack, GuidedConfig, GuidedState, SCORINGS
+from .registry import register_attack
+
+ROW_CHUNK = 256  # hypotheses verified together (each holds a (V,) ranking: 256 x 49,152 ids is 100 MB)
+# Where no hypothesis of a prompt passes, its most promising ones verify deeper, round by round:
+# (how many, budget each); None: guided's own budget (the whole vocabulary, or --max-candidates).
+DEEPENING = ((64, 64), (16, 512), (4, 4096), (1, None))
+
+
+@dataclass(frozen=True)
+class SequenceConfig(GuidedConfig):
+    scoring: str = option("map", "map: the whole text's log-likelihood under the defence's noise law plus the "
+                          "model's log prior; ml: the likelihood alone (text no prior describes, e.g. random ids).",
+                          choices=SCORINGS)
+    hypotheses: int = option(256, "hypotheses (prefixes) kept per prompt at most.", min=1)
+    margin: float = option(20.0, "nats: a hypothesis is kept while its objective is within this of the best.", min=0)
+    max_forwards: int = option(50_000, "candidate forwards per prompt after which only its best hypothesis is "
+                               "kept (the per-prompt budget of the search).", min=1)
+    keep: int = 4  # verified candidates per hypothesis that may become hypotheses
+    wide: int = 1024  # candidates the best hypothesis of several verifies before the others are heard
+    narrow: int = 8  # candidates every hypothesis verifies at least
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hypotheses < 1 or self.keep < 1 or self.narrow < 1 or self.wide < self.narrow or self.max_forwards < 1:
+            raise AttackError("sequence: --hypotheses, keep, narrow and --max-forwards must be >= 1 and wide >= narrow")
+        if not self.margin >= 0:
+            raise AttackError(f"sequence: --margin must be a number >= 0 (nats), got {self.margin!r}")
+
+
+def group_rank(owner: torch.Tensor) -> torch.Tensor:
+    """Each row's place within its run of equal `owner` values (rows of a prompt are contiguous)."""
+    index = torch.arange(len(owner), device=owner.device)
+    starts = torch.ones_like(owner, dtype=torch.bool)
+    starts[1:] = owner[1:] != owner[:-1]
+    return index - torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=0).values
+
+
+@dataclass
+class Hypotheses:
+    """The live prefixes of every prompt, flat (R rows), each prompt's rows together, best first."""
+
+    tokens: torch.Tensor  # (R, t)
+    score: torch.Tensor  # (R,) objective so far, in nats (the search's sum)
+    owner: torch.Tensor  # (R,) the prompt of each row
+    failed: torch.Tensor  # (R,) whether the row's last position found no passing candidate
+    history: dict[str, torch.Tensor]  # name -> (R, t) per-position values along each row's lineage
+
+
+@register_attack
+class SequenceAttack(GuidedAttack):
+    name = "sequence"
+    config_class = SequenceConfig
+    extra_labels = {"ended": ENDINGS}
+
+    def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
+            progress: Callable[[int, int], None] | None = None, notify: Callable[[str], None] = print) -> AttackOutput:
+        state = self.prepare(oracle, targets, defense=defense, prompt_indices=prompt_indices, seed=seed, notify=notify)
+        if not state.likelihood.noisy or state.codebook is None:
+            # no likelihood to weigh hypotheses by (or no codebook): guided's per-position loop
+            return super().run(oracle, targets, defense=defense, prompt_indices=prompt_indices, seed=seed,
+                               progress=progress, notify=notify)
+        batch, length, _ = targets.shape
+        targets = targets.to(oracle.device)
+        seconds = torch.zeros(batch, length)
+        spent = torch.zeros(batch, device=oracle.device)  # candidate forwards per prompt
+        per_prompt = {"candidates": torch.zeros(batch, length), "hypotheses": torch.zeros(batch, length)}
+        rows = None
+        for t in range(length):
+            start = time.perf_counter()
+            if t == 0:
+                rows = self._first(oracle, targets[:, 0], state)
+                forwards = torch.zeros(batch, device=oracle.device)
+            else:
+                rows, forwards = self._extend(oracle, rows, targets[:, t], defense, state, spent=spent)
+            spent += forwards
+            per_prompt["candidates"][:, t] = forwards.cpu()
+            per_prompt["hypotheses"][:, t] = torch.bincount(rows.owner, minlength=batch).float().cpu()
+            seconds[:, t] = (time.perf_counter() - start) / batch
+            if progress:
+                progress(t + 1, length)
+        answer = (group_rank(rows.owner) == 0).nonzero()[:, 0]  # each prompt's first row is its best
+        losses = rows.history.pop("discrete_loss")[answer]
+        extras = {"ended": rows.history["ended"][answer].cpu(), **per_prompt}
+        return AttackOutput(rows.tokens[answer].cpu(), losses.cpu(), seconds, extras)
+
+    # --- the search -----------------------------------------------------------------------------
+    @staticmethod
+    def _nats(objective: torch.Tensor, state: GuidedState) -> torch.Tensor:
+        """What the search sums, in nats, from guided's objective: under map that already is
+        nll - log prior; under ml it is the law's statistic, whose nll is taken."""
+        return objective if state.map else state.likelihood.nll(objective)
+
+    def _first(self, oracle, goal: torch.Tensor, state: GuidedState) -> Hypotheses:
+        """Position 1: the codebook entries within `margin` nats of each prompt's best."""
+        statistic, objective = self._codebook_scores(oracle, goal, state)
+        score = self._nats(objective, state)
+        width = min(self.config.hypotheses, score.shape[1])
+        value, token = score.sort(dim=1, stable=True)
+        value, token = value[:, :width], token[:, :width]
+        alive = value <= value[:, :1] + self.config.margin
+        owner, column = alive.nonzero(as_tuple=True)
+        chosen = token[owner, column]
+        stat = statistic[owner, chosen]
+        loss = stat if state.likelihood.scores_mse else mse(state.codebook[chosen], goal[owner])
+        history = {"discrete_loss": loss[:, None], "ended": torch.full((len(owner), 1), float(CODEBOOK), device=goal.device)}
+        return Hypotheses(chosen[:, None], value[owner, column], owner, torch.zeros_like(owner, dtype=torch.bool), history)
+
+    def _extend(self, oracle, rows: Hypotheses, goal: torch.Tensor, defense, state: GuidedState, *,
+                spent: torch.Tensor) -> tuple[Hypotheses, torch.Tensor]:
+        """One position: verify every hypothesis' candidates, keep the best extensions per prompt.
+        Returns the new hypotheses and the forwards each prompt spent."""
+        cfg = self.config
+        vocab = oracle.vocab_size
+        full = min(cfg.max_candidates or vocab, vocab)  # guided's budget when nothing passes
+        alone = torch.bincount(rows.owner, minlength=len(goal))[rows.owner] == 1
+        rank = group_rank(rows.owner)
+        # a prompt's only hypothesis is verified as guided verifies; among several, the best gets
+        # `wide` (guided's stop, capped) and the others `narrow`
+        budget = torch.where(alone, full, torch.where(rank == 0, min(cfg.wide, full), min(cfg.narrow, full)))
+        budget = self._after_failure(budget, rows.failed)
+        everyone = torch.arange(len(rows.owner), device=goal.device)
+        found = self._verify_rows(oracle, rows, everyone, goal, defense, state, budget=budget)
+        for width, deeper in DEEPENING:
+            # a prompt none of whose hypotheses passed: its `width` most promising ones verify deeper
+            passed = torch.zeros(len(goal), dtype=torch.bool, device=goal.device)
+            passed[rows.owner[found["ended"] == CERTIFIED]] = True
+            total = rows.score + found["score"][:, 0]
+            again = self._most_promising(total, rows.owner, width)
+            again = again[~passed[rows.owner[again]] & ~alone[again]]
+            more = self._after_failure(torch.full((len(again),), min(deeper or full, full), device=goal.device,
+                                                  dtype=torch.long), rows.failed[again])
+            again, more = again[more > budget[again]], more[more > budget[again]]
+            if not len(again):
+                continue
+            result = self._verify_rows(oracle, rows, again, goal, defense, state, budget=more)
+            result["candidates"] += found["candidates"][again]  # it verified from the start again: both count
+            budget[again] = more
+            for key, value in result.items():
+                found[key][again] = value
+        total = rows.score[:, None] + found["score"]
+        forwards = torch.zeros(len(goal), device=goal.device).index_add_(0, rows.owner, found["candidates"])
+        return self._select(rows, found, total, keep_all=spent + forwards < cfg.max_forwards), forwards
+
+    def _after_failure(self, budget: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
+        """A hypothesis whose last position found no passing candidate verifies at most
+        `after_failure` (as guided: its prefix is almost surely wrong)."""
+        return torch.where(failed, budget.clamp(max=self.config.after_failure), budget)
+
+    @staticmethod
+    def _most_promising(total: torch.Tensor, owner: torch.Tensor, width: int) -> torch.Tensor:
+        """The rows (sorted) of each prompt's `width` lowest totals."""
+        order = total.argsort(stable=True)
+        order = order[owner[order].argsort(stable=True)]
+        return order[group_rank(owner[order]) < width].sort().values
+
+    def _verify_rows(self, oracle, rows: Hypotheses, index: torch.Tensor, goal: torch.Tensor, defense,
+                     state: GuidedState, *, budget: torch.Tensor) -> dict[str, torch.Tensor]:
+        """guided's verification for the hypotheses `index` (with their `budget`), ROW_CHUNK at a time:
+        each row's `keep` best candidates (token, discrete loss, score in nats), forwards and ending."""
+        parts = []
+        for rows_at, budget_at in zip(index.split(ROW_CHUNK), budget.split(ROW_CHUNK)):
+            prefix = oracle.prefix(rows.tokens[rows_at])
+            prior = oracle.log_prior(prefix)
+            goal_at = goal[rows.owner[rows_at]]
+            found = self._verify(oracle, prefix, goal_at, self._order(goal_at, prior, state), prior, defense, state,
+                                 budget=budget_at, keep=self.config.keep)
+            parts.append({"token": found.tokens, "loss": found.losses, "score": self._nats(found.objective, state),
+                          "candidates": found.extras["candidates"], "ended": found.extras["ended"]})
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+    def _select(self, rows: Hypotheses, found: dict[str, torch.Tensor], total: torch.Tensor, *,
+                keep_all: torch.Tensor) -> Hypotheses:
+        """The extensions within `margin` of each prompt's best, at most `hypotheses` (only the best
+        for prompts past `max_forwards`), as the next position's hypotheses, best first."""
+        width = total.shape[1]
+        flat = total.reshape(-1)
+        parent = torch.arange(len(rows.owner), device=flat.device).repeat_interleave(width)
+        order = flat.argsort(stable=True)  # by score, then (stable) by prompt: a prompt's rows best first
+        order = order[rows.owner[parent[order]].argsort(stable=True)]
+        flat, parent, column = flat[order], parent[order], order % width
+        owner = rows.owner[parent]
+        best = torch.full((len(keep_all),), float("inf"), device=flat.device).scatter_reduce(0, owner, flat, "amin")
+        limit = torch.where(keep_all, self.config.hypotheses, 1)[owner]
+        alive = torch.isfinite(flat) & (flat <= best[owner] + self.config.margin) & (group_rank(owner) < limit)
+        parent, column, owner = parent[alive], column[alive], owner[alive]
+        steps = {"discrete_loss": found["loss"][parent, column], "ended": found["ended"][parent].float()}
+        history = {name: torch.cat([rows.history[name][parent], value[:, None]], dim=1) for name, value in steps.items()}
+        tokens = torch.cat([rows.tokens[parent], found["token"][parent, column][:, None]], dim=1)
+        return Hypotheses(tokens, flat[alive], owner, found["ended"][parent] != CERTIFIED, history)
+
+    # --- what the harness asks of every attack ----------------------------------------------------
+    def diagnostics(self, records: list[dict], *, defense) -> dict[str, Any]:
+        """guided's figures, and how many hypotheses the search kept per position."""
+        return {**super().diagnostics(records, defense=defense),
+                "hypotheses_per_position": distribution(position_values(records, "hypotheses")),
+                "budget": {"hypotheses": self.config.hypotheses, "margin_nats": self.config.margin,
+                           "max_forwards_per_prompt": self.config.max_forwards}}
