@@ -118,7 +118,7 @@ def test_every_attack_option_is_one_flag_named_after_its_attacks(capsys):
         for option in cls.option_names:
             flag = f"--{option.replace('_', '-')}"
             assert out.count(f"{flag} ") + out.count(f"{flag}\n") >= 1, flag
-    assert out.count("--chunk-size") == 1 and "guided, scan, sequence: sequences per forward pass." in out
+    assert out.count("--chunk-size") == 1 and "guided, scan, sequence: sequences per forward pass." in " ".join(out.split())
 
 
 @pytest.mark.parametrize("flag", ["--device", "--model", "--layer", "--seed", "--runs-dir", "--board-dir"])
