@@ -85,15 +85,18 @@ def submit(defense: str, protocol: Protocol, name: str, authors: str, url: str, 
 @click.option("--subset", type=click.IntRange(min=1), default=None,
               help="Rerun only the first N prompts (tolerances widen accordingly).")
 @click.option("--defense", default=None, help="Load the defence from path/to/file.py:ClassName (plug-in files).")
+@click.option("--record/--no-record", default=True, show_default=True,
+              help="Write the result beside the entry (<entry-id>.verification.json), which the board shows.")
 @DEVICE
 @RUNS_DIR
 @one_line_errors
-def verify(entry: Path, subset: int | None, defense: str | None, device: str, runs_dir: Path) -> None:
-    """Rerun an entry's protocol and compare every metric with the entry; exit 1 on a mismatch."""
+def verify(entry: Path, subset: int | None, defense: str | None, record: bool, device: str, runs_dir: Path) -> None:
+    """Rerun an entry's protocol and compare every metric with the entry; exit 1 on a mismatch. The
+    result is recorded beside the entry, with the entry file's SHA-256 (--no-record: not)."""
     from .submit import verify as run_verification
 
     report = run_verification(entry, subset=subset, device=device, defense=defense, runs_dir=runs_dir,
-                              echo=_echo_err)
+                              record=record, echo=_echo_err)
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)  # not a usage error: the entry did not reproduce

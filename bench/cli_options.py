@@ -4,6 +4,7 @@ and every attack's options (made from the attacks' own configs)."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +18,8 @@ class NamedPath(click.Path):
     `curve --out ""` a hidden file named `.png`)."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, os.PathLike):  # from Python callers (main([... Path ...])): as text, like argv
+            value = os.fspath(value)
         if isinstance(value, str) and not value.strip():
             self.fail(f"{value!r} is an empty name; name a file or folder", param, ctx)
         return super().convert(value, param, ctx)

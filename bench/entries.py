@@ -25,7 +25,7 @@ from typing import Any, Callable
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from . import legacy_entries, summary as summary_module
+from . import derived, legacy_entries, summary as summary_module, verification
 from .errors import InvbenchError, one_line
 from .metrics import PRIVACY_METRICS, worst_case
 from .protocols import defining
@@ -139,8 +139,9 @@ def check_entry(data: Any, path: Path, *, protocol_dir_name: str | None = None,
 
     Beyond field types, the entry must be consistent with itself and where it lies: its id is its
     file name, its protocol is the folder's, its summary reports every attack of its protocol (the
-    worst case is over all of them) and was made with the protocol's model, prompts and seed, and
-    its worst case and verdict follow from its attacks. `protocol_definition`, when given (the
+    worst case is over all of them) and was made with the protocol's model, prompts and seed, its
+    worst case and verdict follow from its attacks, and what it derives (the defence's guarantee,
+    each attack's verdict and n, the radius) is recomputed and must agree (`invbench.derived`). `protocol_definition`, when given (the
     registered protocol of that name), must have the entry's protocol's defining fields: results
     from another definition are not comparable (a reworded description changes nothing)."""
     legacy = legacy_entries.is_legacy(data)
@@ -156,9 +157,13 @@ def check_entry(data: Any, path: Path, *, protocol_dir_name: str | None = None,
         if legacy:  # a version-2 entry holds the summary's fields at its top level
             found += _summary_problems(data, protocol, fits, prefix="")
             found += legacy_entries.copy_problems(data, fits)
+            spec = data["defense"].get("spec") if isinstance(data.get("defense"), dict) else None
+            found += derived.problems(data, spec=spec, fits=fits, prefix="", legacy=True)
         elif isinstance(data.get("summary"), dict):
-            found += _summary_problems(data["summary"], protocol, lambda *keys: fits("summary", *keys),
-                                       prefix="summary.")
+            in_summary = lambda *keys: fits("summary", *keys)  # noqa: E731
+            found += _summary_problems(data["summary"], protocol, in_summary, prefix="summary.")
+            spec = data.get("defense_spec") if fits("defense_spec") else None
+            found += derived.problems(data["summary"], spec=spec, fits=in_summary, prefix="summary.")
     return [Problem(path, field, message) for field, message in found]
 
 
@@ -334,6 +339,8 @@ def load_entries(protocol_dir: Path, *, protocol_definition: dict[str, Any] | No
     protocol_definition = protocol_definition or registered_definition(protocol_dir.name)
     entries, problems = [], []
     for path in sorted(protocol_dir.glob("*.json")):
+        if verification.is_record(path):  # <entry-id>.verification.json: what verify found, not an entry
+            continue
         data, problem = parse_entry_file(path)
         found = [problem] if problem else check_entry(data, path, protocol_dir_name=protocol_dir.name,
                                                       protocol_definition=protocol_definition)

@@ -26,12 +26,15 @@ from typing import Any, Callable, Iterable
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from . import __version__
+from .derived import guarantee_note
 from .entries import Entry, Problem, load_entries, registered_definition
 from .errors import InvbenchError
 from .formats import cell
 from .plotting import PointLabel, label_points
 from .protocols import RANKING
 from .results import write_bytes_atomic
+from .verification import (Status, VerificationError, is_record, read_record, record_path,
+                           status as verification_status)
 
 DEFAULT_UTILITY_FLOOR = 0.5
 
@@ -48,6 +51,7 @@ class Row:
     entry: Entry
     rank: int | None  # None below the floor
     pareto: bool
+    verified: Status = Status("not verified")  # from the verification record beside the entry
 
 
 @dataclass
@@ -84,14 +88,29 @@ def rank_key(entry: Entry) -> tuple:
 RANKINGS: dict[str, Callable[[Entry], tuple]] = {RANKING: rank_key}
 
 
-def rank_entries(entries: list[Entry], *, floor: float, ranking: str = RANKING) -> tuple[list[Row], list[Row]]:
-    """(ranked rows at or above the floor, rows below it), both in ranking order."""
+def rank_entries(entries: list[Entry], *, floor: float, ranking: str = RANKING,
+                 verified: dict[str, Status] | None = None) -> tuple[list[Row], list[Row]]:
+    """(ranked rows at or above the floor, rows below it), both in ranking order; `verified` gives
+    each entry's verification status (none: not verified)."""
     frontier = pareto_frontier(entries)
     key = RANKINGS[ranking]
+    status = (verified or {}).get
     above = sorted((e for e in entries if e.top1_agreement is not None and e.top1_agreement >= floor), key=key)
     below = sorted((e for e in entries if e.top1_agreement is None or e.top1_agreement < floor), key=key)
-    return ([Row(e, i + 1, e.entry_id in frontier) for i, e in enumerate(above)],
-            [Row(e, None, e.entry_id in frontier) for e in below])
+    return ([Row(e, i + 1, e.entry_id in frontier, status(e.entry_id, Status("not verified"))) for i, e in enumerate(above)],
+            [Row(e, None, e.entry_id in frontier, status(e.entry_id, Status("not verified"))) for e in below])
+
+
+def verification_statuses(entries: list[Entry]) -> tuple[dict[str, Status], list[Problem]]:
+    """Each entry's verification status, and the records that could not be read (reported like a
+    malformed entry; their entries count as not verified)."""
+    statuses, problems = {}, []
+    for entry in entries:
+        try:
+            statuses[entry.entry_id] = verification_status(entry.path, read_record(entry.path))
+        except VerificationError as exc:
+            problems.append(Problem(record_path(entry.path), "", str(exc).removeprefix(f"{record_path(entry.path)}: ")))
+    return statuses, problems
 
 
 def build_board(protocol_dir: Path, *, floor: float = DEFAULT_UTILITY_FLOOR) -> Board:
@@ -105,8 +124,9 @@ def build_board(protocol_dir: Path, *, floor: float = DEFAULT_UTILITY_FLOOR) -> 
     else:
         description, ranking = "(not a registered protocol)", RANKING
         attacks = sorted({a for e in entries for a in e.summary.attacks})
-    ranked, below = rank_entries(entries, floor=floor, ranking=ranking)
-    return Board(protocol_dir.name, description, floor, attacks, ranked, below, problems)
+    statuses, unreadable = verification_statuses(entries)
+    ranked, below = rank_entries(entries, floor=floor, ranking=ranking, verified=statuses)
+    return Board(protocol_dir.name, description, floor, attacks, ranked, below, problems + unreadable)
 
 
 # --- cells: every value as text, from one place -----------------------------------------------
@@ -122,11 +142,17 @@ def verdict_text(entry: Entry) -> str:
         entry.verdict, "-")
 
 
-def epsilon_text(defense: dict[str, Any]) -> str:
+AS_SUBMITTED = "*"  # marks a guarantee that could not be recomputed when the board was rendered
+
+
+def epsilon_text(entry: Entry) -> str:
+    """epsilon (and delta); marked AS_SUBMITTED when it could not be recomputed on read (plug-in files)."""
+    defense = entry.summary.defense
     if defense.get("epsilon") is None:
         return "-"
     delta = defense.get("delta")
-    return f"{defense['epsilon']:.3g}" + (f" (delta {delta:g})" if delta is not None else "")
+    mark = AS_SUBMITTED if guarantee_note(defense, entry.defense_spec) else ""
+    return f"{defense['epsilon']:.3g}" + (f" (delta {delta:g})" if delta is not None else "") + mark
 
 
 @dataclass(frozen=True)
@@ -137,7 +163,8 @@ class Column:
 
 def columns(board: Board) -> list[Column]:
     return ([Column("#", "number"), Column("Entry", "text"), Column("Authors", "text"), Column("Defence", "text"),
-             Column("epsilon", "number"), Column("Verdict", "text"), Column("Worst-case EM", "number"),
+             Column("epsilon", "number"), Column("Verdict", "text"), Column("Verified", "text"),
+             Column("Worst-case EM", "number"),
              Column("Strongest attack", "text")]
             + [Column(f"EM {a}", "number") for a in board.attacks]
             + [Column("Worst tok acc", "number")]
@@ -157,8 +184,9 @@ def cells(row: Row, attacks: list[str]) -> list[tuple[str, Any]]:
         return cell(value, spec), value
 
     return ([num(row.rank, "d"), (meta["name"], meta["name"].lower()), (meta["authors"], meta["authors"].lower()),
-             (defense_text(defense), defense_text(defense).lower()), (epsilon_text(defense), defense.get("epsilon")),
-             (verdict_text(e), e.verdict or ""), num(e.worst_exact_match), (e.worst_attack, e.worst_attack)]
+             (defense_text(defense), defense_text(defense).lower()), (epsilon_text(e), defense.get("epsilon")),
+             (verdict_text(e), e.verdict or ""), (row.verified.text(), row.verified.state),
+             num(e.worst_exact_match), (e.worst_attack, e.worst_attack)]
             + [num(attack(a).exact_match if attack(a) else None) for a in attacks]
             + [num(e.worst_token_accuracy)]
             + [num(attack(a).detector_auroc if attack(a) else None) for a in attacks]
@@ -175,6 +203,22 @@ def floor_text(board: Board, escape: Callable[[Any], str]) -> str:
             f"(its attacks' misses are search failures: the truth fits the defended states better than their answers) "
             f"ranks below every conclusive one, whatever its numbers. {PARETO_MARK} marks the Pareto "
             "frontier of worst-case exact match against top-1 agreement.")
+
+
+def trust_text(board: Board) -> str:
+    """What the board can vouch for, in words: every entry is checked on read, only a rerun verifies it."""
+    rows = board.ranked + board.below
+    verified = sum(r.verified.verified for r in rows)
+    plugged = any(AS_SUBMITTED in epsilon_text(r.entry) for r in rows)
+    return (f"Verified: {verified} of {len(rows)} entries. An entry is verified when a maintainer's "
+            "`invbench verify` rerun passed on this exact file (the SHA-256 in the `.verification.json` record "
+            "beside it matches); otherwise its numbers are the submitter's. Every entry is checked when the "
+            "board is rendered: its schema, its protocol, and whatever follows from its other fields, recomputed "
+            "(the defence's guarantee from its parameters, each verdict from its metrics, the radius from its "
+            "gaps). A forged entry that is consistent with itself passes those checks and ranks by its numbers: "
+            "only the verified mark says a rerun reproduced them."
+            + (f" {AS_SUBMITTED} epsilon as submitted: the defence is a plug-in file (or not installed here), "
+               "whose guarantee cannot be recomputed when the board is rendered; verify checks it." if plugged else ""))
 
 
 def problem_text(problem: Problem) -> str:
@@ -210,7 +254,7 @@ def _md_table(board: Board, rows: list[Row]) -> list[str]:
 def render_markdown(board: Board) -> str:
     # The description and the rule are our own prose (only the names in them are escaped): readable as plain text.
     lines = [f"# Leaderboard: {escape_md(board.protocol)}", "", board.description, "",
-             floor_text(board, escape_md), ""]
+             floor_text(board, escape_md), "", trust_text(board).replace(AS_SUBMITTED + " ", "\\* "), ""]
     if board.ranked:
         lines += _md_table(board, board.ranked)
     else:
@@ -312,6 +356,7 @@ def render_html(board: Board, png: bytes) -> str:
         board=board, columns=columns(board), ranked=[html_row(board, row) for row in board.ranked],
         below=[html_row(board, row) for row in board.below], floor=floor_text(board, str),
         problems=[problem_text(p) for p in board.problems], plot=base64.b64encode(png).decode("ascii"),
+        trust=trust_text(board).replace("`", ""),
         version=__version__)
 
 
@@ -342,4 +387,5 @@ def protocol_dirs(board_dir: Path) -> list[Path]:
     if not board_dir.is_dir():
         return []
     return sorted(d for d in board_dir.iterdir()
-                  if d.is_dir() and not d.is_symlink() and (registered_definition(d.name) or any(d.glob("*.json"))))
+                  if d.is_dir() and not d.is_symlink()
+                  and (registered_definition(d.name) or any(not is_record(p) for p in d.glob("*.json"))))

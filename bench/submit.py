@@ -22,18 +22,21 @@ marks with `x-verify`, by that field's kind of tolerance (`KINDS`, absolute unle
   separates reruns.
 - guarantee (epsilon, delta): 1e-3 relative on every rerun: it follows from the defence's parameters.
 - equal (verdicts, the radius's scope, the configuration hash): equal on a full rerun.
+- per-prompt (the certified radius of each prompt): each prompt the rerun covers against the
+  entry's same prompt, 1e-3 relative, on every rerun: the gaps come from clean states.
 - size (the number of prompts): the rerun's, exactly. shown (seconds per token): never checked,
   it measures the hardware.
 """
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import summary as summary_module
+from . import summary as summary_module, verification
 from .entries import (NAME, SCALAR, SCHEMA_VERSION, check_entry, check_value, parse_entry_file, read_entry, slugify,
                       validate_entry_id)
 from .errors import InvbenchError
@@ -99,7 +102,8 @@ def _preflight(*, name: str, authors: str, url: str, described: dict[str, Any]) 
 
 
 def _refuse_foreign(entry_path: Path, run_dir: Path, described: dict[str, Any]) -> None:
-    """An entry id belongs to one defence configuration: never overwrite another's entry or run."""
+    """An entry id belongs to one defence configuration (`described`: its name and parameters): never
+    overwrite another's entry or run."""
     if entry_path.exists():
         data, problem = parse_entry_file(entry_path)  # bounded, as every entry read
         try:
@@ -111,7 +115,7 @@ def _refuse_foreign(entry_path: Path, run_dir: Path, described: dict[str, Any]) 
     config = read_config(run_dir)  # a damaged config.json is refused there, in one line
     if config is not None:
         previous = config.get("defining", {}).get("defense") if isinstance(config.get("defining"), dict) else None
-        if previous != described:
+        if not isinstance(previous, dict) or {k: previous.get(k) for k in described} != described:
             raise SubmitError(f"{run_dir} holds a run of another defence configuration; choose another --name "
                               "or --entry-id, or remove that folder")
 
@@ -129,6 +133,7 @@ def submit(*, defense: str, defense_params: dict[str, Any], protocol: Protocol |
     """Run `protocol` for one defence and write its entry; returns the entry's path. Rerunning
     the same submission resumes the run where it stopped."""
     from invbench.defenses import make_defense
+    from invbench.defenses.checks import described as checked
 
     from .runner import run
 
@@ -136,7 +141,9 @@ def submit(*, defense: str, defense_params: dict[str, Any], protocol: Protocol |
     entry_id = validate_entry_id(entry_id) if entry_id is not None else slugify(name)  # "" is refused, not ignored
     run_dir = Path(runs_dir) / protocol.name / entry_id
     entry_path = Path(board_dir) / protocol.name / f"{entry_id}.json"
-    described = make_defense(defense, defense_params).describe()  # bad parameters fail before any model loads
+    built = make_defense(defense, defense_params)  # bad parameters fail before any model loads
+    checked(built, tokens=protocol.tokens)  # and a plug-in whose description or guarantee cannot be recorded
+    described = {k: built.describe()[k] for k in DEFINING}
     _preflight(name=name, authors=authors, url=url, described=described)
     _refuse_foreign(entry_path, run_dir, described)
 
@@ -182,6 +189,7 @@ class VerifyReport:
     checks: list[MetricCheck] = field(default_factory=list)
     hardware: tuple[str, str] = ("", "")  # the entry's device, the rerun's
     commits: tuple[str | None, str | None] = (None, None)  # the entry's git commit, the rerun's
+    record: Path | None = None  # the verification record written beside the entry
 
     @property
     def ok(self) -> bool:
@@ -206,6 +214,9 @@ class VerifyReport:
                          f"{f' ({c.note})' if c.note else ''}")
         verdict = "PASSED" if self.ok else f"FAILED: {', '.join(c.metric for c in self.failures)}"
         lines.append(f"verification {verdict}")
+        if self.record:
+            lines.append(f"verification record: {self.record} (commit it with the entry: the board marks the entry "
+                         "verified while the entry file is unchanged)")
         return "\n".join(lines)
 
 
@@ -337,6 +348,35 @@ def _shown(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
     return check
 
 
+def _per_prompt(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
+    """Each rerun prompt's certified radius against the entry's radius of the same prompt, within
+    1e-3 relative, on full reruns and subsets alike: the gaps come from clean states, so a subset
+    reproduces its prompts' values exactly (the radius's summary numbers, checked on full reruns only,
+    are recomputed from these when the entry is read). Shown: the smallest radius compared."""
+    def radii(prompts: Any) -> dict[Any, float]:
+        return {p.get("prompt_index"): p["radius"] for p in prompts or [] if isinstance(p, dict)
+                and isinstance(p.get("radius"), (int, float))} if isinstance(prompts, list) else {}
+
+    ours, theirs = radii(field.entry), radii(field.rerun)
+    if not ours or not theirs:
+        check.entry = check.rerun = None
+        check.note = "not recorded in the entry" if not ours else "not measured by the rerun"
+        return check
+    compared, missing = [i for i in theirs if i in ours], [i for i in theirs if i not in ours]
+    check.entry = min(ours[i] for i in compared) if compared else None
+    check.rerun = min(theirs.values())
+    check.tolerance = UTILITY_REL_TOL
+    off = [i for i in compared if abs(theirs[i] - ours[i]) > max(UTILITY_REL_TOL * abs(ours[i]), 1e-9)]
+    check.ok = not missing and not off
+    if missing:
+        check.note = f"prompt {missing[0]} missing from the entry"
+    elif off:
+        check.note = f"prompt {off[0]}: entry {ours[off[0]]:.6g}, rerun {theirs[off[0]]:.6g}"
+    else:
+        check.note = f"{len(theirs)} prompts' radii, each within 0.1%"
+    return check
+
+
 def _present(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
     check.ok = False
     return check
@@ -351,6 +391,7 @@ KINDS: dict[str, Callable[[MetricCheck, Marked, Scope], MetricCheck]] = {
     "relative": _full_only(lambda check: _within(check, UTILITY_REL_TOL, relative=True)),
     "guarantee": lambda check, field, scope: _within(check, UTILITY_REL_TOL, relative=True),
     "equal": _full_only(_equal),
+    "per-prompt": _per_prompt,
     "shown": _shown,
     "present": _present,
 }
@@ -365,33 +406,59 @@ def compare(entry: RunSummary, rerun: RunSummary, *, subset: int | None) -> list
             for field in marked_fields(summary_module.schema(), entry.to_dict(), rerun.to_dict())]
 
 
-def verify(entry_path: Path, *, subset: int | None = None, device: str = "auto", defense: str | None = None,
-           runs_dir: Path = Path("runs"), echo: Callable[[str], None] = print) -> VerifyReport:
-    """Rerun an entry's protocol (all prompts, or the first `subset`) and compare every checked field.
-    `defense` loads the defence from elsewhere (a plug-in file) instead of the entry's name."""
-    from invbench.defenses import make_defense
+DEFINING = ("name", "params")  # what identifies a defence; the rest of its record follows from them
 
+
+def check_defense_identity(recorded: dict[str, Any], spec: str) -> None:
+    """The defence `spec` loads, with the entry's parameters, must be the entry's: the same name and
+    parameters (its defining fields). What it derives from them (dp's noise std, every guarantee) is
+    not compared here: the entry's is recomputed when it is read, and the rerun's is compared as a
+    checked field. (Before: the whole describe() was compared with the entry's name and parameters,
+    so no dp entry could pass.)"""
+    from invbench.defenses import make_defense
+    from invbench.defenses.checks import described
+
+    built = described(make_defense(spec, recorded["params"]))
+    ours, theirs = {k: built.get(k) for k in DEFINING}, {k: recorded.get(k) for k in DEFINING}
+    if ours != theirs:
+        raise SubmitError(f"the defence {spec!r} with the entry's parameters is {ours}, the entry's is {theirs}; "
+                          "pass the defence the entry was made with (--defense)")
+
+
+def verify(entry_path: Path, *, subset: int | None = None, device: str = "auto", defense: str | None = None,
+           runs_dir: Path = Path("runs"), record: bool = True,
+           echo: Callable[[str], None] = print) -> VerifyReport:
+    """Rerun an entry's protocol (all prompts, or the first `subset`) and compare every checked field.
+    `defense` loads the defence from elsewhere (a plug-in file) instead of the entry's name. With
+    `record`, the result is written beside the entry (`invbench.verification`), with the SHA-256 of
+    the entry file as it was read."""
     from .runner import run
 
-    entry = read_entry(Path(entry_path))  # refuses an entry whose protocol differs from the registered one
+    entry_path = Path(entry_path)
+    entry = read_entry(entry_path)  # refuses an entry whose protocol differs, or whose derived values disagree
+    entry_sha256 = verification.file_sha256(entry_path)
     protocol = get_protocol(entry.meta["protocol"]["name"])
     recorded, n = entry.summary.defense, entry.summary.n
     if subset is not None and not 1 <= subset <= n:
         raise SubmitError(f"--subset must be between 1 and the entry's {n} prompts, got {subset}")
     subset = None if subset == n else subset
     spec = _defense_spec(entry.defense_spec, defense)
-    described = make_defense(spec, recorded["params"]).describe()
-    if {k: recorded.get(k) for k in described} != described:  # what it says of itself, as the entry recorded it
-        raise SubmitError(f"the defence {spec!r} describes itself as {described}, the entry as "
-                          f"{ {k: recorded.get(k) for k in described} }")
+    check_defense_identity(recorded, spec)
 
     run_dir = Path(runs_dir) / "verify" / protocol.name / (entry.entry_id + (f"-n{subset}" if subset else ""))
     cfg = protocol.run_config(defense=spec, defense_params=recorded["params"], out=str(run_dir), device=device,
                               n=subset)
     summary = run(cfg, echo=echo)
-    return VerifyReport(Path(entry_path), run_dir, subset, n, compare(entry.summary, summary, subset=subset),
-                        hardware=(entry.summary.device, summary.device),
-                        commits=(entry.meta.get("git_commit"), run_commit(run_dir)))
+    report = VerifyReport(entry_path, run_dir, subset, n, compare(entry.summary, summary, subset=subset),
+                          hardware=(entry.summary.device, summary.device),
+                          commits=(entry.meta.get("git_commit"), run_commit(run_dir)))
+    if record:
+        command = shlex.join(["invbench", "verify", str(entry_path), *(["--subset", str(subset)] if subset else []),
+                              *(["--defense", recorded_spec(defense)] if defense else []),
+                              *([f"--device={device}"] if device != "auto" else [])])
+        report.record = verification.write_record(entry_path, verification.build_record(
+            report, command=command, entry_sha256=entry_sha256, versions=summary.versions))
+    return report
 
 
 def _defense_spec(spec: str, override: str | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -206,6 +207,19 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     assert code == 0, out + err
     assert "verification PASSED" in out and "config_hash" in out and "hardware: entry cpu" in out
     assert f"git commit: entry {entry['git_commit'] or '-'}; rerun {entry['git_commit'] or '-'}" in out
+    record = json.loads((path.parent / "top-k-32.verification.json").read_text())  # beside the entry
+    assert record["result"] == "passed" and record["failed"] == [] and record["prompts"] == record["of"] == 2
+    assert record["entry_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert record["command"] == f"invbench verify {path} --device=cpu" and record["versions"]["torch"]
+    assert f"verification record: {path.parent / 'top-k-32.verification.json'}" in out
+    code, out, err = invoke(["leaderboard", "--board-dir", str(tmp_path / "leaderboards")], capsys)
+    assert code == 0 and "quick: 1 ranked" in out and "problem" in out and "0 problem(s)" in out  # not an entry
+    board = (path.parent / "LEADERBOARD.md").read_text()
+    assert "| verified \\(2 of 2 prompts, " in board and "Verified: 1 of 1 entries." in board
+    assert "verified (2 of 2 prompts, " in (path.parent / "index.html").read_text()
+    path.write_text(json.dumps(entry, indent=1))  # the same data, another file: no longer the file verified
+    assert invoke(["leaderboard", "--board-dir", str(tmp_path / "leaderboards")], capsys)[0] == 0
+    assert "| changed since verified \\(" in (path.parent / "LEADERBOARD.md").read_text()
 
     tampered = copy.deepcopy(entry)  # claims an exact match the run does not give
     claimed = summary["attacks"]["continuous"]["exact_match"]
@@ -216,13 +230,14 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     assert code == 1
     assert "verification FAILED: attacks.continuous.exact_match, worst_case.exact_match.value" in out
 
-    tampered = copy.deepcopy(entry)  # a verdict the run does not give, consistent with the entry's other fields
+    tampered = copy.deepcopy(entry)  # a verdict the run does not give, consistent with the run's verdict
     other = {"leaks": "protected", "protected": "leaks", "inconclusive": "protected"}[summary["verdict"]["verdict"]]
     tampered["summary"]["attacks"]["continuous"]["verdict"] = tampered["summary"]["verdict"]["verdict"] = other
     path.write_text(json.dumps(tampered))
-    code, out, _ = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
-    assert code == 1 and "verification FAILED: attacks.continuous.verdict, verdict.verdict" in out
+    code, out, err = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "field summary.attacks.continuous.verdict" in err and "does not follow" in err  # on read
 
+    path.write_text(json.dumps(entry))
     code, out, _ = invoke(["verify", str(path), "--subset", "1", "--device", "cpu",
                            "--runs-dir", str(tmp_path / "runs")], capsys)
     assert "first 1 of 2 prompts" in out and code in (0, 1)
@@ -311,3 +326,205 @@ def test_verify_refuses_an_entry_made_under_another_protocol_definition(tmp_path
     code, _, err = invoke(["verify", str(path), "--runs-dir", str(tmp_path / "runs")], capsys)
     assert code == 2 and "differs from the current definition of 'quick'" in err
     assert not (tmp_path / "runs").exists()  # refused before any rerun
+
+
+# --- issue 26: every defence verifiable, derived values recomputed on read, tampering caught -------
+
+BUILT_IN = [("none", {}), ("gaussian", {"sigma": 0.5}), ("dp", {"clip": 20.0, "noise_multiplier": 0.5}),
+            ("dp", {"clip": 1.0, "epsilon": 8.0, "delta": 1e-5}), ("quantize", {"bits": 3}), ("topk", {"k": 32}),
+            ("dchi", {"epsilon": 2.0}), ("dchi", {"relative_epsilon": 0.01, "dim": 128, "clip": 5.0}),
+            ("laplace", {"clip": 10.0, "epsilon": 4.0})]
+
+
+def entry_of_defense(name: str, params: dict, *, spec: str | None = None) -> dict:
+    """An entry whose defence record is what a run of this defence writes (describe and guarantee)."""
+    from invbench.defenses import make_defense
+    from invbench.defenses.checks import described
+    from invbench.metrics import json_safe
+
+    summary = fake_summary(em={a: 0.5 for a in PROTOCOLS["quick"].attacks}, top1=0.9).to_dict()
+    summary["defense"] = json_safe(described(make_defense(name, params), tokens=PROTOCOLS["quick"].tokens))
+    return build_entry(RunSummary.from_dict(summary), protocol=PROTOCOLS["quick"], entry_id="e", name="E",
+                       authors="", url="", spec=spec or name, day="2025-01-02")
+
+
+@pytest.mark.parametrize("name, params", BUILT_IN, ids=[f"{n}-{'-'.join(p)}" for n, p in BUILT_IN])
+def test_every_built_in_defence_passes_the_checks_on_read_and_verify_identity(name, params):
+    """Before: verify compared the whole describe() with the entry's name and parameters, so no dp
+    entry (whose description derives the noise std) could pass."""
+    from invbench.submit import check_defense_identity
+
+    entry = json.loads(json.dumps(entry_of_defense(name, params)))
+    assert check_entry(entry, Path("quick/e.json"), protocol_dir_name="quick") == []
+    check_defense_identity(entry["summary"]["defense"], name)  # raises on a mismatch
+
+
+def test_verify_refuses_a_defence_that_is_not_the_entrys():
+    from invbench.submit import SubmitError, check_defense_identity
+
+    recorded = entry_of_defense("gaussian", {"sigma": 0.5})["summary"]["defense"]
+    with pytest.raises(SubmitError, match="the entry's is"):
+        check_defense_identity(recorded, "topk")  # takes sigma too, but is another defence
+
+
+def problems_of(entry: dict) -> dict[str, str]:
+    path = Path(f"quick/{entry['entry_id']}.json")
+    return {p.field: p.message for p in check_entry(json.loads(json.dumps(entry)), path, protocol_dir_name="quick")}
+
+
+def test_a_guarantee_that_the_defence_does_not_give_is_refused_on_read():
+    """Before: `none` given epsilon 1.0 and delta 1e-5 passed verify, and the board printed a DP
+    guarantee that does not exist."""
+    entry = entry_of_defense("none", {})
+    entry["summary"]["defense"].update(epsilon=1.0, delta=1e-5)
+    found = problems_of(entry)
+    assert set(found) == {"summary.defense.epsilon", "summary.defense.delta"}
+    assert "1.0 is not what defence 'none' with {} gives (None; recomputed from its parameters)" in found[
+        "summary.defense.epsilon"]
+
+
+@pytest.mark.parametrize("key, value", [("epsilon", 1.0), ("epsilon_per_prompt", 2.0), ("kind", "epsilon-DP")])
+def test_a_dp_guarantee_is_recomputed_from_its_parameters(key, value):
+    entry = entry_of_defense("dp", {"clip": 20.0, "noise_multiplier": 0.5})
+    entry["summary"]["defense"][key] = value
+    assert list(problems_of(entry)) == [f"summary.defense.{key}"]
+
+
+def test_parameters_the_defence_refuses_are_refused_on_read():
+    entry = entry_of_defense("gaussian", {"sigma": 0.5})
+    entry["summary"]["defense"]["params"]["sigma"] = -1.0
+    assert "refuses these parameters" in problems_of(entry)["summary.defense.params"]
+
+
+def test_a_plug_in_files_guarantee_is_shown_as_submitted_and_said_so():
+    """Plug-in files are not run when an entry is read: the guarantee cannot be recomputed, and the
+    board says so rather than pretend."""
+    from invbench.derived import guarantee_note
+
+    entry = entry_of_defense("gaussian", {"sigma": 0.5}, spec="my_defense.py:MyDefense")
+    entry["summary"]["defense"].update(epsilon=1.0, delta=1e-5)
+    assert problems_of(entry) == {}
+    assert "plug-in file (my_defense.py:MyDefense)" in guarantee_note(entry["summary"]["defense"], entry["defense_spec"])
+
+
+def leaking_entry() -> dict:
+    return make_entry("Leaks", em=1.0)
+
+
+@pytest.mark.parametrize("tamper, field", [
+    # a per-attack verdict changed from leaks to protected at exact match 1.0 (the run's verdict too)
+    (lambda s: (s["attacks"]["scan"].update(verdict="protected"), None), "summary.attacks.scan.verdict"),
+    (lambda s: s["attacks"]["guided"].update(n=40), "summary.attacks.guided.n"),
+    (lambda s: s["attacks"]["continuous"].update(search_failure_rate=1.0, exact_match=0.0, token_accuracy=0.0,
+                                                 verdict="leaks"), "summary.attacks.continuous.verdict"),
+])
+def test_a_verdict_or_n_that_does_not_follow_is_refused_on_read(tamper, field):
+    entry = leaking_entry()
+    tamper(entry["summary"])
+    assert field in problems_of(entry)
+
+
+def test_a_protected_claim_at_exact_match_one_is_refused_even_when_consistent_with_the_runs_verdict():
+    entry = make_entry("All protected", em=1.0)
+    for attack in entry["summary"]["attacks"].values():
+        attack["verdict"] = "protected"
+    entry["summary"]["verdict"]["verdict"] = "protected"
+    found = problems_of(entry)
+    assert all(f"summary.attacks.{a}.verdict" in found for a in entry["summary"]["attacks"])
+    assert "the rule gives 'leaks'" in found["summary.attacks.scan.verdict"]
+
+
+def with_radius(entry: dict) -> dict:
+    from invbench import radius
+
+    per_prompt = radius.prompt_radii([2.0, 3.0, 4.0, 5.0], [None] * 4, dim=128, tokens=3)
+    for i, p in enumerate(per_prompt):
+        p["prompt_index"] = i
+    entry["summary"]["radius"] = radius.summarise_radii(per_prompt, dim=128, tokens=3)
+    return entry
+
+
+def test_a_radius_that_does_not_follow_from_its_gaps_is_refused_on_read():
+    """Before: a changed certified radius passed `verify --subset` (the radius is checked on full reruns only)."""
+    entry = with_radius(make_entry("Radius", em=0.5))
+    assert problems_of(entry) == {}
+    entry["summary"]["radius"]["min_sigma_certified"] *= 2
+    assert list(problems_of(entry)) == ["summary.radius.min_sigma_certified"]
+    entry = with_radius(make_entry("Radius", em=0.5))
+    entry["summary"]["radius"]["per_prompt"][0]["radius"] = 0.5
+    assert "summary.radius.per_prompt[0].radius" in problems_of(entry)
+
+
+def test_each_prompts_radius_is_compared_on_a_subset_too():
+    """The gaps of a subset's prompts are the entry's for those prompts: a tampered gap fails even
+    `verify --subset`."""
+    entry = with_radius(make_entry("Radius", em=0.5))
+    rerun = RunSummary.from_dict(with_radius(make_entry("Radius", em=0.5))["summary"])
+    rerun.radius["per_prompt"] = rerun.radius["per_prompt"][:2]
+    for attack in rerun.attacks.values():
+        attack.n = 2
+    rerun.n = 2
+    checks = checks_of(entry, rerun, subset=2)
+    assert checks["radius.per_prompt"].ok is True and "2 prompts' radii" in checks["radius.per_prompt"].note
+    entry["summary"]["radius"]["per_prompt"][1]["first_position_gap"] = 3.5  # the gap itself made up...
+    entry["summary"]["radius"]["per_prompt"][1]["radius"] = 1.75  # ...and the numbers made to follow from it
+    checks = checks_of(entry, rerun, subset=2)
+    assert checks["radius.per_prompt"].ok is False and "prompt 1" in checks["radius.per_prompt"].note
+
+
+def test_a_tampered_blind_guess_fails_verify():
+    entry = make_entry("Blind", em=0.5)
+    entry["summary"]["verdict"]["blind_token_accuracy"] = 0.9
+    checks = checks_of(entry, fake_summary(em={a: 0.5 for a in entry["summary"]["attacks"]}, top1=0.9))
+    assert checks["verdict.blind_token_accuracy"].ok is False
+
+
+def test_a_dp_entry_and_a_plug_in_file_entry_pass_verify(tmp_path, capsys, small_quick):
+    """Before: no dp entry could pass verify (the shipped ones included)."""
+    plugin = Path(__file__).parent / "plugins" / "my_defense.py"
+    for defense, params, name in (("dp", ["--clip", "20", "--noise-multiplier", "0.5"], "DP"),
+                                  (f"{plugin}:Scale", ["--param", "factor=0.5"], "Scale")):
+        args = submit_args(tmp_path)
+        args[args.index("topk"):args.index("k=32") + 1] = [defense, *params]
+        args[args.index("Top-k 32")] = name
+        code, out, err = invoke(args, capsys)
+        assert code == 0, err
+        entry = tmp_path / "leaderboards" / "quick" / f"{name.lower()}.json"
+        extra = ["--defense", f"{plugin}:Scale"] if name == "Scale" else []
+        code, out, err = invoke(["verify", str(entry), "--device", "cpu", "--runs-dir", str(tmp_path / "runs"),
+                                 *extra], capsys)
+        assert code == 0 and "verification PASSED" in out, out + err
+    record = json.loads((tmp_path / "leaderboards" / "quick" / "scale.verification.json").read_text())
+    assert record["command"].endswith("--defense my_defense.py:Scale --device=cpu")  # no local path recorded
+
+
+def test_a_failed_verification_is_recorded_and_shown(tmp_path, capsys, small_quick):
+    assert invoke(submit_args(tmp_path), capsys)[0] == 0
+    path = tmp_path / "leaderboards" / "quick" / "top-k-32.json"
+    entry = json.loads(path.read_text())
+    entry["summary"]["utility"]["top1_agreement"] = 0.5 if entry["summary"]["utility"]["top1_agreement"] > 0.7 else 0.9
+    path.write_text(json.dumps(entry))
+    code, out, _ = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 1 and "verification FAILED: utility.top1_agreement" in out
+    record = json.loads((path.parent / "top-k-32.verification.json").read_text())
+    assert record["result"] == "failed" and record["failed"] == ["utility.top1_agreement"]
+    assert invoke(["leaderboard", "--board-dir", str(tmp_path / "leaderboards")], capsys)[0] == 0
+    assert "verification failed" in (path.parent / "LEADERBOARD.md").read_text()
+    code, out, _ = invoke(["verify", str(path), "--no-record", "--device", "cpu", "--runs-dir", str(tmp_path / "runs")],
+                          capsys)
+    assert code == 1 and "verification record" not in out
+
+
+def test_a_malformed_verification_record_is_reported_and_its_entry_not_verified(tmp_path, capsys):
+    from test_leaderboard import write_entry
+
+    path = write_entry(tmp_path, make_entry("Claimed", em=0.5))
+    record = path.with_name("claimed.verification.json")
+    record.write_text("[" * 1000 + "]" * 1000)
+    code, out, err = invoke(["leaderboard", "--board-dir", str(tmp_path)], capsys)
+    assert code == 0 and "1 ranked" in out and "1 problem(s)" in out
+    assert "claimed.verification.json: not a readable verification record (nested deeper than 64 levels)" in err
+    record.write_text(json.dumps({"format": "invbench-verification/1", "result": "passed"}))
+    code, out, err = invoke(["leaderboard", "--board-dir", str(tmp_path)], capsys)
+    assert "claimed.verification.json: field entry: expected" in err
+    assert "| not verified |" in (path.parent / "LEADERBOARD.md").read_text()
