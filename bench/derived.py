@@ -26,6 +26,7 @@ import math
 from typing import Any, Callable
 
 from . import radius as radius_module
+from .formats import short
 from .metrics import json_safe
 from .registry import is_file_spec
 from .verdicts import Evidence, attack_verdict
@@ -41,11 +42,6 @@ RADIUS_NUMBERS = ("min_radius", "median_radius", "min_sigma_certified", "median_
 PER_PROMPT_NUMBERS = ("radius", "sigma_expected", "sigma_certified")
 
 Problems = list[tuple[str, str]]
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def close(a: Any, b: Any) -> bool:
@@ -107,8 +103,8 @@ def defense_problems(defense: dict[str, Any], *, spec: str | None, tokens: int, 
             continue  # a figure a later version no longer records
         stated, given = defense.get(key), expected.get(key)
         if not close(stated, given):
-            problems.append((f"{where}.{key}", f"{_short(stated)} is not what defence {defense['name']!r} with "
-                             f"{_short(defense['params'])} gives ({_short(given)}; recomputed from its parameters)"))
+            problems.append((f"{where}.{key}", f"{short(stated)} is not what defence {defense['name']!r} with "
+                             f"{short(defense['params'])} gives ({short(given)}; recomputed from its parameters)"))
     return problems
 
 
@@ -127,10 +123,10 @@ def attack_problems(summary: dict[str, Any], valid: dict[str, dict], *, prefix: 
         expected = attack_verdict(evidence, blind_token_accuracy=blind)
         if metrics.get("verdict") != expected:
             problems.append((f"{prefix}attacks.{name}.verdict",
-                             f"{_short(metrics.get('verdict'))} does not follow from its exact match "
+                             f"{short(metrics.get('verdict'))} does not follow from its exact match "
                              f"{evidence.exact_match:.3g}, token accuracy {evidence.token_accuracy:.3g}, search-failure "
-                             f"rate {_short(evidence.search_failure_rate)} and the blind token accuracy "
-                             f"{_short(blind)}: the rule gives {expected!r} (invbench.verdicts.attack_verdict)"))
+                             f"rate {short(evidence.search_failure_rate)} and the blind token accuracy "
+                             f"{short(blind)}: the rule gives {expected!r} (invbench.verdicts.attack_verdict)"))
     return problems
 
 
@@ -144,11 +140,11 @@ def radius_problems(radius: Any, *, n: Any, tokens: Any, prefix: str) -> Problem
         return []
     per_prompt, dim = radius["per_prompt"], radius.get("dim")
     if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        return [(f"{where}.dim", f"expected the hidden size (an integer >= 1), got {_short(dim)}")]
+        return [(f"{where}.dim", f"expected the hidden size (an integer >= 1), got {short(dim)}")]
     if radius.get("tokens") != tokens:
-        return [(f"{where}.tokens", f"{_short(radius.get('tokens'))} is not the entry's tokens {_short(tokens)}")]
+        return [(f"{where}.tokens", f"{short(radius.get('tokens'))} is not the entry's tokens {short(tokens)}")]
     if len(per_prompt) != n:
-        return [(f"{where}.per_prompt", f"{len(per_prompt)} prompts, not the entry's n {_short(n)}")]
+        return [(f"{where}.per_prompt", f"{len(per_prompt)} prompts, not the entry's n {short(n)}")]
     firsts, laters = [], []
     for i, prompt in enumerate(per_prompt):
         gaps = prompt.get("gaps") if isinstance(prompt, dict) else None
@@ -166,12 +162,12 @@ def radius_problems(radius: Any, *, n: Any, tokens: Any, prefix: str) -> Problem
     for i, (stated, given) in enumerate(zip(per_prompt, expected["per_prompt"])):
         for key in PER_PROMPT_NUMBERS + ("positions",):
             if key in stated and not close(stated[key], given[key]):
-                problems.append((f"{where}.per_prompt[{i}].{key}", f"{_short(stated[key])} does not follow from its "
-                                 f"gaps ({_short(given[key])}; invbench.radius)"))
+                problems.append((f"{where}.per_prompt[{i}].{key}", f"{short(stated[key])} does not follow from its "
+                                 f"gaps ({short(given[key])}; invbench.radius)"))
     for key in RADIUS_NUMBERS + ("scope",):
         if key in radius and not close(radius[key], expected[key]):
-            problems.append((f"{where}.{key}", f"{_short(radius[key])} does not follow from the per-prompt gaps "
-                             f"({_short(expected[key])}; invbench.radius)"))
+            problems.append((f"{where}.{key}", f"{short(radius[key])} does not follow from the per-prompt gaps "
+                             f"({short(expected[key])}; invbench.radius)"))
     return problems
 
 

@@ -27,6 +27,7 @@ from referencing import Registry, Resource
 
 from . import derived, legacy_entries, summary as summary_module, verification
 from .errors import InvbenchError, one_line
+from .formats import short
 from .metrics import PRIVACY_METRICS, worst_case
 from .protocols import defining
 from .schema_check import Failure, failures, format_checker, load_schema, read_json_file
@@ -46,12 +47,6 @@ class EntryError(InvbenchError, ValueError):
 
 
 # --- entry ids ------------------------------------------------------------------------------
-
-def short(value: Any, limit: int = 60) -> str:
-    """repr of a submitted value for a message, cut so a huge value cannot flood the board."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
 
 def validate_entry_id(entry_id: Any) -> str:
     """Return `entry_id` if it is a slug (`[a-z0-9]` words joined by single hyphens), else raise.

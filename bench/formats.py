@@ -1,5 +1,6 @@
-"""How a value is written in invbench's tables, in one place: the CLI's result table, the boards,
-verify's report, the sweep table and the studies' reports. A missing value (None) reads "-"."""
+"""How a value is written in invbench's tables and messages, in one place: the CLI's result table,
+the boards, verify's report, the sweep table and the studies' reports (a missing value, None, reads
+"-"), and a submitted value quoted in a message (`short`)."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,3 +13,9 @@ def cell(value: Any, spec: str = ".3f") -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return format(value, spec)
     return str(value)
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """repr of a submitted value for a message, cut so a huge value cannot flood the board."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -147,6 +147,13 @@ def failures(validator: Draft202012Validator, data: Any) -> list[Failure]:
     return list(first.values())
 
 
+def first_problem(validator: Draft202012Validator, data: Any) -> str | None:
+    """The first field of `data` that fails, in words ("field attacks.scan.n: expected an integer
+    >= 1"), or None when it fits."""
+    found = failures(validator, data)
+    return f"field {found[0].field}: expected {found[0].expected or 'it to be present'}" if found else None
+
+
 def _failures_of(error: ValidationError) -> list[Failure]:
     path = tuple(error.absolute_path)
     if error.validator == "required":  # one error names every missing key: report each at its own path

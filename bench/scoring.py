@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from . import metrics, verdicts
-from .schema_check import failures, load_schema
+from .schema_check import first_problem, load_schema
 
 
 def prompt_record(attack, prompt, out, row: int, decode: Callable, *, objective: tuple[float, float]) -> dict[str, Any]:
@@ -53,9 +53,9 @@ def record_problem(record: Any) -> str | None:
     """What is wrong with one parsed line of records.jsonl, or None when it is a whole record: it fits
     `bench/schemas/record.schema.json`, and its ids and per-position losses have one value per token.
     A line that is not a whole record counts as torn (invbench.results.read_records skips it)."""
-    found = failures(_record_validator(), record)
-    if found:
-        return f"field {found[0].field}: expected {found[0].expected or 'it to be present'}"
+    problem = first_problem(_record_validator(), record)
+    if problem:
+        return problem
     length = len(record["target_ids"])
     for key in ("recovered_ids", "discrete_loss", "cumulative_discrete_loss"):
         if len(record[key]) != length:

@@ -26,7 +26,7 @@ from jsonschema import Draft202012Validator
 
 from .errors import InvbenchError, one_line
 from .results import write_json_atomic
-from .schema_check import failures, format_checker, load_schema, read_json_file
+from .schema_check import first_problem, format_checker, load_schema, read_json_file
 
 FORMAT = "invbench-verification/1"
 SUFFIX = ".verification.json"
@@ -94,9 +94,9 @@ def read_record(entry_path: Path) -> dict[str, Any] | None:
         data = read_json_file(path, max_bytes=MAX_RECORD_BYTES)
     except (OSError, ValueError) as exc:
         raise VerificationError(f"{path}: not a readable verification record ({one_line(exc, limit=200)})") from None
-    found = failures(_validator(), data)
-    if found:
-        raise VerificationError(f"{path}: field {found[0].field}: expected {found[0].expected or 'it to be present'}")
+    problem = first_problem(_validator(), data)
+    if problem:
+        raise VerificationError(f"{path}: {problem}")
     return data
 
 

@@ -338,7 +338,10 @@ def test_ctrl_c_in_the_middle_of_an_append_saves_all_of_the_batch_or_none(tmp_pa
 
 # --- a second run on the same folder, Ctrl-C, resume ------------------------------------------
 
-def test_second_run_refused_while_first_alive_then_ctrl_c_says_how_to_resume(tmp_path, capsys, reference):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_second_run_refused_while_first_alive_then_an_interrupt_says_how_to_resume(tmp_path, capsys, reference, sig):
+    """Ctrl-C and SIGTERM alike (before: `kill PID` ended a run with exit 143 and no word, though it
+    could be resumed): what was saved, how to resume, the lock released, and the rerun resumes."""
     out, log = tmp_path / "run", tmp_path / "stderr"
     proc = start_child("slow", RUN + ["--out", out], log)
     wait_until(lambda: records_on_disk(out) >= 1, proc, log)
@@ -347,8 +350,8 @@ def test_second_run_refused_while_first_alive_then_ctrl_c_says_how_to_resume(tmp
     line = one_error_line(err)
     assert code == 2 and "in use" in line and f"pid {proc.pid}" in line and "--out" in line
 
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 128 + sig  # 130 for Ctrl-C, 143 for SIGTERM
     err = log.read_text()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     last = error_lines(err)[-1]
@@ -357,23 +360,6 @@ def test_second_run_refused_while_first_alive_then_ctrl_c_says_how_to_resume(tmp
                     "rerun the same command to resume")
     assert not (out / LOCK_NAME).exists()  # released on the way out
 
-    code, _, err = invoke(RUN + ["--out", out], capsys)
-    assert code == 0, err
-    assert results(out) == reference[1]
-
-
-def test_sigterm_says_what_ctrl_c_says_and_the_run_resumes(tmp_path, capsys, reference):
-    """Before: `kill PID` (SIGTERM) ended a run with exit 143 and no word, though it could be resumed."""
-    out, log = tmp_path / "run", tmp_path / "stderr"
-    proc = start_child("slow", RUN + ["--out", out], log)
-    wait_until(lambda: records_on_disk(out) >= 1, proc, log)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    err = log.read_text()
-    assert "Traceback" not in err
-    assert error_lines(err)[-1] == (f"interrupted: {records_on_disk(out)} of 3 prompt results are saved in "
-                                    f"{out / 'records.jsonl'}; rerun the same command to resume")
-    assert not (out / LOCK_NAME).exists()
     code, _, err = invoke(RUN + ["--out", out], capsys)
     assert code == 0, err
     assert results(out) == reference[1]
