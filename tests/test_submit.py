@@ -528,3 +528,13 @@ def test_a_malformed_verification_record_is_reported_and_its_entry_not_verified(
     code, out, err = invoke(["leaderboard", "--board-dir", str(tmp_path)], capsys)
     assert "claimed.verification.json: field entry: expected" in err
     assert "| not verified |" in (path.parent / "LEADERBOARD.md").read_text()
+
+
+def test_a_derived_figure_is_compared_where_both_versions_give_it():
+    """A description that gains a figure in a later version keeps older entries valid; a figure
+    both give must agree."""
+    entry = entry_of_defense("dp", {"clip": 20.0, "noise_multiplier": 0.5})
+    del entry["summary"]["defense"]["derived"]["noise_std"]  # as if recorded before noise_std existed
+    assert problems_of(entry) == {}
+    entry["summary"]["defense"]["derived"]["noise_multiplier"] = 0.05
+    assert list(problems_of(entry)) == ["summary.defense.derived"]
