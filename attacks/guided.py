@@ -125,6 +125,11 @@ class GuidedState:
     threshold: float  # the statistic the true token stays under (the certified stop)
     map: bool  # MAP scoring (noisy defences with scoring=map)
     failed: torch.Tensor  # (B,) prompts whose last verified position found no passing candidate
+    targets: torch.Tensor  # (B, T, d) the defended states: the ranker also reads the next position's
+
+    def following(self, owner: torch.Tensor, position: int) -> torch.Tensor | None:
+        """The defended states (R, d) one position after `position` of each row's prompt (None at the last)."""
+        return self.targets[owner, position + 1] if position + 1 < self.targets.shape[1] else None
 
 
 @register_attack
@@ -162,7 +167,8 @@ class GuidedAttack(Attack):
         threshold = likelihood.threshold(miss_probability=cfg.miss_probability, tolerance=cfg.tolerance)
         simulated = defense.simulate(codebook) if codebook is not None else None
         return GuidedState(ranker, simulated, likelihood, threshold, map=self.uses_map(likelihood),
-                           failed=torch.zeros(len(targets), dtype=torch.bool, device=oracle.device))
+                           failed=torch.zeros(len(targets), dtype=torch.bool, device=oracle.device),
+                           targets=targets.to(oracle.device))
 
     def uses_map(self, likelihood: Likelihood) -> bool:
         """MAP scoring needs a likelihood: asked for, and the defence adds noise (without noise MAP is ML)."""
@@ -173,7 +179,7 @@ class GuidedAttack(Attack):
         if position == 0 and state.codebook is not None:
             return self._lookup(oracle, goal, state)
         prior = oracle.log_prior(prefix)
-        order = self._order(goal, prior, state)
+        order = self._order(goal, prior, state, state.following(owner, position))
         vocab = order.shape[1]
         budget = torch.full((len(goal),), self.config.max_candidates or vocab, device=goal.device)
         budget = torch.where(state.failed[owner], min(self.config.after_failure, vocab), budget.clamp(max=vocab))
@@ -182,12 +188,14 @@ class GuidedAttack(Attack):
         return found
 
     @staticmethod
-    def _order(goal: torch.Tensor, prior: torch.Tensor, state: GuidedState) -> torch.Tensor:
-        """Which tokens to verify first (R, V): the prior plus the learned ranker, interleaved with the
-        learned ranker alone (or the prior alone, without a ranker)."""
+    def _order(goal: torch.Tensor, prior: torch.Tensor, state: GuidedState,
+               following: torch.Tensor | None) -> torch.Tensor:
+        """Which tokens to verify first (R, V): the prior plus the learned ranker (which reads the
+        row's defended state and the next position's), interleaved with the learned ranker alone (or
+        the prior alone, without a ranker)."""
         if state.ranker is None:
             return prior.argsort(dim=1, descending=True)
-        learned = state.ranker.log_probs(goal, state.likelihood.std)
+        learned = state.ranker.log_probs(goal, state.likelihood.std, following)
         return interleaved_order([learned + prior, learned])
 
     def _lookup(self, oracle, goal: torch.Tensor, state: GuidedState) -> Candidates:
@@ -227,6 +235,7 @@ class GuidedAttack(Attack):
                 "objective": torch.full((rows, keep), float("inf"), device=device)}
         first_pass = torch.zeros(rows, dtype=torch.long, device=device)  # candidates verified at the first pass; 0: none
         verified = torch.zeros(rows, dtype=torch.long, device=device)
+        passes = torch.zeros(rows, dtype=torch.long, device=device)  # candidates that passed so far
         ended = torch.full((rows,), float(EXHAUSTED), device=device)
         active = torch.arange(rows, device=device)
         done_so_far, size = 0, cfg.first_round
@@ -247,10 +256,11 @@ class GuidedAttack(Attack):
             self._merge(best, active, {"token": ids, "loss": loss, "objective": objective})
             done_so_far = columns.stop
             verified[active] = done_so_far
-            passes = statistic < state.threshold
-            newly = passes.any(dim=1) & (first_pass[active] == 0)
-            first_pass[active[newly]] = columns.start + passes[newly].int().argmax(dim=1) + 1
-            stop = self._stop(first_pass[active], done_so_far, noisy=likelihood.noisy)
+            passing = statistic < state.threshold
+            passes[active] += passing.sum(dim=1)
+            newly = passing.any(dim=1) & (first_pass[active] == 0)
+            first_pass[active[newly]] = columns.start + passing[newly].int().argmax(dim=1) + 1
+            stop = self._stop(first_pass[active], done_so_far, noisy=likelihood.noisy, passes=passes[active])
             spent = done_so_far >= budget[active]
             finished = stop | spent
             ended[active[spent & (budget[active] < vocab)]] = float(BUDGET)
@@ -270,8 +280,9 @@ class GuidedAttack(Attack):
         for k in best:
             best[k][rows] = joined[k].gather(1, order)
 
-    def _stop(self, first_pass: torch.Tensor, verified: int, *, noisy: bool) -> torch.Tensor:
-        """Which rows stop after `verified` candidates, given where each first passed (0: not yet)."""
+    def _stop(self, first_pass: torch.Tensor, verified: int, *, noisy: bool, passes: torch.Tensor) -> torch.Tensor:
+        """Which rows stop after `verified` candidates, given where each first passed (0: not yet)
+        (and how many passed, which guided does not use)."""
         passed = first_pass > 0
         if not noisy:
             return passed  # certified: the passing candidate is the token

@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -40,7 +41,7 @@ from invbench.leaks.prompts import ranker_training_texts
 
 from .base import AttackError
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: the next position's state as a second input; random-id sequences in the data
 SHIPPED = "rankers"  # package folder of the fitted rankers invbench ships (invbench.attacks/rankers)
 CACHE_SUBDIR = "rankers"
 TOP_K = (1, 8, 64, 256, 1024)
@@ -61,26 +62,45 @@ class Recipe:
     clean_fraction: float = 0.25  # of training samples left noise-free
     noise_ratio_range: tuple[float, float] = (1e-3, 3.0)  # sigma / RMS(h), log-uniform, for the others
     seed: int = 0
+    random_sequences: int = 1000  # sequences of uniformly random ids (the last `held_out` held out)
+    without_next: float = 0.2  # of training samples shown no next state (a prompt's last position has none)
+
+
+def scaled_input(state: torch.Tensor, noise_std: torch.Tensor | float) -> torch.Tensor:
+    """A state scaled to unit RMS and its noise ratio sigma / RMS (capped at 1): (B, d + 1)."""
+    rms = state.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
+    ratio = (torch.as_tensor(noise_std, dtype=state.dtype, device=state.device).reshape(-1, 1) / rms).clamp(max=1.0)
+    return torch.cat([state / rms, ratio.expand(len(state), 1)], dim=-1)
 
 
 class RankerNet(torch.nn.Module):
+    """x_t from the state at t and, where known, the state at t + 1, which depends on x_t too (under
+    noise, two independent looks at the same token)."""
+
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.fc1 = torch.nn.Linear(dim + 1, hidden)
+        self.fc1 = torch.nn.Linear(2 * (dim + 1) + 1, hidden)
         self.fc2 = torch.nn.Linear(hidden, dim)
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(20.0)))
 
-    def forward(self, hidden: torch.Tensor, noise_std: torch.Tensor | float, token_directions: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V): hidden (B, d), noise_std scalar or (B,), token_directions (V, d) unit rows."""
-        rms = hidden.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
-        ratio = (torch.as_tensor(noise_std, dtype=hidden.dtype, device=hidden.device).reshape(-1, 1) / rms).clamp(max=1.0)
-        x = torch.cat([hidden / rms, ratio.expand(len(hidden), 1)], dim=-1)
+    def forward(self, hidden: torch.Tensor, noise_std: torch.Tensor | float, token_directions: torch.Tensor,
+                following: torch.Tensor | None = None, has_next: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V): hidden (B, d), noise_std scalar or (B,), token_directions (V, d) unit rows;
+        `following` (B, d) the next position's state, with `has_next` (B,) saying where it is real
+        (None: nowhere)."""
+        rows = len(hidden)
+        if following is None:
+            following, has_next = torch.zeros_like(hidden), torch.zeros(rows, dtype=torch.bool, device=hidden.device)
+        elif has_next is None:
+            has_next = torch.ones(rows, dtype=torch.bool, device=hidden.device)
+        ahead = scaled_input(following, noise_std) * has_next[:, None]
+        x = torch.cat([scaled_input(hidden, noise_std), ahead, has_next[:, None].to(hidden.dtype)], dim=-1)
         direction = F.normalize(self.fc2(F.gelu(self.fc1(x))), dim=-1)
         return self.log_scale.exp() * direction @ token_directions.T
 
 
 class Ranker:
-    """A fitted ranker bound to one model's embeddings: `log_probs(h~, noise_std)` -> (B, V)."""
+    """A fitted ranker bound to one model's embeddings: `log_probs(h~_t, noise_std, h~_t+1)` -> (B, V)."""
 
     def __init__(self, net: RankerNet, embedding: torch.Tensor, metadata: dict[str, Any]) -> None:
         self.net = net.eval().requires_grad_(False).to(embedding.device)
@@ -88,8 +108,11 @@ class Ranker:
         self.metadata = metadata
 
     @torch.no_grad()
-    def log_probs(self, hidden: torch.Tensor, noise_std: float = 0.0) -> torch.Tensor:
-        return torch.log_softmax(self.net(hidden.float(), noise_std, self.directions), dim=-1)
+    def log_probs(self, hidden: torch.Tensor, noise_std: float = 0.0, following: torch.Tensor | None = None) -> torch.Tensor:
+        """log q(x_t | h~_t[, h~_t+1]) (B, V); `following` the next position's defended state, or None
+        (a prompt's last position)."""
+        ahead = None if following is None else following.float()
+        return torch.log_softmax(self.net(hidden.float(), noise_std, self.directions, ahead), dim=-1)
 
     @property
     def description(self) -> str:
@@ -215,21 +238,38 @@ def document_states(oracle, ids: torch.Tensor, *, work: Path, batch: int = 16) -
     return torch.cat(parts)
 
 
-def noisy_batch(states: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """States with Gaussian noise at a log-uniform ratio to their RMS (clean for a fraction)."""
+def random_ids(oracle, recipe: Recipe) -> torch.Tensor:
+    """(N, tokens) uniformly random ids of the model's non-special tokens, from a numpy stream of
+    the recipe's seed and the label "RANK" (random prompt sets draw from the label "RAND": the two
+    streams are independent, so no prompt set's secret is in the training data)."""
+    special = set(getattr(oracle.tokenizer, "all_special_ids", []) or [])
+    allowed = np.asarray([i for i in range(oracle.vocab_size) if i not in special])
+    rng = np.random.default_rng([recipe.seed, 0x52414E4B])
+    return torch.from_numpy(allowed[rng.integers(len(allowed), size=(recipe.random_sequences, recipe.tokens_per_document))])
+
+
+def noisy_batch(states: torch.Tensor, following: torch.Tensor, recipe: Recipe,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """States and their next states with Gaussian noise of one sigma per sample, at a log-uniform
+    ratio to the state's RMS (clean for a fraction): (noisy, noisy next, sigma)."""
     rms = states.pow(2).mean(dim=-1).sqrt()
     lo, hi = (math.log(r) for r in recipe.noise_ratio_range)
     ratio = torch.exp(lo + (hi - lo) * torch.rand(len(states), generator=generator))
     ratio = torch.where(torch.rand(len(states), generator=generator) < recipe.clean_fraction, 0.0, ratio)
     sigma = ratio * rms
-    noise = torch.randn(states.shape, generator=generator) * sigma[:, None]
-    return states + noise, sigma
+    noise = torch.randn((2, *states.shape), generator=generator) * sigma[:, None]
+    return states + noise[0], following + noise[1], sigma
+
+
+def split_rows(count: int, held_out: int) -> tuple[slice, slice]:
+    return slice(0, count - held_out), slice(count - held_out, count)
 
 
 def fit_ranker(oracle, *, texts: list[str], data: str, out: Path, recipe: Recipe = Recipe(),
                notify: Callable[[str], None] = print, model_name: str = "", command: str = "") -> Path:
-    """Fit a ranker on `texts` and write it to `out` (with a .json of its metadata beside it).
-    Resumable: states and each finished epoch are checkpointed in a work folder next to `out`."""
+    """Fit a ranker on `texts` and `recipe.random_sequences` random-id sequences, and write it to
+    `out` (with a .json of its metadata beside it). Resumable: states and each finished epoch are
+    checkpointed in a work folder next to `out`."""
     if oracle.tokenizer is None:
         raise AttackError("fitting a ranker needs the model's tokenizer (WhiteBox(..., tokenizer=...))")
     tokenizer = oracle.tokenizer
@@ -237,45 +277,61 @@ def fit_ranker(oracle, *, texts: list[str], data: str, out: Path, recipe: Recipe
     generator = torch.Generator().manual_seed(recipe.seed)
     work = out.parent / f".{out.stem}.work"
     ids = document_ids(texts[:recipe.documents], tokenizer, tokens=recipe.tokens_per_document)
-    if len(ids) <= recipe.held_out:
-        raise AttackError(f"only {len(ids)} training documents of {recipe.tokens_per_document} tokens; "
-                          f"need more than the {recipe.held_out} held out")
+    if len(ids) <= recipe.held_out or (recipe.random_sequences and recipe.random_sequences <= recipe.held_out):
+        raise AttackError(f"only {len(ids)} training documents of {recipe.tokens_per_document} tokens and "
+                          f"{recipe.random_sequences} random sequences; each needs more than the {recipe.held_out} held out")
     states = document_states(oracle, ids, work=work)
-    train_docs, test_docs = slice(0, len(ids) - recipe.held_out), slice(len(ids) - recipe.held_out, len(ids))
-    x_train, y_train = states[train_docs].flatten(0, 1), ids[train_docs].flatten()
+    text_train, text_test = split_rows(len(ids), recipe.held_out)
+    noise_ids = random_ids(oracle, recipe)
+    noise_states = document_states(oracle, noise_ids, work=work / "random") if len(noise_ids) else states[:0]
+    random_train, random_test = split_rows(len(noise_ids), recipe.held_out if len(noise_ids) else 0)
+    x_train = torch.cat([states[text_train], noise_states[random_train]])  # (N, L, d)
+    y_train = torch.cat([ids[text_train], noise_ids[random_train]])
+    length = x_train.shape[1]
     dim = states.shape[-1]
     hidden = int(round(recipe.hidden_ratio * dim))
     net = RankerNet(dim, hidden)
     directions = F.normalize(oracle.embedding.float().cpu(), dim=-1)
-    steps_per_epoch = math.ceil(len(x_train) / recipe.batch_size)
+    samples = x_train.shape[0] * length
+    steps_per_epoch = math.ceil(samples / recipe.batch_size)
     optimiser = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch)
     first_epoch = _resume(work, net, optimiser, schedule, generator)
     for epoch in range(first_epoch, recipe.epochs):
-        order = torch.randperm(len(x_train), generator=generator)
+        order = torch.randperm(samples, generator=generator)
         bar = tqdm(range(0, len(order), recipe.batch_size), desc=f"ranker: epoch {epoch + 1}/{recipe.epochs}",
                    unit="batch", leave=False)
         for start in bar:
-            rows = order[start:start + recipe.batch_size]
-            noisy, sigma = noisy_batch(x_train[rows], recipe, generator)
-            loss = F.cross_entropy(net(noisy, sigma, directions), y_train[rows])
+            rows, position = order[start:start + recipe.batch_size].div(length, rounding_mode="floor"), \
+                order[start:start + recipe.batch_size] % length
+            has_next = (position < length - 1) & (torch.rand(len(rows), generator=generator) >= recipe.without_next)
+            noisy, ahead, sigma = noisy_batch(x_train[rows, position], x_train[rows, (position + 1).clamp(max=length - 1)],
+                                              recipe, generator)
+            loss = F.cross_entropy(net(noisy, sigma, directions, ahead, has_next), y_train[rows, position])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             schedule.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
         _checkpoint(work, epoch + 1, net, optimiser, schedule, generator)
-    metrics = evaluate(net, directions, states[test_docs], ids[test_docs], oracle=oracle)
+    metrics = evaluate(net, directions, states[text_test], ids[text_test], oracle=oracle)
+    if len(noise_ids):
+        metrics["random_ids"] = evaluate(net, directions, noise_states[random_test], noise_ids[random_test],
+                                         oracle=oracle, with_prior=False)
     metadata = {"format": FORMAT_VERSION, "model": model_name, "weights_sha256": oracle.fingerprint,
-                "layer": oracle.layer_index, "dim": dim, "hidden": hidden, "recipe": asdict(recipe), "data": data,
+                "layer": oracle.layer_index, "dim": dim, "hidden": hidden, "recipe": asdict(recipe),
+                "data": data + (f"; {recipe.random_sequences} sequences of {recipe.tokens_per_document} uniformly random "
+                                "token ids (a seeded stream apart from every random prompt set's)" if len(noise_ids) else ""),
                 "documents": {"train": len(ids) - recipe.held_out, "held_out": recipe.held_out,
-                              "states": int(x_train.shape[0]), "texts_sha256": _texts_hash(texts[:recipe.documents])},
+                              "random_sequences": {"train": random_train.stop - random_train.start,
+                                                   "held_out": random_test.stop - random_test.start},
+                              "states": int(samples), "texts_sha256": _texts_hash(texts[:recipe.documents])},
                 "held_out_accuracy": metrics, "command": command}
     tensors = {k: v.detach().half().contiguous() for k, v in net.state_dict().items()}
     write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata={"invbench": json.dumps(metadata)}))
     write_atomic(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))
-    for leftover in sorted(work.glob("*"), reverse=True):
-        leftover.unlink()
+    for leftover in sorted(work.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        leftover.rmdir() if leftover.is_dir() else leftover.unlink()
     work.rmdir()
     notify(f"ranker written to {out} (held-out top-1 {metrics['clean']['top1']:.2f}, top-64 {metrics['clean']['top64']:.2f})")
     return out
@@ -283,26 +339,33 @@ def fit_ranker(oracle, *, texts: list[str], data: str, out: Path, recipe: Recipe
 
 @torch.no_grad()
 def evaluate(net: RankerNet, directions: torch.Tensor, states: torch.Tensor, ids: torch.Tensor, *, oracle,
-             chunk: int = 10) -> dict:
-    """Held-out top-k rates of the ranker alone, of the prior alone and of both summed (log
-    probabilities), clean and at noise ratios 0.1 and 1, positions 2 and up (position 1 has
-    the codebook)."""
+             chunk: int = 10, with_prior: bool = True) -> dict:
+    """Held-out top-k rates, positions 2 and up (position 1 has the codebook): of the ranker with
+    the next state (as attacks use it), clean and at noise ratios 0.1 and 1, at ratio 1 also
+    without the next state, and (`with_prior`) of the prior alone and of both summed."""
     net.eval()
-    variants = ("prior",) + tuple(f"{label}{suffix}" for label in ("clean", "noise_ratio_0.1", "noise_ratio_1")
-                                  for suffix in ("", "_with_prior"))
+    noise_levels = (("clean", 0.0), ("noise_ratio_0.1", 0.1), ("noise_ratio_1", 1.0))
+    variants = [label for label, _ in noise_levels] + ["noise_ratio_1_without_next"]
+    if with_prior:
+        variants = ["prior", *variants, *(f"{label}_with_prior" for label in variants)]
     hits = {v: {k: 0 for k in TOP_K} for v in variants}
     generator = torch.Generator().manual_seed(1)
     total = 0
+    length = ids.shape[1]
     for start in range(0, len(ids), chunk):
         doc_ids, truth = ids[start:start + chunk], ids[start:start + chunk, 1:].flatten()
-        prior = oracle.next_token_log_probs(doc_ids).cpu()[:, 1:].flatten(0, 1)
         x = states[start:start + chunk, 1:].flatten(0, 1)
-        scores = {"prior": prior}
-        for label, ratio in (("clean", 0.0), ("noise_ratio_0.1", 0.1), ("noise_ratio_1", 1.0)):
+        ahead = torch.cat([states[start:start + chunk, 2:], states[start:start + chunk, -1:]], dim=1).flatten(0, 1)
+        has_next = (torch.arange(1, length) < length - 1).repeat(len(doc_ids))
+        scores = {}
+        for label, ratio in (*noise_levels, ("noise_ratio_1_without_next", 1.0)):
             sigma = ratio * x.pow(2).mean(dim=-1).sqrt()
-            learned = torch.log_softmax(net(x + torch.randn(x.shape, generator=generator) * sigma[:, None], sigma,
-                                            directions), dim=-1)
-            scores[label], scores[f"{label}_with_prior"] = learned, learned + prior
+            noise = torch.randn((2, *x.shape), generator=generator) * sigma[:, None]
+            shown = has_next & (label != "noise_ratio_1_without_next")
+            scores[label] = torch.log_softmax(net(x + noise[0], sigma, directions, ahead + noise[1], shown), dim=-1)
+        if with_prior:
+            prior = oracle.next_token_log_probs(doc_ids).cpu()[:, 1:].flatten(0, 1)
+            scores = {"prior": prior, **scores, **{f"{label}_with_prior": s + prior for label, s in scores.items()}}
         for variant, score in scores.items():
             rank = (score > score.gather(1, truth[:, None])).sum(dim=1)
             for k in TOP_K:

@@ -64,14 +64,22 @@ class SequenceConfig(GuidedConfig):
     margin: float = option(20.0, "nats: a hypothesis is kept while its objective is within this of the best.", min=0)
     max_forwards: int = option(50_000, "candidate forwards per prompt after which only its best hypothesis is "
                                "kept (the per-prompt budget of the search).", min=1)
+    noisy_max_candidates: int = option(8192, "under noise, candidates a position verifies at most (noise-free: "
+                                       "guided's --max-candidates).", min=1)
     keep: int = 4  # verified candidates per hypothesis that may become hypotheses
+    # Noisy stop: where many wrong tokens pass the test (heavy noise), a pass says little, so after
+    # the first pass verification goes on to `per_pass` candidates per pass seen (at most `wide`).
+    per_pass: int = 16
     wide: int = 1024  # candidates the best hypothesis of several verifies before the others are heard
+    second: int = 256  # candidates the second-best verifies; the r-th (from 0) second // r
     narrow: int = 8  # candidates every hypothesis verifies at least
 
     def validate(self) -> None:
         super().validate()
-        if self.hypotheses < 1 or self.keep < 1 or self.narrow < 1 or self.wide < self.narrow or self.max_forwards < 1:
-            raise AttackError("sequence: --hypotheses, keep, narrow and --max-forwards must be >= 1 and wide >= narrow")
+        if min(self.hypotheses, self.keep, self.narrow, self.per_pass, self.max_forwards, self.noisy_max_candidates) < 1 \
+                or not self.narrow <= self.second <= self.wide:
+            raise AttackError("sequence: --hypotheses, --max-forwards, --noisy-max-candidates, keep, narrow and per_pass "
+                              "must be >= 1, and narrow <= second <= wide")
         if not self.margin >= 0:
             raise AttackError(f"sequence: --margin must be a number >= 0 (nats), got {self.margin!r}")
 
@@ -117,17 +125,17 @@ class SequenceAttack(GuidedAttack):
         for t in range(length):
             start = time.perf_counter()
             if t == 0:
-                rows = self._first(oracle, targets[:, 0], state)
+                rows = self._first(oracle, targets, state)
                 forwards = torch.zeros(batch, device=oracle.device)
             else:
-                rows, forwards = self._extend(oracle, rows, targets[:, t], defense, state, spent=spent)
+                rows, forwards = self._extend(oracle, rows, t, defense, state, spent=spent)
             spent += forwards
             per_prompt["candidates"][:, t] = forwards.cpu()
             per_prompt["hypotheses"][:, t] = torch.bincount(rows.owner, minlength=batch).float().cpu()
             seconds[:, t] = (time.perf_counter() - start) / batch
             if progress:
                 progress(t + 1, length)
-        answer = (group_rank(rows.owner) == 0).nonzero()[:, 0]  # each prompt's first row is its best
+        answer = self._most_promising(rows.score, rows.owner, 1)  # each prompt's best hypothesis
         losses = rows.history.pop("discrete_loss")[answer]
         extras = {"ended": rows.history["ended"][answer].cpu(), **per_prompt}
         return AttackOutput(rows.tokens[answer].cpu(), losses.cpu(), seconds, extras)
@@ -139,36 +147,45 @@ class SequenceAttack(GuidedAttack):
         nll - log prior; under ml it is the law's statistic, whose nll is taken."""
         return objective if state.map else state.likelihood.nll(objective)
 
-    def _first(self, oracle, goal: torch.Tensor, state: GuidedState) -> Hypotheses:
-        """Position 1: the codebook entries within `margin` nats of each prompt's best."""
+    def _first(self, oracle, targets: torch.Tensor, state: GuidedState) -> Hypotheses:
+        """Position 1: the codebook entries within `margin` nats of each prompt's best, at most
+        `hypotheses`; where more are that close, those the learned ranker finds likeliest given the
+        first two defended states (the second depends on x_1 too). Best (by that order) first."""
+        goal = targets[:, 0]
         statistic, objective = self._codebook_scores(oracle, goal, state)
         score = self._nats(objective, state)
-        width = min(self.config.hypotheses, score.shape[1])
-        value, token = score.sort(dim=1, stable=True)
-        value, token = value[:, :width], token[:, :width]
-        alive = value <= value[:, :1] + self.config.margin
+        close = score <= score.min(dim=1, keepdim=True).values + self.config.margin
+        key = score.clone()
+        if state.ranker is not None:
+            key = key - state.ranker.log_probs(goal, state.likelihood.std, state.following(torch.arange(len(goal), device=goal.device), 0))
+        key = torch.where(close, key, float("inf"))
+        width = min(self.config.hypotheses, key.shape[1])
+        value, token = key.sort(dim=1, stable=True)
+        alive = torch.isfinite(value[:, :width])
         owner, column = alive.nonzero(as_tuple=True)
         chosen = token[owner, column]
         stat = statistic[owner, chosen]
         loss = stat if state.likelihood.scores_mse else mse(state.codebook[chosen], goal[owner])
         history = {"discrete_loss": loss[:, None], "ended": torch.full((len(owner), 1), float(CODEBOOK), device=goal.device)}
-        return Hypotheses(chosen[:, None], value[owner, column], owner, torch.zeros_like(owner, dtype=torch.bool), history)
+        return Hypotheses(chosen[:, None], score[owner, chosen], owner, torch.zeros_like(owner, dtype=torch.bool), history)
 
-    def _extend(self, oracle, rows: Hypotheses, goal: torch.Tensor, defense, state: GuidedState, *,
+    def _extend(self, oracle, rows: Hypotheses, position: int, defense, state: GuidedState, *,
                 spent: torch.Tensor) -> tuple[Hypotheses, torch.Tensor]:
         """One position: verify every hypothesis' candidates, keep the best extensions per prompt.
         Returns the new hypotheses and the forwards each prompt spent."""
         cfg = self.config
+        goal = state.targets[:, position]
         vocab = oracle.vocab_size
-        full = min(cfg.max_candidates or vocab, vocab)  # guided's budget when nothing passes
+        full = min(cfg.noisy_max_candidates, vocab)  # when nothing passes (guided: the whole vocabulary)
         alone = torch.bincount(rows.owner, minlength=len(goal))[rows.owner] == 1
         rank = group_rank(rows.owner)
         # a prompt's only hypothesis is verified as guided verifies; among several, the best gets
-        # `wide` (guided's stop, capped) and the others `narrow`
-        budget = torch.where(alone, full, torch.where(rank == 0, min(cfg.wide, full), min(cfg.narrow, full)))
+        # `wide`, the r-th `second` // r, and every one at least `narrow`
+        ranked = torch.clamp(cfg.second // rank.clamp(min=1), min=cfg.narrow)
+        budget = torch.where(alone, full, torch.where(rank == 0, cfg.wide, ranked)).clamp(max=full)
         budget = self._after_failure(budget, rows.failed)
         everyone = torch.arange(len(rows.owner), device=goal.device)
-        found = self._verify_rows(oracle, rows, everyone, goal, defense, state, budget=budget)
+        found = self._verify_rows(oracle, rows, everyone, position, defense, state, budget=budget)
         for width, deeper in DEEPENING:
             # a prompt none of whose hypotheses passed: its `width` most promising ones verify deeper
             passed = torch.zeros(len(goal), dtype=torch.bool, device=goal.device)
@@ -181,7 +198,7 @@ class SequenceAttack(GuidedAttack):
             again, more = again[more > budget[again]], more[more > budget[again]]
             if not len(again):
                 continue
-            result = self._verify_rows(oracle, rows, again, goal, defense, state, budget=more)
+            result = self._verify_rows(oracle, rows, again, position, defense, state, budget=more)
             result["candidates"] += found["candidates"][again]  # it verified from the start again: both count
             budget[again] = more
             for key, value in result.items():
@@ -202,7 +219,7 @@ class SequenceAttack(GuidedAttack):
         order = order[owner[order].argsort(stable=True)]
         return order[group_rank(owner[order]) < width].sort().values
 
-    def _verify_rows(self, oracle, rows: Hypotheses, index: torch.Tensor, goal: torch.Tensor, defense,
+    def _verify_rows(self, oracle, rows: Hypotheses, index: torch.Tensor, position: int, defense,
                      state: GuidedState, *, budget: torch.Tensor) -> dict[str, torch.Tensor]:
         """guided's verification for the hypotheses `index` (with their `budget`), ROW_CHUNK at a time:
         each row's `keep` best candidates (token, discrete loss, score in nats), forwards and ending."""
@@ -210,8 +227,10 @@ class SequenceAttack(GuidedAttack):
         for rows_at, budget_at in zip(index.split(ROW_CHUNK), budget.split(ROW_CHUNK)):
             prefix = oracle.prefix(rows.tokens[rows_at])
             prior = oracle.log_prior(prefix)
-            goal_at = goal[rows.owner[rows_at]]
-            found = self._verify(oracle, prefix, goal_at, self._order(goal_at, prior, state), prior, defense, state,
+            owner = rows.owner[rows_at]
+            goal_at = state.targets[owner, position]
+            order = self._order(goal_at, prior, state, state.following(owner, position))
+            found = self._verify(oracle, prefix, goal_at, order, prior, defense, state,
                                  budget=budget_at, keep=self.config.keep)
             parts.append({"token": found.tokens, "loss": found.losses, "score": self._nats(found.objective, state),
                           "candidates": found.extras["candidates"], "ended": found.extras["ended"]})
@@ -237,10 +256,20 @@ class SequenceAttack(GuidedAttack):
         tokens = torch.cat([rows.tokens[parent], found["token"][parent, column][:, None]], dim=1)
         return Hypotheses(tokens, flat[alive], owner, found["ended"][parent] != CERTIFIED, history)
 
+    def _stop(self, first_pass: torch.Tensor, verified: int, *, noisy: bool, passes: torch.Tensor) -> torch.Tensor:
+        """guided's stop, and under noise at least `per_pass` candidates per pass seen, at most `wide`
+        (where only the true token passes this is guided's stop)."""
+        guided = super()._stop(first_pass, verified, noisy=noisy, passes=passes)
+        if not noisy:
+            return guided
+        crowded = verified >= torch.clamp(passes * self.config.per_pass, max=self.config.wide)
+        return guided & crowded
+
     # --- what the harness asks of every attack ----------------------------------------------------
     def diagnostics(self, records: list[dict], *, defense) -> dict[str, Any]:
         """guided's figures, and how many hypotheses the search kept per position."""
         return {**super().diagnostics(records, defense=defense),
                 "hypotheses_per_position": distribution(position_values(records, "hypotheses")),
                 "budget": {"hypotheses": self.config.hypotheses, "margin_nats": self.config.margin,
-                           "max_forwards_per_prompt": self.config.max_forwards}}
+                           "max_forwards_per_prompt": self.config.max_forwards,
+                           "noisy_max_candidates": self.config.noisy_max_candidates}}
