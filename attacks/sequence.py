@@ -52,7 +52,7 @@ from .registry import register_attack
 ROW_CHUNK = 256  # hypotheses verified together (each holds a (V,) ranking: 256 x 49,152 ids is 100 MB)
 # Where no hypothesis of a prompt passes, its most promising ones verify deeper, round by round:
 # (how many, budget each); None: guided's own budget (the whole vocabulary, or --max-candidates).
-DEEPENING = ((64, 64), (16, 512), (4, 4096), (1, None))
+DEEPENING = ((16, 64), (4, 512), (1, None))
 
 
 @dataclass(frozen=True)

