@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .base import Attack, AttackError, AttackOutput, Candidates, chunk_size_option, mse, option
+from .likelihood import Likelihood
 from .registry import register_attack
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -64,9 +65,11 @@ def cast_prefix(prefix, dtype: torch.dtype):
 
 @torch.no_grad()
 def vocabulary_distances(oracle, prefix, target: torch.Tensor, defense, *, chunk_size: int,
-                         autocast: torch.dtype | None) -> torch.Tensor:
-    """MSE (R, V) between simulate(hidden state of every token after each of R prefixes) and each
-    row's target (R, d). At most `chunk_size` sequences per forward; only distances are kept."""
+                         autocast: torch.dtype | None, likelihood: Likelihood | None = None) -> torch.Tensor:
+    """The noise law's statistic (R, V) (MSE: Gaussian or noise-free) between simulate(hidden state
+    of every token after each of R prefixes) and each row's target (R, d). At most `chunk_size`
+    sequences per forward; only distances are kept."""
+    likelihood = likelihood or Likelihood.of(defense, dim=target.shape[-1])
     vocab = oracle.vocab_size
     shared = prefix.length == 0  # the empty prefix is the same for every row: scan it once
     if shared:
@@ -80,11 +83,10 @@ def vocabulary_distances(oracle, prefix, target: torch.Tensor, defense, *, chunk
         with torch.autocast(oracle.device.type, dtype=autocast) if autocast is not None else nullcontext():
             hidden = oracle.hidden(prefix, embeds)
         hidden = defense.simulate(hidden.float())
-        if shared:  # (1, m, d) against every row's target; cdist's direct kernel keeps tiny distances exact
-            sq = torch.cdist(target, hidden[0], compute_mode="donot_use_mm_for_euclid_dist").pow(2)
-            parts.append(sq / target.shape[-1])
+        if shared:  # (1, m, d) against every row's target
+            parts.append(likelihood.pairwise(target, hidden[0]))
         else:
-            parts.append(mse(hidden, target[:, None, :]))
+            parts.append(likelihood.statistic(target[:, None, :], hidden))
     return torch.cat(parts, dim=1)
 
 
@@ -95,22 +97,36 @@ class ScanAttack(Attack):
 
     def propose(self, oracle, prefix, goal: torch.Tensor, *, defense, position: int, owner: torch.Tensor,
                 state: None) -> Candidates:
-        ids, dist = self._shortlist(oracle, prefix, goal, defense)  # (R, K), ascending float32 MSE
-        return Candidates(ids, dist, extras={"margin": dist[:, 1] - dist[:, 0]})  # runner-up minus best
+        likelihood = Likelihood.of(defense, dim=goal.shape[-1])
+        ids, dist = self._shortlist(oracle, prefix, goal, defense, likelihood)  # (R, K), ascending float32
+        loss = dist if likelihood.scores_mse else \
+            oracle.hidden_of_tokens(prefix, ids, reduce=lambda hidden, _: mse(defense.simulate(hidden), goal[:, None, :]))
+        # records keep the MSE; beams sum the law's statistic (the most likely states)
+        return Candidates(ids, loss, objective=dist, extras={"margin": dist[:, 1] - dist[:, 0]})  # runner-up minus best
+
+    @torch.no_grad()
+    def objective(self, oracle, targets: torch.Tensor, tokens: torch.Tensor, *, defense) -> torch.Tensor:
+        """The noise law's statistic per position (Gaussian or noise-free: the MSE)."""
+        likelihood = Likelihood.of(defense, dim=targets.shape[-1])
+        targets = targets.to(oracle.device)
+        return likelihood.statistic(targets, defense.simulate(oracle.capture(tokens.to(oracle.device))))
 
     def flops_per_token(self, out: AttackOutput, *, params: int, vocab: int) -> float:
         return vocab * 2 * params  # every vocabulary entry once per position
 
-    def _shortlist(self, oracle, prefix, goal: torch.Tensor, defense) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row, the nearest tokens (R, K) and their float32 MSE (R, K), nearest first. K covers
-        the beam and a runner-up (for the margin); after a low-precision scan it is `recheck`."""
+    def _shortlist(self, oracle, prefix, goal: torch.Tensor, defense,
+                   likelihood: Likelihood) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the most likely tokens (R, K) and their float32 statistic (R, K), best first. K
+        covers the beam and a runner-up (for the margin); after a low-precision scan it is `recheck`."""
         cfg = self.config
         autocast = cfg.low_precision(oracle.device)
-        dist = vocabulary_distances(oracle, prefix, goal, defense, chunk_size=cfg.chunk_size, autocast=autocast)
+        dist = vocabulary_distances(oracle, prefix, goal, defense, chunk_size=cfg.chunk_size, autocast=autocast,
+                                    likelihood=likelihood)
         width = min(oracle.vocab_size, cfg.recheck if autocast is not None else max(2, cfg.beam))
         dist, ids = dist.topk(width, dim=1, largest=False)
         if autocast is not None:  # the float32 distances decide
-            dist = oracle.hidden_of_tokens(prefix, ids, reduce=lambda hidden, _: mse(defense.simulate(hidden), goal[:, None, :]))
+            dist = oracle.hidden_of_tokens(prefix, ids, reduce=lambda hidden, _: likelihood.statistic(
+                goal[:, None, :], defense.simulate(hidden)))
             dist, order = dist.sort(dim=1)
             ids = ids.gather(1, order)
         return ids, dist

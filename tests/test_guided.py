@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
-from scipy.stats import chi2
+from scipy.stats import chi2, gamma
 
 from helpers import invoke
 from invbench.attacks import make_attack
@@ -242,3 +242,53 @@ def test_max_candidates_budget_is_stated_in_the_endings(small, cache, monkeypatc
               oracle.capture(ids[:1]))
     assert out.extras["candidates"][0, 1] == 100 and out.extras["ended"][0, 1] == BUDGET
     assert out.tokens[0, 1] != truth[1]
+
+
+# Computed at commit ae519c0, before attacks scored with the defence's noise law (attacks/likelihood.py):
+# the sub-vocabulary oracle, gaussian sigma 1.5 drawn from seed 5. (tokens, summed discrete loss per
+# prompt, candidate forwards in all)
+BEFORE_NOISE_LAWS = {
+    ("guided", "ml"): ([[623, 220, 683, 1029], [1777, 823, 1781, 1806], [26, 1710, 1211, 889]],
+                       [12.124218, 11.296766, 10.795896], 4060),
+    ("guided", "map"): ([[623, 623, 210, 811], [1777, 823, 261, 1488], [26, 1710, 1710, 889]],
+                        [12.460901, 11.09789, 11.282133], 3392),
+    ("scan", "beam 2"): ([[623, 48, 0, 22], [1777, 113, 1307, 215], [26, 90, 325, 889]],
+                         [8.833517, 7.936535, 8.227948], 0),
+}
+
+
+@pytest.mark.parametrize("key", list(BEFORE_NOISE_LAWS))
+def test_gaussian_results_are_those_from_before_noise_laws(small, cache, key):
+    oracle, ids = small
+    noisy = make_defense("gaussian", {"sigma": 1.5})
+    targets = noisy.apply(oracle.capture(ids), generator=torch.Generator().manual_seed(5))
+    name, setting = key
+    overrides = {"beam": 2} if name == "scan" else {"ranker": "prior", "scoring": setting}
+    out = make_attack(name, overrides=overrides).run(oracle, targets, defense=noisy, prompt_indices=[0, 1, 2], seed=0,
+                                                     notify=lambda line: None)
+    tokens, losses, candidates = BEFORE_NOISE_LAWS[key]
+    assert out.tokens.tolist() == tokens
+    assert out.discrete_loss.sum(1).tolist() == pytest.approx(losses, abs=1e-5)
+    assert int(out.extras.get("candidates", torch.zeros(1)).sum()) == candidates
+
+
+def test_attacks_score_a_laplace_defence_with_its_own_law(small, cache):
+    """Laplace noise: the statistic is the mean absolute error (ml), -log p is d MAE / b (map), and
+    the certified stop is the Gamma quantile, not Gaussian's chi-square."""
+    oracle, ids = small
+    laplace = make_defense("laplace", {"clip": 50.0, "epsilon": 400.0})  # b = 2 C / eps = 0.25 per coordinate
+    targets = laplace.apply(oracle.capture(ids), generator=torch.Generator().manual_seed(3))
+    simulated = laplace.simulate(oracle.capture(ids))
+    mae = (simulated - targets).abs().mean(-1)
+    for name in ("guided", "scan"):
+        attack = make_attack(name, overrides={"ranker": "prior"} if name == "guided" else {})
+        assert torch.allclose(attack.objective(oracle, targets, ids, defense=laplace), mae, rtol=1e-5)
+    as_map = make_attack("guided", overrides={"ranker": "prior", "scoring": "map"})
+    expected = targets.shape[-1] * mae / 0.25 - oracle.log_prior_of(ids)
+    assert torch.allclose(as_map.objective(oracle, targets, ids, defense=laplace), expected, rtol=1e-5)
+    assert as_map.scoring_used(laplace) == "map (Laplace likelihood, scale 0.25, plus the model's prior)"
+    state = as_map.prepare(oracle, targets, defense=laplace, prompt_indices=[0, 1, 2], seed=0, notify=lambda line: None)
+    assert state.threshold == pytest.approx(0.25 * gamma.ppf(1 - 1e-4, targets.shape[-1]) / targets.shape[-1] + 1e-7)
+    out = make_attack("sequence", overrides={"ranker": "prior"}).run(oracle, targets, defense=laplace,
+                                                                     prompt_indices=[0, 1, 2], seed=0, notify=lambda line: None)
+    assert torch.equal(out.tokens, ids)  # b 0.25 on states of RMS 1: every token recovered
