@@ -7,6 +7,7 @@ Other layers: only the cosine of h~ to h (`cosine_only`).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 import torch
@@ -84,7 +85,9 @@ def utility_metrics(
     }
     if scored:
         out["nll_clean"], out["nll_defended"] = nll_clean / scored, nll_defended / scored
-        out["perplexity_ratio"] = math.exp(out["nll_defended"] - out["nll_clean"])
+        # a defence that destroys the states can put the ratio beyond float range: infinite (null in JSON)
+        gap = out["nll_defended"] - out["nll_clean"]
+        out["perplexity_ratio"] = math.exp(gap) if gap < math.log(sys.float_info.max) else math.inf
     out.update(cosine_only(clean=clean, defended=defended))
     return out
 

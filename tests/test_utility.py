@@ -89,3 +89,10 @@ def test_cosine_of_identical_vectors_is_exactly_one():
     """Rounding once gave 1.0000000000000002, which the leaderboard schema rightly rejects."""
     clean = torch.randn(12, 128, generator=torch.Generator().manual_seed(28)) * 11  # unclamped mean: 1 + 2e-16
     assert cosine_only(clean=clean, defended=clean.clone())["cosine"] == 1.0
+
+
+def test_a_destroyed_model_has_an_infinite_perplexity_ratio_not_an_overflow():
+    """Defended logits 1e4 away from the next token: its NLL gap is far beyond exp's float range."""
+    defended = torch.tensor([[1e4, 0.0, 0.0], [0.0, 1e4, 0.0]])
+    m = utility_metrics(lm_head=identity_head(), clean=CLEAN, defended=defended, next_ids=NEXT)
+    assert m["nll_defended"] > 1000 and m["perplexity_ratio"] == math.inf
