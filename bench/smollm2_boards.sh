@@ -3,7 +3,7 @@
 #
 #   bash bench/smollm2_boards.sh [c4|random|render|all]   # from the repository root; default all
 #
-# ~20 runs of 5-30 minutes on 2 CPU cores. The parts can run side by side, one core each:
+# ~40 runs of 5-30 minutes on 2 CPU cores. The parts can run side by side, one core each:
 #   bash bench/smollm2_boards.sh c4 & bash bench/smollm2_boards.sh random; wait; bash bench/smollm2_boards.sh render
 #
 # Every entry is made with `invbench submit`. The gaussian, dp and quantize entries of the C4 board are the
@@ -28,16 +28,15 @@ entry_from_sweep() {  # protocol, entry name, sweep folder (runs/<protocol>/<def
 
 # --- C4 board: curves first, their points become entries ---------------------------------------
 c4_board() {
-invbench sweep --protocol $C4 --defense gaussian --param sigma=0.003,0.01,0.03,0.3,1,10 --device cpu
-# dp: sigma = 45 Z per coordinate; Z 0.001 (sigma 0.045) keeps the text, 0.1 and 1 destroy the states. The middle
-# multipliers (0.003-0.03, sigma 0.1-1.4) cost guided a whole-vocabulary pass per prompt (about an hour an entry on
-# this CPU), so they are left to a GPU
-invbench sweep --protocol $C4 --defense dp --param clip=45 --param noise_multiplier=0.001,0.1,1 --device cpu
+invbench sweep --protocol $C4 --defense gaussian --param sigma=0.003,0.01,0.03,0.1,0.3,1,3,10 --device cpu
+# dp: sigma = 45 Z per coordinate, from Z 0.001 (sigma 0.045, keeps the text) to Z 1 (sigma 45)
+invbench sweep --protocol $C4 --defense dp --param clip=45 --param noise_multiplier=0.001,0.003,0.01,0.03,0.1,1 \
+  --device cpu
 invbench sweep --protocol $C4 --defense quantize --param bits=8,6,4 --device cpu
-for sigma in 0.003 0.01 0.03 0.3 1 10; do
+for sigma in 0.003 0.01 0.03 0.1 0.3 1 3 10; do
   entry_from_sweep $C4 "Gaussian sigma $sigma" "runs/$C4/gaussian/sigma=$sigma" --defense gaussian --sigma "$sigma"
 done
-for z in 0.001 0.1 1; do
+for z in 0.001 0.003 0.01 0.03 0.1 1; do
   entry_from_sweep $C4 "DP clip 45 Z $z" "runs/$C4/dp/clip=45,noise_multiplier=$z" --defense dp --clip 45 \
     --noise-multiplier "$z"
 done
@@ -46,6 +45,33 @@ for bits in 8 6 4; do
 done
 invbench submit --protocol $C4 --name "No defence" --defense none --device cpu
 invbench submit --protocol $C4 --name "Top-k 256 (example plug-in)" --defense topk --param k=256 --device cpu
+published $C4
+}
+
+# --- the published defences, on both boards (issue 23) -------------------------------------------------
+# dchi (Feyisetan et al. 2020): SplitLLM's DxPrivacy default, relative epsilon 5 (epsilon 5 d = 2,880 per unit L2);
+# epsilon 500 keeps top-1 agreement about 0.9 on C4; epsilon 20 leaves 0.2. The norm-clipped variant at clip 45
+# (about half of SmolLM2's last-layer states are longer: the 30-50% clip rate of the audit that broke it).
+# laplace (VFLAIR-LLM's Laplace DP, L1 clip 600, just above the states' L1 norm of about 570): epsilon 8, where a
+# pure per-vector guarantee means something; 20,000 (top-1 about 0.9); 1,000 (top-1 0.05).
+published() {
+local protocol=$1
+invbench sweep --protocol "$protocol" --defense dchi --param dim=576 --param epsilon=20,500 --device cpu
+invbench sweep --protocol "$protocol" --defense laplace --param clip=600 --param epsilon=8,1000,20000 --device cpu
+entry_from_sweep "$protocol" "dchi eps 500" "runs/$protocol/dchi/dim=576,epsilon=500" --defense dchi --param dim=576 \
+  --param epsilon=500
+entry_from_sweep "$protocol" "dchi eps 20" "runs/$protocol/dchi/dim=576,epsilon=20" --defense dchi --param dim=576 \
+  --param epsilon=20
+invbench submit --protocol "$protocol" --name "dchi relative eps 5 (SplitLLM default)" --defense dchi --param dim=576 \
+  --param relative_epsilon=5 --device cpu
+for eps in 8 1000 20000; do
+  entry_from_sweep "$protocol" "Laplace clip 600 eps $eps" "runs/$protocol/laplace/clip=600,epsilon=$eps" \
+    --defense laplace --clip 600 --epsilon "$eps"
+done
+if [ "$protocol" = $C4 ]; then
+  invbench submit --protocol $C4 --name "dchi clip 45 eps 200" --defense dchi --param dim=576 --param clip=45 \
+    --param epsilon=200 --device cpu
+fi
 }
 
 # --- random-token board: the middle settings, and a gaussian curve to compare with C4 -----------------
@@ -58,9 +84,12 @@ invbench submit --protocol $RANDOM_PROTOCOL --name "DP clip 45 Z 0.1" --defense 
 invbench submit --protocol $RANDOM_PROTOCOL --name "Quantize 6 bits" --defense quantize --bits 6 --device cpu
 invbench submit --protocol $RANDOM_PROTOCOL --name "Top-k 256 (example plug-in)" --defense topk --param k=256 \
   --device cpu
-invbench sweep --protocol $RANDOM_PROTOCOL --defense gaussian --param sigma=0.03,1 --device cpu
-entry_from_sweep $RANDOM_PROTOCOL "Gaussian sigma 0.03" "runs/$RANDOM_PROTOCOL/gaussian/sigma=0.03" --defense gaussian \
-  --sigma 0.03
+invbench sweep --protocol $RANDOM_PROTOCOL --defense gaussian --param sigma=0.03,0.3,1 --device cpu
+for sigma in 0.03 0.3 1; do
+  entry_from_sweep $RANDOM_PROTOCOL "Gaussian sigma $sigma" "runs/$RANDOM_PROTOCOL/gaussian/sigma=$sigma" \
+    --defense gaussian --sigma "$sigma"
+done
+published $RANDOM_PROTOCOL
 }
 
 # --- boards, curves, screenshots ----------------------------------------------------------------------
@@ -68,6 +97,7 @@ render() {
 invbench leaderboard --protocol $C4
 invbench leaderboard --protocol $RANDOM_PROTOCOL
 invbench curve --protocol $C4 --out leaderboards/$C4/curves/all-defences.png
+invbench curve --protocol $RANDOM_PROTOCOL --out leaderboards/$RANDOM_PROTOCOL/curves/all-defences.png
 invbench curve --protocol $C4 --protocol $RANDOM_PROTOCOL --defense gaussian --compare \
   --out leaderboards/$RANDOM_PROTOCOL/curves/gaussian-c4-vs-random.png
 python -m invbench.screenshot leaderboards/$C4/index.html docs/leaderboard-$C4.png
