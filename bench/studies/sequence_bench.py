@@ -4,12 +4,14 @@
 
 Per-position decoding is `guided` (each position decided alone: the codebook at position 1, the best
 verified token after the committed prefix later); sequence-level decoding is `sequence` (beam search
-over hypotheses, scored by the whole text's objective). Both run with the scoring of the SmolLM2
-protocols (map on C4 text, ml on random ids, whose text no prior describes) and the same learned
-ranker, on the same prompts and the same seeded noise: the first --c4 C4 prompts of the bundled
-sample (the c4-smollm2-10tok board's first prompts) and --random prompts of uniformly random ids
-(the random-smollm2-10tok board's). `scan` (every vocabulary token at every position, beam 1 and
-wider) runs on the first --scan-prompts C4 prompts, where the two are compared with it.
+over hypotheses, scored by the whole text's objective). The sequence cells are the SmolLM2 boards' own
+runs (`c4-smollm2-10tok` and `random-smollm2-10tok` at gaussian sigma, every board prompt; a run folder
+the board scripts made under --runs-dir, `<protocol>/gaussian-sigma-<s>`, is reused as it is). The
+per-position cells run `guided` with the same scoring (map on C4 text, ml on random ids, whose text no
+prior describes), the same learned ranker and the same seeded noise on the first --c4 / --random
+prompts of the same sets (a prompt's noise depends on its index only), and the table compares both on
+those prompts. `scan` (every vocabulary token at every position, beam 1 and wider) runs on the first
+--scan-prompts C4 prompts, where the two are compared with it.
 
 Every cell is a resumable `invbench run` under --runs-dir, so an interrupted benchmark resumes.
 """
@@ -26,12 +28,15 @@ from pathlib import Path
 import torch
 
 from invbench.config import RunConfig
+from invbench.entries import slugify
 from invbench.formats import cell as fmt
+from invbench.protocols import get_protocol
 from invbench.runner import run
 
 from .guided_bench import aggregate, records
 
 SCORING = {"c4": "map", "random": "ml"}
+BOARDS = {"c4": "c4-smollm2-10tok", "random": "random-smollm2-10tok"}
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,10 @@ class Cell:
         return {"guided": "per position (guided)", "sequence": "sequence"}.get(self.attack, f"scan, beam {self.beam}")
 
     def config(self, *, model: str, runs_dir: Path, tokens: int) -> RunConfig:
+        if self.attack == "sequence":  # the board's own run, as its script names the folder
+            protocol = get_protocol(BOARDS[self.dataset])
+            return protocol.run_config(defense="gaussian", defense_params={"sigma": self.sigma}, device="cpu",
+                                       out=str(runs_dir / protocol.name / slugify(f"Gaussian sigma {self.sigma:g}")))
         options = {"beam": self.beam} if self.attack == "scan" else {"scoring": SCORING[self.dataset]}
         return RunConfig(model=model, dataset=self.dataset, n=self.n, tokens=tokens, device="cpu", attacks=[self.attack],
                          preset="fast", attack_options=options, defense="gaussian", defense_params={"sigma": self.sigma},
@@ -61,10 +70,11 @@ class Cell:
 
 def plan(*, c4: int, random: int, c4_sigmas: list[float], random_sigmas: list[float], scan_prompts: int,
          scan_sigmas: list[float], scan_beams: list[int]) -> list[Cell]:
-    """The sequence cells first (minutes), then per-position decoding, then scan (hours)."""
-    cells = [Cell(d, n, s, "sequence") for d, n, levels in (("c4", c4, c4_sigmas), ("random", random, random_sigmas))
+    """The board's sequence runs first, then per-position decoding on their first prompts, then scan (hours)."""
+    boards = {"c4": get_protocol(BOARDS["c4"]).n, "random": get_protocol(BOARDS["random"]).n}
+    cells = [Cell(d, boards[d], s, "sequence") for d, n, levels in (("c4", c4, c4_sigmas), ("random", random, random_sigmas))
              if n for s in levels]
-    cells += [Cell(c.dataset, c.n, c.sigma, "guided") for c in cells]
+    cells += [Cell(c.dataset, min(c.n, c4 if c.dataset == "c4" else random), c.sigma, "guided") for c in cells]
     cells += [Cell("c4", scan_prompts, s, "scan", b) for s in scan_sigmas for b in scan_beams if scan_prompts]
     return cells
 
@@ -98,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--runs-dir", default="runs/sequence-bench")
     parser.add_argument("--out", default=None, help="Markdown file for the tables (e.g. bench/studies/SEQUENCE.md)")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="run nothing: tabulate the cells whose runs are finished, list the others as not run")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,8 +121,12 @@ def main(argv: list[str] | None = None) -> None:
                  random_sigmas=numbers(args.random_sigmas), scan_prompts=args.scan_prompts,
                  scan_sigmas=numbers(args.scan_sigmas), scan_beams=numbers(args.scan_beams, int))
     results: dict[Cell, list[dict]] = {}
+    missing: list[Cell] = []
     for i, cell in enumerate(cells):
         cfg = cell.config(model=args.model, runs_dir=Path(args.runs_dir), tokens=args.tokens)
+        if args.finished_only and not (Path(cfg.out) / "summary.json").is_file():
+            missing.append(cell)
+            continue
         print(f"[{i + 1}/{len(cells)}] {cell.name}", flush=True)
         run(cfg, echo=lambda line: print(f"  {line}", flush=True))
         results[cell] = records(Path(cfg.out), cell.attack)
@@ -122,8 +138,13 @@ def main(argv: list[str] | None = None) -> None:
              f"Command: `python -m invbench.studies.sequence_bench {shlex.join(argv if argv is not None else sys.argv[1:])}`",
              "", *HEADER]
     decoders = [c for c in results if c.attack != "scan"]
-    for cell in sorted(decoders, key=lambda c: (c.dataset, c.sigma, c.attack != "guided")):
-        lines.append(row(cell, results[cell], vocab=vocab))
+    for cell in sorted(decoders, key=lambda c: (c.dataset, c.sigma, c.attack != "sequence")):
+        lines.append(row(cell, results[cell], vocab=vocab, note=" (board)" if cell.attack == "sequence" else ""))
+        per_position = next((c for c in decoders if c.attack == "guided" and (c.dataset, c.sigma) == (cell.dataset, cell.sigma)), None)
+        if cell.attack == "sequence" and per_position and per_position.n < cell.n:  # both on the same prompts
+            lines.append(row(cell, results[cell][:per_position.n], vocab=vocab, note=f" (first {per_position.n})"))
+    if missing:
+        lines += ["", "Not run yet: " + ", ".join(c.name for c in missing) + "."]
     scans = [c for c in results if c.attack == "scan"]
     if scans:
         lines += ["", f"## Against scan on the first {args.scan_prompts} C4 prompts", "",
