@@ -18,6 +18,7 @@ from .cli_options import (DEVICE, LAYER, SEED_OPTION, NamedPath, attack_options,
 from .config import BATCH_SIZE, DEVICE_DEFAULTS, RunConfig
 from .errors import InvbenchError, one_line
 from .formats import cell
+from .summary import Guarantee
 from .sweep_cli import curve, sweep
 from invbench.attacks.base import PRESET_NAMES
 from invbench.attacks.ranker import Recipe as _RankerRecipe
@@ -187,10 +188,9 @@ def fit_ranker(model: str, layer: int, documents: int | None, seed: int, device:
 def format_defense(defense: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
     text = f"defence {defense['name']}{f' ({params})' if params else ''}"
-    if defense.get("epsilon") is not None:
-        text += f", epsilon {defense['epsilon']:.3g} per vector at delta {defense['delta']:g}"
-        if defense.get("epsilon_per_prompt") is not None:
-            text += f", {defense['epsilon_per_prompt']:.3g} per prompt"
+    guarantee = Guarantee.of(defense)
+    if guarantee.epsilon is not None:
+        text += f", {guarantee.sentence()}"
     elif defense.get("reason"):
         text += f" (epsilon: {defense['reason']})"
     return text

@@ -25,16 +25,19 @@ from typing import Any, Callable
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from . import derived, legacy_entries, summary as summary_module, verification
+from . import derived, legacy_entries, summary as summary_module, transcript as transcript_module, verification
 from .errors import InvbenchError, one_line
 from .formats import short
 from .metrics import PRIVACY_METRICS, worst_case
 from .protocols import defining
 from .schema_check import Failure, failures, format_checker, load_schema, read_json_file
 from .summary import RunSummary
+from .transcript import Transcript
 from .verdicts import run_verdict
 
-SCHEMA_VERSION = 3  # 3: the run's summary embedded as it is; 2: fields copied from it (legacy_entries)
+# 4: with its transcript (what each attack recovered of each prompt, invbench.transcript); 3: the run's summary
+# embedded as it is, no transcript (still read: its page says so); 2: fields copied from it (legacy_entries)
+SCHEMA_VERSION = 4
 ENTRY_ID_PATTERN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 ENTRY_ID_MAX = 64
 MAX_ENTRY_BYTES = 1_000_000  # an entry is a few KB; refuse anything that could stall the renderer
@@ -159,6 +162,7 @@ def check_entry(data: Any, path: Path, *, protocol_dir_name: str | None = None,
             found += _summary_problems(data["summary"], protocol, in_summary, prefix="summary.")
             spec = data.get("defense_spec") if fits("defense_spec") else None
             found += derived.problems(data["summary"], spec=spec, fits=in_summary, prefix="summary.")
+            found += _transcript_problems(data, fits)
     return [Problem(path, field, message) for field, message in found]
 
 
@@ -179,6 +183,15 @@ def _place_problems(data: dict, protocol: Any, path: Path, dir_name: str | None,
         problems.append(("protocol", f"differs from the current definition of {definition['name']!r} "
                          f"({', '.join(map(str, changed))}); rerun the submission under the current protocol"))
     return problems
+
+
+def _transcript_problems(data: dict, fits: Callable[..., bool]) -> list[tuple[str, str]]:
+    """(field, message) where a transcript that fits the schema disagrees with its ids or its summary."""
+    summary = data["summary"]
+    if "transcript" not in data or not fits("transcript") or not isinstance(summary.get("attacks"), dict):
+        return []
+    return transcript_module.problems(data["transcript"], attacks=list(summary["attacks"]), n=summary.get("n"),
+                                      prefix="transcript.")
 
 
 def _summary_problems(summary: dict, protocol: Any, fits: Callable[..., bool], *, prefix: str) -> list[tuple[str, str]]:
@@ -227,8 +240,9 @@ class Entry:
     ranks it by (from the summary)."""
 
     path: Path
-    meta: dict[str, Any]  # everything but the summary: entry_id, name, authors, url, date, protocol, ...
+    meta: dict[str, Any]  # everything but the summary and the transcript: entry_id, name, authors, url, date, ...
     summary: RunSummary
+    transcript: Transcript | None = None  # what each attack recovered of each prompt; None before schema 4
 
     @property
     def entry_id(self) -> str:
@@ -275,7 +289,9 @@ def entry_of(path: Path, data: dict[str, Any]) -> Entry:
     """An Entry from data that passed `check_entry`; the summary is read through RunSummary.from_dict."""
     if legacy_entries.is_legacy(data):
         return Entry(path, legacy_entries.metadata_of(data), legacy_entries.summary_of(data))
-    return Entry(path, {k: v for k, v in data.items() if k != "summary"}, RunSummary.from_dict(data["summary"]))
+    transcript = Transcript.from_dict(data["transcript"]) if "transcript" in data else None
+    return Entry(path, {k: v for k, v in data.items() if k not in ("summary", "transcript")},
+                 RunSummary.from_dict(data["summary"]), transcript)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

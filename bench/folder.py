@@ -2,7 +2,8 @@
 
 The file primitives (atomic JSON, whole-batch appends, torn-line repair) are in `results.py`, the
 writer's lock in `lock.py`; this is where a run meets them, and the one place config.json and
-summary.json are read (`read_config`, `read_summary`; records through `results.read_records`).
+summary.json are read (`read_config`, `read_summary`; records through `results.read_records`, by a run
+or, once it has finished, `read_run_records`).
 
 What a run records must not depend on how it was opened: a resumed run, or a finished one reopened
 by `submit`, keeps the provenance of the session that began it (`PROVENANCE`: versions, git commit,
@@ -71,6 +72,11 @@ def read_summary(folder: Path):
     return None if data is None else RunSummary.from_dict(data)
 
 
+def read_run_records(folder: Path) -> list[dict]:
+    """The whole records of a results folder (a torn or malformed line is left out, as a run reads them)."""
+    return read_records(Path(folder) / "records.jsonl", check=record_problem)
+
+
 def _record_key(record: dict) -> tuple[Any, Any]:
     return record.get("attack"), record.get("prompt_index")
 
@@ -136,7 +142,7 @@ class ResultsFolder:
 
     def records(self) -> list[dict]:
         """The whole records: a line that fails the record schema counts as torn (its prompt is redone)."""
-        return read_records(self.records_path, check=record_problem)
+        return read_run_records(self.path)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", summary)

@@ -1,11 +1,18 @@
 """The leaderboard of one protocol: `LEADERBOARD.md` and a static, self-contained `index.html`.
 
-Ranking, by the rule the protocol names (`RANKINGS`; today one, "worst-case-exact-match"): worst-case
-exact match over the protocol's attacks (lower is more private), among the entries whose top-1
-agreement is at least the utility floor; ties go to the lower worst-case token accuracy, then the
-higher top-1 agreement. Entries under the floor are listed separately. The Pareto frontier of
-worst-case exact match (down) against top-1 agreement (up) is marked. Every number comes from the
-entries' summaries (`Entry.summary`, a RunSummary).
+Ranking, by the rule the protocol names (`RANKINGS`): "worst-case-token-accuracy", by what leaks:
+worst-case token accuracy over the protocol's attacks (the fraction of the secret recovered, lower
+is more private), then worst-case exact match, among the entries whose top-1 agreement is at least
+the utility floor; ties go to the higher top-1 agreement; an inconclusive entry ranks below every
+conclusive one. ("worst-case-exact-match", exact match first, is the rule of the boards made before.)
+Entries under the floor are listed separately. The Pareto frontier of the rule's first metric (down)
+against top-1 agreement (up) is marked. Every number comes from the entries' summaries
+(`Entry.summary`, a RunSummary).
+
+Each entry also gets its own page, `entries/<entry-id>.html` (`render_entry_html`): the submission
+(who, where), the defence, its guarantee and citation, the verdicts and the verified mark, and what
+leaked: every prompt's true tokens beside each attack's recovered tokens, the wrong ones marked, from
+the entry's transcript.
 
 Everything that came from a submission is escaped before it is written: by `escape_md` in the
 Markdown, by the autoescaping Jinja2 template `templates/board.html.j2` in the page. The page's
@@ -28,6 +35,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from . import __version__
 from .derived import guarantee_note
 from .entries import Entry, Problem, load_entries, registered_definition
+from .transcript import Token, marked, visible
 from .errors import InvbenchError
 from .formats import cell
 from .plotting import PointLabel, label_points
@@ -63,40 +71,65 @@ class Board:
     ranked: list[Row]
     below: list[Row]
     problems: list[Problem]
+    ranking: "RankingRule"
 
 
-def pareto_frontier(entries: Iterable[Entry]) -> set[str]:
-    """Ids of the entries no other entry beats on both worst-case exact match (lower) and top-1
-    agreement (higher). Entries without a top-1 agreement take no part."""
-    points = [(e.entry_id, e.worst_exact_match, e.top1_agreement) for e in entries if e.top1_agreement is not None]
+@dataclass(frozen=True)
+class RankingRule:
+    """How a board orders its entries: `key` sorts them; `privacy` names the Entry property the rule
+    ranks by first (the Pareto frontier is of it against top-1 agreement), `words` says the rule."""
 
-    def dominated(em: float, top1: float) -> bool:
-        return any(o_em <= em and o_top1 >= top1 and (o_em < em or o_top1 > top1) for _, o_em, o_top1 in points)
+    key: Callable[[Entry], tuple]
+    privacy: str  # an Entry property: worst_token_accuracy or worst_exact_match
+    privacy_words: str  # what it is, for the board's paragraph and the plot
+    words: str
 
-    return {entry_id for entry_id, em, top1 in points if not dominated(em, top1)}
+
+def by_token_accuracy(entry: Entry) -> tuple:
+    """Conclusive entries first (an inconclusive one never ranks above them), then worst-case token
+    accuracy (lower is more private), worst-case exact match, top-1 agreement (higher)."""
+    return (not entry.conclusive, entry.worst_token_accuracy, entry.worst_exact_match,
+            -(entry.top1_agreement or 0.0), entry.entry_id)
 
 
-def rank_key(entry: Entry) -> tuple:
-    """Conclusive entries first (an inconclusive one never ranks above them), then worst-case exact
-    match (lower is more private), worst-case token accuracy, top-1 agreement (higher)."""
-    return (not entry.conclusive, entry.worst_exact_match, entry.worst_token_accuracy, -(entry.top1_agreement or 0.0),
-            entry.entry_id)
+def by_exact_match(entry: Entry) -> tuple:
+    """The rule before: worst-case exact match first, then token accuracy."""
+    return (not entry.conclusive, entry.worst_exact_match, entry.worst_token_accuracy,
+            -(entry.top1_agreement or 0.0), entry.entry_id)
 
 
 # A protocol's `ranking` names its rule here; a new rule is a new name, so entries ranked by another
 # rule are another protocol's (invbench.protocols.defining).
-RANKINGS: dict[str, Callable[[Entry], tuple]] = {RANKING: rank_key}
+RANKINGS: dict[str, RankingRule] = {
+    RANKING: RankingRule(by_token_accuracy, "worst_token_accuracy", "worst-case token accuracy",
+                         "worst-case token accuracy (the fraction of each secret the strongest attack recovers), "
+                         "then worst-case exact match"),
+    "worst-case-exact-match": RankingRule(by_exact_match, "worst_exact_match", "worst-case exact match",
+                                          "worst-case exact match, then worst-case token accuracy"),
+}
+
+
+def pareto_frontier(entries: Iterable[Entry], privacy: str = RANKINGS[RANKING].privacy) -> set[str]:
+    """Ids of the entries no other entry beats on both the privacy metric `privacy` (an Entry
+    property; lower) and top-1 agreement (higher). Entries without a top-1 agreement take no part."""
+    points = [(e.entry_id, getattr(e, privacy), e.top1_agreement) for e in entries if e.top1_agreement is not None]
+
+    def dominated(leak: float, top1: float) -> bool:
+        return any(o_leak <= leak and o_top1 >= top1 and (o_leak < leak or o_top1 > top1)
+                   for _, o_leak, o_top1 in points)
+
+    return {entry_id for entry_id, leak, top1 in points if not dominated(leak, top1)}
 
 
 def rank_entries(entries: list[Entry], *, floor: float, ranking: str = RANKING,
                  verified: dict[str, Status] | None = None) -> tuple[list[Row], list[Row]]:
     """(ranked rows at or above the floor, rows below it), both in ranking order; `verified` gives
     each entry's verification status (none: not verified)."""
-    frontier = pareto_frontier(entries)
-    key = RANKINGS[ranking]
+    rule = RANKINGS[ranking]
+    frontier = pareto_frontier(entries, rule.privacy)
     status = (verified or {}).get
-    above = sorted((e for e in entries if e.top1_agreement is not None and e.top1_agreement >= floor), key=key)
-    below = sorted((e for e in entries if e.top1_agreement is None or e.top1_agreement < floor), key=key)
+    above = sorted((e for e in entries if e.top1_agreement is not None and e.top1_agreement >= floor), key=rule.key)
+    below = sorted((e for e in entries if e.top1_agreement is None or e.top1_agreement < floor), key=rule.key)
     return ([Row(e, i + 1, e.entry_id in frontier, status(e.entry_id, Status("not verified"))) for i, e in enumerate(above)],
             [Row(e, None, e.entry_id in frontier, status(e.entry_id, Status("not verified"))) for e in below])
 
@@ -126,7 +159,7 @@ def build_board(protocol_dir: Path, *, floor: float = DEFAULT_UTILITY_FLOOR) -> 
         attacks = sorted({a for e in entries for a in e.summary.attacks})
     statuses, unreadable = verification_statuses(entries)
     ranked, below = rank_entries(entries, floor=floor, ranking=ranking, verified=statuses)
-    return Board(protocol_dir.name, description, floor, attacks, ranked, below, problems + unreadable)
+    return Board(protocol_dir.name, description, floor, attacks, ranked, below, problems + unreadable, RANKINGS[ranking])
 
 
 # --- cells: every value as text, from one place -----------------------------------------------
@@ -146,13 +179,12 @@ AS_SUBMITTED = "*"  # marks a guarantee that could not be recomputed when the bo
 
 
 def epsilon_text(entry: Entry) -> str:
-    """epsilon (and delta); marked AS_SUBMITTED when it could not be recomputed on read (plug-in files)."""
-    defense = entry.summary.defense
-    if defense.get("epsilon") is None:
+    """epsilon with the guarantee's kind, as the defence recorded it ("8 (ε-DP per vector)"); marked
+    AS_SUBMITTED when it could not be recomputed on read (plug-in files)."""
+    guarantee = entry.summary.guarantee
+    if guarantee.epsilon is None:
         return "-"
-    delta = defense.get("delta")
-    mark = AS_SUBMITTED if guarantee_note(defense, entry.defense_spec) else ""
-    return f"{defense['epsilon']:.3g}" + (f" (delta {delta:g})" if delta is not None else "") + mark
+    return guarantee.cell() + (AS_SUBMITTED if guarantee_note(entry.summary.defense, entry.defense_spec) else "")
 
 
 @dataclass(frozen=True)
@@ -162,47 +194,60 @@ class Column:
 
 
 def columns(board: Board) -> list[Column]:
-    return ([Column("#", "number"), Column("Entry", "text"), Column("Authors", "text"), Column("Defence", "text"),
-             Column("epsilon", "number"), Column("Verdict", "text"), Column("Verified", "text"),
-             Column("Worst-case EM", "number"),
-             Column("Strongest attack", "text")]
+    return ([Column("#", "number"), Column("Entry", "text"), Column("Defence", "text"),
+             Column("epsilon (guarantee)", "number"), Column("Verdict", "text"), Column("Verified", "text"),
+             Column("Worst tok acc", "number"), Column("Worst-case EM", "number"), Column("Strongest attack", "text")]
+            + [Column(f"Tok acc {a}", "number") for a in board.attacks]
             + [Column(f"EM {a}", "number") for a in board.attacks]
-            + [Column("Worst tok acc", "number")]
             + [Column(f"AUROC {a}", "number") for a in board.attacks]
             + [Column("Top-1 agr.", "number"), Column("KL", "number"), Column("Pareto", "text"),
                Column("Date", "text")])
 
 
-def cells(row: Row, attacks: list[str]) -> list[tuple[str, Any]]:
+def strongest_attack(entry: Entry, rule: RankingRule) -> str:
+    """The attack the rule's first metric rests on (checked on read against metrics.worst_case)."""
+    metric = "token_accuracy" if rule.privacy == "worst_token_accuracy" else "exact_match"
+    return entry.summary.worst_case[metric].attack
+
+
+def cells(row: Row, attacks: list[str], rule: RankingRule = RANKINGS[RANKING]) -> list[tuple[str, Any]]:
     """(display text, sort value) per column, in the order of `columns`. Sort values are numbers,
     None (missing: sorts last) or text."""
     e, meta, summary = row.entry, row.entry.meta, row.entry.summary
     attack = summary.attacks.get
     defense, utility = summary.defense, summary.utility
+    strongest = strongest_attack(e, rule)
 
     def num(value: Any, spec: str = ".3f") -> tuple[str, Any]:
         return cell(value, spec), value
 
-    return ([num(row.rank, "d"), (meta["name"], meta["name"].lower()), (meta["authors"], meta["authors"].lower()),
+    return ([num(row.rank, "d"), (meta["name"], meta["name"].lower()),
              (defense_text(defense), defense_text(defense).lower()), (epsilon_text(e), defense.get("epsilon")),
              (verdict_text(e), e.verdict or ""), (row.verified.text(), row.verified.state),
-             num(e.worst_exact_match), (e.worst_attack, e.worst_attack)]
+             num(e.worst_token_accuracy), num(e.worst_exact_match), (strongest, strongest)]
+            + [num(attack(a).token_accuracy if attack(a) else None) for a in attacks]
             + [num(attack(a).exact_match if attack(a) else None) for a in attacks]
-            + [num(e.worst_token_accuracy)]
             + [num(attack(a).detector_auroc if attack(a) else None) for a in attacks]
             + [num(utility["top1_agreement"]), num(utility.get("kl_clean_defended"), ".4g"),
                (PARETO_MARK if row.pareto else "", "1" if row.pareto else "0"), (meta["date"], meta["date"])])
 
 
+def entry_page(entry: Entry) -> str:
+    """Where an entry's page is, relative to the board's folder (the id is a slug: safe in a link)."""
+    return f"{ENTRY_PAGES}/{entry.entry_id}.html"
+
+
 def floor_text(board: Board, escape: Callable[[Any], str]) -> str:
     """The ranking rule in words; `escape` is applied to the attack names (they may come from entries)."""
     attacks = ", ".join(map(escape, board.attacks))
-    return (f"Ranked by worst-case exact match over the protocol's attacks ({attacks}; lower is more private) "
+    rule = board.ranking
+    return (f"Ranked by what leaks: {rule.words}, over the protocol's attacks ({attacks}; lower is more private), "
             f"among entries whose top-1 agreement is at least {board.floor:.2f} (the utility floor). "
-            f"Ties: lower worst-case token accuracy, then higher top-1 agreement. An entry whose verdict is inconclusive "
+            f"Ties: higher top-1 agreement. An entry whose verdict is inconclusive "
             f"(its attacks' misses are search failures: the truth fits the defended states better than their answers) "
             f"ranks below every conclusive one, whatever its numbers. {PARETO_MARK} marks the Pareto "
-            "frontier of worst-case exact match against top-1 agreement.")
+            f"frontier of {rule.privacy_words} against top-1 agreement. Each entry's name links to its page: "
+            "what each attack recovered of each prompt, wrong tokens marked.")
 
 
 def trust_text(board: Board) -> str:
@@ -243,10 +288,8 @@ def _md_table(board: Board, rows: list[Row]) -> list[str]:
     header = [escape_md(c.title) for c in columns(board)]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for row in rows:
-        texts = [escape_md(text) for text, _ in cells(row, board.attacks)]
-        url = row.entry.meta["url"]
-        if url:  # validated: http(s), no spaces, brackets or parentheses
-            texts[1] = f"[{texts[1]}]({url})"
+        texts = [escape_md(text) for text, _ in cells(row, board.attacks, board.ranking)]
+        texts[1] = f"[{texts[1]}]({entry_page(row.entry)})"  # its page: who submitted it, and what leaked
         lines.append("| " + " | ".join(texts) + " |")
     return lines
 
@@ -273,39 +316,50 @@ def render_markdown(board: Board) -> str:
 
 # --- the plot -----------------------------------------------------------------------------------
 
+PANELS = (("worst_token_accuracy", "worst-case token accuracy"), ("worst_exact_match", "worst-case exact match"))
+
+
 def plot_png(board: Board) -> bytes:
-    """Worst-case exact match against top-1 agreement, the floor and the Pareto frontier, as PNG.
+    """Two panels, worst-case token accuracy and worst-case exact match, each against top-1 agreement,
+    with the floor; the Pareto frontier (of the ranking rule's metric) is drawn on its panel. PNG.
     Labels are entry ids (slugs), drawn with mathtext off."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig = Figure(figsize=(7.5, 4.8), dpi=110)
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(12, 4.8), dpi=110)
+    axes = fig.subplots(1, len(PANELS), sharey=True)
     rows = [r for r in board.ranked + board.below if r.entry.top1_agreement is not None]
+    for ax, (metric, words) in zip(axes, PANELS):
+        _board_panel(ax, board, rows, metric, words)
+    fig.suptitle(f"{board.protocol}: privacy against utility", parse_math=False)
+    fig.tight_layout()
+    for ax, (metric, _) in zip(axes, PANELS):  # after the layout: placement measures the rendered labels
+        label_points(ax, [PointLabel(r.entry.top1_agreement, getattr(r.entry, metric),
+                                     r.entry.entry_id if len(r.entry.entry_id) <= 28 else r.entry.entry_id[:27] + "...")
+                          for r in rows])
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def _board_panel(ax, board: Board, rows: list[Row], metric: str, words: str) -> None:
+    """One privacy metric (an Entry property) of every entry against top-1 agreement."""
     for group, style in ((board.ranked, dict(marker="o", color="tab:blue", label="ranked")),
                          (board.below, dict(marker="x", color="tab:gray", label="below the floor"))):
-        points = [(r.entry.top1_agreement, r.entry.worst_exact_match) for r in group
-                  if r.entry.top1_agreement is not None]
+        points = [(r.entry.top1_agreement, getattr(r.entry, metric)) for r in group if r.entry.top1_agreement is not None]
         if points:
             ax.scatter(*zip(*points), zorder=3, **style)
-    frontier = sorted((r.entry.top1_agreement, r.entry.worst_exact_match) for r in rows if r.pareto)
-    if frontier:
+    frontier = sorted((r.entry.top1_agreement, getattr(r.entry, metric)) for r in rows if r.pareto)
+    if frontier and metric == board.ranking.privacy:
         ax.plot(*zip(*frontier), color="tab:red", linestyle="-", drawstyle="steps-pre", zorder=2,
                 label="Pareto frontier")
     ax.axvline(board.floor, color="tab:green", linestyle="--", label=f"utility floor {board.floor:.2f}")
     if not rows:
         ax.text(0.5, 0.5, "no entries yet", ha="center", va="center", transform=ax.transAxes, parse_math=False)
     ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="top-1 agreement (utility, higher is better)",
-           ylabel="worst-case exact match (lower is more private)")
-    ax.set_title(f"{board.protocol}: privacy against utility", parse_math=False)
+           ylabel=f"{words} (lower is more private)")
+    ax.set_title(words + (" (ranks the board)" if metric == board.ranking.privacy else ""), parse_math=False)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    label_points(ax, [PointLabel(r.entry.top1_agreement, r.entry.worst_exact_match,
-                                 r.entry.entry_id if len(r.entry.entry_id) <= 28 else r.entry.entry_id[:27] + "...")
-                      for r in rows])  # after the layout: placement measures the rendered labels
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", metadata={"Software": None})
-    return buffer.getvalue()
 
 
 # --- HTML ---------------------------------------------------------------------------------------
@@ -334,10 +388,11 @@ def _sort_attr(value: Any) -> str:
 
 
 def html_row(board: Board, row: Row) -> HtmlRow:
-    """One table row as the template writes it: plain text, which the template escapes."""
-    url = row.entry.meta["url"]  # validated: http(s), or empty for none
-    row_cells = [HtmlCell(text, _sort_attr(sort_value), col.kind == "number", url if col.title == "Entry" else "")
-                 for col, (text, sort_value) in zip(columns(board), cells(row, board.attacks))]
+    """One table row as the template writes it: plain text, which the template escapes; the entry's
+    name links to its page."""
+    page = entry_page(row.entry)
+    row_cells = [HtmlCell(text, _sort_attr(sort_value), col.kind == "number", page if col.title == "Entry" else "")
+                 for col, (text, sort_value) in zip(columns(board), cells(row, board.attacks, board.ranking))]
     return HtmlRow(row.entry.entry_id, row.pareto, row_cells)
 
 
@@ -346,18 +401,138 @@ def _sha256(text: str) -> str:
     return base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii")
 
 
-def render_html(board: Board, png: bytes) -> str:
-    """The page from `templates/board.html.j2`, autoescaped: entry data is only ever text there."""
+def _environment() -> Environment:
+    """The templates' environment: autoescaping, undefined names an error."""
     environment = Environment(loader=PackageLoader("invbench", "templates"), autoescape=True,
                               undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                               keep_trailing_newline=True)
     environment.filters["sha256"] = _sha256
-    return environment.get_template("board.html.j2").render(
+    return environment
+
+
+def render_html(board: Board, png: bytes) -> str:
+    """The page from `templates/board.html.j2`, autoescaped: entry data is only ever text there."""
+    return _environment().get_template("board.html.j2").render(
         board=board, columns=columns(board), ranked=[html_row(board, row) for row in board.ranked],
         below=[html_row(board, row) for row in board.below], floor=floor_text(board, str),
         problems=[problem_text(p) for p in board.problems], plot=base64.b64encode(png).decode("ascii"),
         trust=trust_text(board).replace("`", ""),
         version=__version__)
+
+
+# --- an entry's page ------------------------------------------------------------------------------
+
+ENTRY_PAGES = "entries"  # the folder of the entry pages, beside index.html
+# Where the built-in defences come from. A defence does not state its citation yet (defenses/ would be
+# the place: a `citation` beside `guarantee`); until it does, the board names the built-ins' sources here.
+CITATIONS = {
+    "dchi": "Feyisetan, Balle, Drake and Diethe, \"Privacy- and Utility-Preserving Textual Analysis via Calibrated "
+            "Multivariate Perturbations\", WSDM 2020 (dchi metric DP)",
+    "laplace": "the Laplace mechanism (Dwork, McSherry, Nissim and Smith 2006), as VFLAIR-LLM's Laplace DP defence",
+    "dp": "the Gaussian mechanism on clipped vectors, as DP-Forward (Du et al., CCS 2023); sigma from the exact "
+          "GDP conversion, the analytic Gaussian mechanism of Balle and Wang 2018",
+}
+NO_TRANSCRIPT = ("This entry does not carry its records (entry schema {version}, before entries held what each attack "
+                 "recovered): only its numbers are known here. Running the same `invbench submit` command again adds "
+                 "them (the run resumes; nothing is attacked again).")
+
+
+@dataclass(frozen=True)
+class PageField:
+    label: str
+    text: str
+    url: str = ""  # validated http(s)
+
+
+@dataclass(frozen=True)
+class AttackRow:
+    name: str
+    token_accuracy: str
+    exact_match: str
+    search_failure_rate: str
+    verdict: str
+
+
+@dataclass(frozen=True)
+class LeakLine:
+    attack: str
+    tokens: list[Token]
+    score: str  # "exact" or the prompt's token accuracy
+
+
+@dataclass(frozen=True)
+class PromptView:
+    index: int
+    truth: list[str]
+    attacks: list[LeakLine]
+
+
+def page_fields(row: Row, board: Board) -> list[PageField]:
+    """The entry's metadata as the page lists it: the submitter, the defence, its guarantee and
+    citation, verdicts, the verified mark and the run."""
+    e, meta, summary = row.entry, row.entry.meta, row.entry.summary
+    worst = summary.worst_case
+    protocol = meta["protocol"]
+    guarantee = [epsilon_text(e)] + ([summary.guarantee.sentence()] if summary.guarantee.epsilon is not None else [])
+    guarantee += [f"{key}: {summary.defense[key]}" for key in ("neighbouring", "reason") if summary.defense.get(key)]
+    return [
+        PageField("Submitted by", meta["authors"] or "not given"),
+        PageField("Link", meta["url"] or "none given", meta["url"]),
+        PageField("Date", meta["date"]),
+        PageField("Protocol", f"{protocol['name']} (version {protocol.get('version', 1)}, ranking {protocol['ranking']})"),
+        PageField("Rank", f"{row.rank} of {len(board.ranked)}" if row.rank else
+                  f"below the utility floor (top-1 agreement under {board.floor:.2f})"),
+        PageField("Defence", f"{defense_text(summary.defense)}; from {e.defense_spec}"),
+        PageField("Citation", CITATIONS.get(summary.defense["name"], "none recorded")),
+        PageField("Guarantee", "; ".join(guarantee) if summary.guarantee.epsilon is not None
+                  else f"none ({summary.defense.get('reason') or 'no formal guarantee'})"),
+        PageField("Verdict", f"{verdict_text(e)}: {summary.verdict.says}" if summary.verdict else verdict_text(e)),
+        PageField("Verified", row.verified.text()),
+        PageField("Worst case", f"token accuracy {cell(worst['token_accuracy'].value)} "
+                  f"({worst['token_accuracy'].attack}), exact match {cell(worst['exact_match'].value)} "
+                  f"({worst['exact_match'].attack})"),
+        PageField("Utility", f"top-1 agreement {cell(summary.utility['top1_agreement'])}, KL "
+                  f"{cell(summary.utility.get('kl_clean_defended'), '.4g')}, perplexity ratio "
+                  f"{cell(summary.utility.get('perplexity_ratio'), '.4g')}"),
+        PageField("Run", f"{summary.n} prompts x {summary.tokens} tokens of {summary.model} ({summary.dataset}); "
+                  f"git commit {cell(meta.get('git_commit'))}; {summary.device}; configuration {summary.config_hash}"),
+    ]
+
+
+def prompt_views(entry: Entry) -> list[PromptView]:
+    """Each prompt of the entry's transcript: the true tokens, then each attack's with the wrong ones marked."""
+    if entry.transcript is None:
+        return []
+    return [PromptView(p.prompt_index, [visible(t) for t in p.target_tokens],
+                       [LeakLine(name, marked(p.target_ids, answer),
+                                 "exact" if answer.exact_match else f"{answer.token_accuracy:.2f} of tokens")
+                        for name, answer in p.attacks.items()])
+            for p in entry.transcript.prompts]
+
+
+def render_entry_html(row: Row, board: Board) -> str:
+    """An entry's page from `templates/entry.html.j2`, autoescaped."""
+    e = row.entry
+    attacks = [AttackRow(name, cell(a.token_accuracy), cell(a.exact_match), cell(a.search_failure_rate),
+                         a.verdict or "-") for name, a in e.summary.attacks.items()]
+    return _environment().get_template("entry.html.j2").render(
+        name=e.name, protocol=board.protocol, fields=page_fields(row, board), attacks=attacks,
+        prompts=prompt_views(e), no_transcript=NO_TRANSCRIPT.format(version=e.meta.get("schema_version")),
+        version=__version__)
+
+
+def write_entry_pages(protocol_dir: Path, board: Board) -> list[Path]:
+    """Every entry's page under `entries/`; pages of entries no longer on the board are removed."""
+    folder = protocol_dir / ENTRY_PAGES
+    rows = board.ranked + board.below
+    written = []
+    for row in rows:
+        path = protocol_dir / entry_page(row.entry)
+        write_bytes_atomic(path, render_entry_html(row, board).encode("utf-8"))
+        written.append(path)
+    for stale in set(folder.glob("*.html")) - set(written) if folder.is_dir() else ():
+        stale.unlink()
+    return written
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -367,17 +542,18 @@ class Rendered:
     markdown: Path
     html: Path
     board: Board
+    pages: list[Path]  # each entry's page
 
 
 def render(protocol_dir: Path, *, utility_floor: float = DEFAULT_UTILITY_FLOOR) -> Rendered:
-    """Write `LEADERBOARD.md` and `index.html` into `protocol_dir` from its entries."""
+    """Write `LEADERBOARD.md`, `index.html` and each entry's page (`entries/`) into `protocol_dir`."""
     protocol_dir = Path(protocol_dir)
     board = build_board(protocol_dir, floor=utility_floor)
     protocol_dir.mkdir(parents=True, exist_ok=True)
     markdown, page = protocol_dir / "LEADERBOARD.md", protocol_dir / "index.html"
     write_bytes_atomic(markdown, render_markdown(board).encode("utf-8"))
     write_bytes_atomic(page, render_html(board, plot_png(board)).encode("utf-8"))
-    return Rendered(markdown, page, board)
+    return Rendered(markdown, page, board, write_entry_pages(protocol_dir, board))
 
 
 def protocol_dirs(board_dir: Path) -> list[Path]:

@@ -21,9 +21,11 @@ class ProtocolError(InvbenchError, ValueError):
 
 
 DESCRIPTIVE = ("description",)  # what a protocol says about itself, not what it is
-# How its board ranks entries, by name (the rules are invbench.leaderboard.RANKINGS): worst-case exact
-# match over the protocol's attacks, conclusive verdicts first, ties by token accuracy and utility.
-RANKING = "worst-case-exact-match"
+# How its board ranks entries, by name (the rules are invbench.leaderboard.RANKINGS): by what leaks, the
+# worst-case token accuracy over the protocol's attacks (the fraction of the secret recovered), then the
+# worst-case exact match, conclusive verdicts first, ties by utility. Exact match alone ranked first a
+# defence whose strongest attack recovers 82% of the tokens.
+RANKING = "worst-case-token-accuracy"
 
 
 def defining(protocol: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +105,8 @@ for _protocol in (
     Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 3 tokens, "
              "all attacks (continuous: fast preset capped at 200 steps; guided: the prior alone, as a random model has "
              "no shipped ranker). About a minute on 2 cores; not comparable to real models.",
-             model="tiny-gpt2", dataset="c4", n=4, tokens=3, preset="fast", attack_options={"steps": 200, "ranker": "prior"}),
+             model="tiny-gpt2", dataset="c4", n=4, tokens=3, preset="fast", attack_options={"steps": 200, "ranker": "prior"},
+             version=2),  # 2: ranked by worst-case token accuracy (was: exact match)
 ):
     PROTOCOLS.add(_protocol.name, _protocol)
 

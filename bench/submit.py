@@ -2,7 +2,8 @@
 
 `submit` runs the protocol for one defence into `runs/<protocol>/<entry-id>/` (rerunning the same
 submission resumes there) and writes `leaderboards/<protocol>/<entry-id>.json`: the submission's
-metadata and the run's RunSummary as it is. `verify` reruns an entry's protocol, or its first N
+metadata, the run's RunSummary as it is, and its transcript (what each attack recovered of each
+prompt, from records.jsonl: `invbench.transcript`). `verify` reruns an entry's protocol, or its first N
 prompts, and compares every field that the summary schema (`bench/schemas/summary.schema.json`)
 marks with `x-verify`, by that field's kind of tolerance (`KINDS`, absolute unless said otherwise):
 
@@ -40,12 +41,13 @@ from . import summary as summary_module, verification
 from .entries import (NAME, SCALAR, SCHEMA_VERSION, check_entry, check_value, parse_entry_file, read_entry, slugify,
                       validate_entry_id)
 from .errors import InvbenchError
-from .folder import read_config
+from .folder import read_config, read_run_records
 from .formats import cell
 from .protocols import Protocol, get_protocol
 from .registry import is_file_spec
 from .results import write_json_atomic
 from .summary import RunSummary
+from .transcript import Transcript, build_transcript
 
 FULL_PRIVACY_TOL = 0.05
 AUROC_TOL = 0.10
@@ -71,9 +73,11 @@ def recorded_spec(spec: str) -> str:
 
 
 def build_entry(summary: RunSummary, *, protocol: Protocol, entry_id: str, name: str, authors: str, url: str,
-                spec: str, day: str | None = None, git_commit: str | None = None) -> dict[str, Any]:
-    """The leaderboard entry for one finished run: the submission's metadata and the run's summary
-    (the RunSummary `invbench.runner.run` returns) as it is."""
+                spec: str, transcript: Transcript, day: str | None = None,
+                git_commit: str | None = None) -> dict[str, Any]:
+    """The leaderboard entry for one finished run: the submission's metadata, the run's summary
+    (the RunSummary `invbench.runner.run` returns) as it is, and what each attack recovered of each
+    prompt (`run_transcript`)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "entry_id": entry_id,
@@ -85,7 +89,22 @@ def build_entry(summary: RunSummary, *, protocol: Protocol, entry_id: str, name:
         "defense_spec": recorded_spec(spec),
         "git_commit": git_commit,  # the package version alone does not pin the attacks' code
         "summary": summary.to_dict(),
+        "transcript": transcript.to_dict(),
     }
+
+
+def run_transcript(run_dir: Path, protocol: Protocol, summary: RunSummary, *,
+                   echo: Callable[[str], None] = print) -> Transcript:
+    """What each attack recovered of each prompt of a finished run, from its records.jsonl, with the
+    tokens' text from the protocol's model's tokenizer (loaded again: the records hold ids, and a
+    resumed run's records were written before this code could add text to them)."""
+    from invbench.leaks.models import load_model
+
+    tokenizer = load_model(protocol.model, seed=protocol.seed, notify=echo).tokenizer
+    records = read_run_records(run_dir)
+    prompts = sorted({r["prompt_index"] for r in records if r["attack"] in summary.attacks})
+    return build_transcript(records, attacks=list(summary.attacks), prompt_indices=prompts,
+                            token_text=lambda token: tokenizer.decode([token]))
 
 
 def _preflight(*, name: str, authors: str, url: str, described: dict[str, Any]) -> None:
@@ -151,7 +170,8 @@ def submit(*, defense: str, defense_params: dict[str, Any], protocol: Protocol |
     cfg = protocol.run_config(defense=defense, defense_params=defense_params, out=str(run_dir), device=device)
     summary = run(cfg, echo=echo)
     entry = build_entry(summary, protocol=protocol, entry_id=entry_id, name=name, authors=authors, url=url,
-                        spec=defense, git_commit=run_commit(run_dir))
+                        spec=defense, transcript=run_transcript(run_dir, protocol, summary, echo=echo),
+                        git_commit=run_commit(run_dir))
     problems = check_entry(entry, entry_path, protocol_dir_name=protocol.name,
                            protocol_definition=protocol.to_dict())
     if problems:

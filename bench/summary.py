@@ -73,6 +73,62 @@ class Verdict:
     thresholds: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Guarantee:
+    """A defence's privacy guarantee as the run recorded it (its `guarantee()` in the summary's
+    `defense`): epsilon, delta, the kind ("epsilon-DP", "(epsilon, delta)-DP", "metric DP" or None for
+    an entry that did not record it) and epsilon per prompt. Epsilon None: no guarantee. Read here,
+    never re-derived, so the board and the CLI say what the defence said."""
+
+    epsilon: float | None
+    delta: float | None
+    kind: str | None
+    epsilon_per_prompt: float | None = None
+
+    @classmethod
+    def of(cls, defense: dict[str, Any]) -> "Guarantee":
+        return cls(defense.get("epsilon"), defense.get("delta"), defense.get("kind"), defense.get("epsilon_per_prompt"))
+
+    def cell(self) -> str:
+        """The board's epsilon cell: "8 (ε-DP per vector)", "24.4 ((ε, δ)-DP per vector, δ 1e-05)",
+        "2880 per unit L2 (metric DP)"; "-" without a guarantee."""
+        if self.epsilon is None:
+            return "-"
+        eps = epsilon_number(self.epsilon)
+        if self.kind == "metric DP":
+            return f"{eps} per unit L2 (metric DP)"
+        if self.kind == "epsilon-DP":
+            return f"{eps} (ε-DP per vector)"
+        delta = f"δ {self.delta:g}" if self.delta is not None else ""
+        if self.kind == "(epsilon, delta)-DP":
+            return f"{eps} ((ε, δ)-DP per vector{', ' + delta if delta else ''})"
+        return f"{eps} ({delta})" if delta else eps  # an entry that did not record its kind (schema 2)
+
+    def sentence(self) -> str:
+        """The CLI's words: "epsilon 24.4 per vector at delta 1e-05 ((epsilon, delta)-DP), 52.8 per
+        prompt"; metric DP's epsilon is per unit of L2 distance, not per vector."""
+        if self.epsilon is None:
+            return ""
+        eps = epsilon_number(self.epsilon)
+        if self.kind == "metric DP":
+            text = f"epsilon {eps} per unit of L2 distance between states (metric DP)"
+            per_prompt = " per unit of a prompt's summed L2 distance"
+        elif self.kind == "epsilon-DP":
+            text, per_prompt = f"epsilon {eps} per vector (epsilon-DP, delta 0)", " per prompt"
+        else:
+            at = f" at delta {self.delta:g}" if self.delta is not None else ""
+            text, per_prompt = f"epsilon {eps} per vector{at}" + (f" ({self.kind})" if self.kind else ""), " per prompt"
+        if self.epsilon_per_prompt is not None:
+            text += f", {epsilon_number(self.epsilon_per_prompt)}{per_prompt}"
+        return text
+
+
+def epsilon_number(value: float) -> str:
+    """Three significant digits, without an exponent below a million (2880, not 2.88e+03)."""
+    text = f"{value:.3g}"
+    return f"{value:.0f}" if "e+" in text and value < 1e6 else text
+
+
 @dataclass
 class RunSummary:
     model: str
@@ -109,6 +165,10 @@ class RunSummary:
         verdict = data.pop("verdict", None)
         return cls(attacks=attacks, worst_case=worst, verdict=build(Verdict, verdict) if verdict else None,
                    **{k: v for k, v in data.items() if k in _field_names(cls)})
+
+    @property
+    def guarantee(self) -> Guarantee:
+        return Guarantee.of(self.defense)
 
     @property
     def strongest(self) -> str:

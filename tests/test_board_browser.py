@@ -17,7 +17,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from invbench.leaderboard import render
-from test_leaderboard import XSS_DEFENCE, XSS_NAME, make_entry, write_entry
+from test_leaderboard import HOSTILE_TOKEN, XSS_DEFENCE, XSS_NAME, hostile_transcript, make_entry, write_entry
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -56,7 +56,8 @@ def page(tmp_path_factory) -> Path:
                   make_entry("beta", em=0.2, top1=0.95, auroc=None),
                   make_entry("Gamma", em=0.7, top1=1.0),
                   make_entry(XSS_NAME, entry_id="xss", em=0.3, top1=0.8, defense=XSS_DEFENCE,
-                             params={"note": "<svg onload=alert(2)>"}),
+                             params={"note": "<svg onload=alert(2)>"}, authors="<img src=x onerror=alert(3)>",
+                             transcript=hostile_transcript()),
                   make_entry("Under the floor", em=0.0, top1=0.2)]:
         write_entry(board, entry)
     return render(board / "quick").html
@@ -128,3 +129,33 @@ def test_escaping_alone_stops_entry_scripts(browser, page, tmp_path):
     assert "Content-Security-Policy" not in browser.page_source
     assert_nothing_ran(browser)
     assert browser.execute_script("return document.querySelectorAll('tbody img, tbody script, tbody svg').length") == 0
+
+
+def test_an_entry_page_shows_hostile_text_as_text(browser, page):
+    """The entry page of the hostile entry, reached by its link on the board: its name, submitter and
+    token text (markup, quotes, an ampersand, control characters) show as text, the wrong token is
+    marked, and nothing runs."""
+    browser.get(page.as_uri())
+    link = browser.find_element(By.CSS_SELECTOR, '#ranked tr[data-entry-id="xss"] a')
+    assert link.get_attribute("href").endswith("/entries/xss.html")
+    link.click()
+    assert browser.find_element(By.ID, "name").text == XSS_NAME
+    assert_nothing_ran(browser)
+    assert "<img src=x onerror=alert(3)>" in browser.find_element(By.ID, "meta").text
+    truth = browser.find_element(By.CSS_SELECTOR, "#prompt-0 tr.truth td.tokens")
+    tokens = [span.get_attribute("textContent") for span in truth.find_elements(By.CSS_SELECTOR, "span.tok")]
+    assert tokens == [HOSTILE_TOKEN, ' "q" & \'a\'', "\\x00\\n\\u202e"]  # a token's leading space is kept
+    scan = browser.find_element(By.CSS_SELECTOR, '#prompt-0 tr.recovered[data-attack="scan"]')
+    assert [m.text for m in scan.find_elements(By.CSS_SELECTOR, "mark.tok")] == ["<b>bold</b>"]
+    assert browser.execute_script("return document.querySelectorAll('td img, td script, td svg, td b').length") == 0
+    assert browser.execute_script("return window.__violations") == []
+
+
+def test_escaping_alone_stops_scripts_on_the_entry_page(browser, page, tmp_path):
+    entry_page = page.parent / "entries" / "xss.html"
+    bare = tmp_path / "entry-no-csp.html"
+    bare.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", entry_page.read_text()))
+    browser.get(bare.as_uri())
+    assert "Content-Security-Policy" not in browser.page_source
+    assert_nothing_ran(browser)
+    assert browser.execute_script("return document.querySelectorAll('td img, td script, td svg, td b').length") == 0

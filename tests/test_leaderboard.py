@@ -11,11 +11,12 @@ import pytest
 
 from invbench.entries import (NAME, SCALAR, EntryError, Problem, check_value, load_entries, read_entry, slugify,
                               validate_entry_id)
-from invbench.leaderboard import build_board, escape_md, pareto_frontier, render, render_markdown
+from invbench.leaderboard import build_board, escape_md, pareto_frontier, rank_entries, render, render_markdown
 from invbench.protocols import get_protocol
 from invbench.metrics import worst_case
 from invbench.submit import build_entry
 from invbench.summary import RunSummary
+from invbench.transcript import PromptText, Recovered, Transcript
 from invbench.verdicts import Evidence, attack_verdict, run_verdict
 
 QUICK = get_protocol("quick")
@@ -24,14 +25,16 @@ XSS_DEFENCE = "<script>window.pwned=1</script>"
 
 
 def fake_summary(*, em: dict[str, float], top1: float | None, auroc: float | None = 0.8,
-                 defense: str = "gaussian", params: dict | None = None, search_failure: float = 0.0) -> RunSummary:
-    """What `invbench.runner.run` returns, with the given per-attack exact match, top-1 agreement
-    and search-failure rate (verdicts by the real rule)."""
-    attacks = {a: {"n": QUICK.n, "exact_match": v, "token_accuracy": min(1.0, v + 0.1), "similarity": min(1.0, v + 0.2),
+                 defense: str = "gaussian", params: dict | None = None, search_failure: float = 0.0,
+                 tok: dict[str, float] | None = None) -> RunSummary:
+    """What `invbench.runner.run` returns, with the given per-attack exact match (and token accuracy:
+    exact match + 0.1 unless `tok` says), top-1 agreement and search-failure rate (verdicts by the real rule)."""
+    tok = {a: (tok or {}).get(a, min(1.0, v + 0.1)) for a, v in em.items()}
+    attacks = {a: {"n": QUICK.n, "exact_match": v, "token_accuracy": tok[a], "similarity": min(1.0, v + 0.2),
                    "detector_auroc": auroc, "detector_note": None, "detector_tpr_at_1pct_fpr": None,
                    "detector_threshold": 1e-6, "detector_flag_rate": 0.0, "seconds_per_token": 0.5,
                    "tokens_per_second": 2.0, "config": {"preset": "fast"}, "search_failure_rate": search_failure,
-                   "verdict": attack_verdict(Evidence(v, min(1.0, v + 0.1), search_failure), blind_token_accuracy=0.1),
+                   "verdict": attack_verdict(Evidence(v, tok[a], search_failure), blind_token_accuracy=0.1),
                    "diagnostics": {}} for a, v in em.items()}
     verdict, attack = run_verdict({a: m["verdict"] for a, m in attacks.items()})
     return RunSummary.from_dict({
@@ -46,12 +49,24 @@ def fake_summary(*, em: dict[str, float], top1: float | None, auroc: float | Non
                     "thresholds": {}}, "radius": None})
 
 
+def fake_transcript(attacks, *, n: int = QUICK.n, text: str = " tok") -> Transcript:
+    """What each attack recovered of n prompts of 3 tokens: all but the last token ("x" instead); the
+    text of token t is `text` followed by t."""
+    def tokens(ids: list[int]) -> list[str]:
+        return [f"{text}{t}" if t != 99 else "x" for t in ids]
+
+    return Transcript([PromptText(i, [10 + i, 20, 30], tokens([10 + i, 20, 30]),
+                                  {a: Recovered([10 + i, 20, 99], tokens([10 + i, 20, 99]), False, 2 / 3)
+                                   for a in attacks}) for i in range(n)])
+
+
 def make_entry(name: str, *, em: float | dict[str, float] = 0.5, top1: float | None = 0.9, entry_id: str | None = None,
-               defense: str = "gaussian", url: str = "", **kw) -> dict:
+               defense: str = "gaussian", url: str = "", authors: str = "A. Author",
+               transcript: Transcript | None = None, **kw) -> dict:
     em = em if isinstance(em, dict) else {a: em for a in QUICK.attacks}
     return build_entry(fake_summary(em=em, top1=top1, defense=defense, **kw), protocol=QUICK,
-                       entry_id=entry_id or slugify(name), name=name, authors="A. Author", url=url, spec=defense,
-                       day="2025-01-02")
+                       entry_id=entry_id or slugify(name), name=name, authors=authors, url=url, spec=defense,
+                       transcript=transcript or fake_transcript(em), day="2025-01-02")
 
 
 def write_entry(board: Path, entry: dict, *, file_id: str | None = None) -> Path:
@@ -246,7 +261,48 @@ def board_of(tmp_path: Path, *entries: dict, floor: float = 0.5):
     return build_board(tmp_path / "quick", floor=floor)
 
 
-def test_ranked_by_worst_case_exact_match_over_attacks(tmp_path):
+def test_ranked_by_worst_case_token_accuracy_then_exact_match(tmp_path):
+    """Before: ranked by exact match alone, so a defence whose strongest attack recovers 80% of the
+    tokens (but never a whole prompt) ranked first."""
+    everywhere = lambda v: {a: v for a in QUICK.attacks}  # noqa: E731
+    board = board_of(tmp_path,
+                     make_entry("Most tokens", em=everywhere(0.0), tok={"scan": 0.8}),
+                     make_entry("Whole prompts", em=everywhere(0.3), tok=everywhere(0.4)),
+                     make_entry("Fewer prompts", em={**everywhere(0.0), "guided": 0.1}, tok={"guided": 0.4, "scan": 0.4}))
+    assert [(r.rank, r.entry.entry_id) for r in board.ranked] == [(1, "fewer-prompts"), (2, "whole-prompts"),
+                                                                  (3, "most-tokens")]
+    assert [r.entry.verdict for r in board.ranked] == ["leaks"] * 3  # all conclusive: the metrics decide
+    markdown = render_markdown(board)
+    row = next(line for line in markdown.splitlines() if "Most tokens" in line)
+    assert "| scan |" in row  # the strongest attack is the one the ranking rests on (token accuracy)
+    ranked, _ = rank_entries([r.entry for r in board.ranked], floor=0.5, ranking="worst-case-exact-match")
+    assert [r.entry.entry_id for r in ranked] == ["most-tokens", "fewer-prompts", "whole-prompts"]  # the rule before
+
+
+def test_every_protocol_ranks_by_what_leaks_and_quick_is_version_2():
+    from invbench.leaderboard import RANKINGS
+    from invbench.protocols import PROTOCOLS
+
+    assert {PROTOCOLS[name].ranking for name in PROTOCOLS} == {"worst-case-token-accuracy"} <= set(RANKINGS)
+    assert QUICK.version == 2 and QUICK.to_dict()["version"] == 2
+    assert "worst-case-exact-match" in RANKINGS  # the archived boards' rule
+
+
+def test_the_board_says_its_rule_and_marks_the_pareto_frontier_of_token_accuracy(tmp_path):
+    """Whole prompts (exact match 0.5, token accuracy 0.6) and partial leaks (exact match 0, token
+    accuracy 0.9) at the same utility: by token accuracy only the first is on the frontier."""
+    board = board_of(tmp_path, make_entry("Partial", em=0.0, tok={a: 0.9 for a in QUICK.attacks}),
+                     make_entry("Whole", em=0.5, tok={a: 0.6 for a in QUICK.attacks}))
+    assert {r.entry.entry_id: r.pareto for r in board.ranked} == {"whole": True, "partial": False}
+    entries = [r.entry for r in board.ranked]
+    assert pareto_frontier(entries, "worst_exact_match") == {"partial"}
+    markdown = render_markdown(board)
+    assert "Ranked by what leaks: worst-case token accuracy" in markdown
+    assert "then worst-case exact match" in markdown
+    assert "Pareto frontier of worst-case token accuracy against top-1 agreement" in markdown
+
+
+def test_ranked_by_worst_case_over_attacks(tmp_path):
     board = board_of(tmp_path,
                      make_entry("Strong on average", em={"guided": 0.0, "continuous": 0.0, "projection": 0.0, "scan": 0.9}),
                      make_entry("Even", em={"guided": 0.3, "continuous": 0.3, "projection": 0.3, "scan": 0.3}),
@@ -346,7 +402,8 @@ def test_html_escapes_every_submitted_value_and_allows_only_its_own_script(tmp_p
     assert XSS_NAME not in page and XSS_DEFENCE not in page and "<i>" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in page
-    assert 'href="https://example.org/x?a=1&amp;b=2"' in page
+    assert 'href="entries/xss-name.html"' in page  # the submitter's link is on the entry's page
+    assert 'href="https://example.org/x?a=1&amp;b=2"' in (tmp_path / "quick" / "entries" / "xss-name.html").read_text()
     assert page.count("<script>") == 1 and "pwned" not in page.split("<script>")[1]  # the page's own script only
     assert "Content-Security-Policy" in page and "script-src 'sha256-" in page
     assert re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', page)
@@ -427,3 +484,127 @@ def test_a_tampered_version_2_entry_is_refused_like_a_version_3_one(tmp_path):
     (folder / source.name).write_text(json.dumps(data))
     _, problems = load_entries(folder)
     assert {p.field for p in problems} >= {"verdict.verdict", f"detector_auroc.{next(iter(data['attacks']))}"}
+
+
+# --- the guarantee's kind ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, params, cell, sentence", [
+    ("laplace", {"clip": 1.0, "epsilon": 8.0}, "8 (ε-DP per vector)", "epsilon 8 per vector (epsilon-DP, delta 0), 24 per prompt"),
+    ("dp", {"clip": 20.0, "noise_multiplier": 0.5}, "24.4 ((ε, δ)-DP per vector, δ 1e-05)",
+     "epsilon 24.4 per vector at delta 1e-05 ((epsilon, delta)-DP), 52.8 per prompt"),
+    ("dchi", {"epsilon": 2880.0}, "2880 per unit L2 (metric DP)",
+     "epsilon 2880 per unit of L2 distance between states (metric DP), 2880 per unit of a prompt's summed L2 distance"),
+    ("gaussian", {"sigma": 1.0}, "-", ""),
+])
+def test_the_guarantee_says_its_kind_on_the_board_and_in_the_cli(name, params, cell, sentence):
+    """Before: the CLI printed every epsilon as 'per vector at delta D', which is wrong for dchi's metric DP."""
+    from invbench.cli import format_defense
+    from invbench.defenses import make_defense
+    from invbench.defenses.checks import described
+    from invbench.metrics import json_safe
+    from invbench.summary import Guarantee
+
+    defense = json_safe(described(make_defense(name, params), tokens=QUICK.tokens))  # as a summary holds it
+    guarantee = Guarantee.of(defense)
+    assert (guarantee.cell(), guarantee.sentence()) == (cell, sentence)
+    assert (sentence in format_defense(defense)) and ("per vector at delta" in format_defense(defense)) == (name == "dp")
+
+
+def test_the_epsilon_column_shows_the_kind(tmp_path):
+    from invbench.defenses import make_defense
+    from invbench.defenses.checks import described
+    from invbench.metrics import json_safe
+
+    entry = make_entry("Laplace 8", defense="laplace", params={"clip": 1.0, "epsilon": 8.0})
+    entry["summary"]["defense"] = json_safe(described(make_defense("laplace", {"clip": 1.0, "epsilon": 8.0}),
+                                                      tokens=QUICK.tokens))
+    board = board_of(tmp_path, entry)
+    assert "| 8 \\(ε-DP per vector\\) |" in render_markdown(board)
+
+
+# --- each entry's page ---------------------------------------------------------------------------------
+
+HOSTILE_TOKEN = "<script>window.pwned=1</script>"
+
+
+def hostile_transcript() -> Transcript:
+    """Prompt 0's tokens hold markup, quotes, an ampersand and control characters; the attacks get
+    the second token wrong ('<b>bold</b>' instead of the quote)."""
+    texts = {1: HOSTILE_TOKEN, 2: ' "q" & \'a\'', 3: "\x00\n\u202e", 4: "<b>bold</b>"}
+    target, recovered = [1, 2, 3], [1, 4, 3]
+    return Transcript([PromptText(i, target, [texts[t] for t in target],
+                                  {a: Recovered(recovered, [texts[t] for t in recovered], False, 2 / 3)
+                                   for a in QUICK.attacks}) for i in range(QUICK.n)])
+
+
+def test_each_entry_gets_a_page_linked_from_the_board(tmp_path):
+    write_entry(tmp_path, make_entry("Page one", url="https://example.org/paper", authors="B. Builder & Co"))
+    result = render(tmp_path / "quick")
+    page = tmp_path / "quick" / "entries" / "page-one.html"
+    assert result.pages == [page]
+    assert "[Page one](entries/page-one.html)" in result.markdown.read_text()
+    assert '<a href="entries/page-one.html"' in result.html.read_text()
+    assert "Authors" not in result.markdown.read_text()  # the column was empty on every row; the page says who
+    html = page.read_text()
+    assert "B. Builder &amp; Co" in html and 'href="https://example.org/paper"' in html
+    for shown in ("Submitted by", "Guarantee", "Verdict", "Verified", "not verified", "gaussian (sigma=0.01)",
+                  'href="../index.html"'):
+        assert shown in html, shown
+    assert html.count('<mark class="tok">x</mark>') == QUICK.n * len(QUICK.attacks)  # the last token, wrong
+    assert '<span class="tok"> tok20</span>' in html
+    assert "script-src" not in html and "<script" not in html  # the page has no script at all
+
+
+def test_a_page_of_an_entry_that_left_the_board_is_removed(tmp_path):
+    path = write_entry(tmp_path, make_entry("Gone soon"))
+    render(tmp_path / "quick")
+    path.unlink()
+    render(tmp_path / "quick")
+    assert list((tmp_path / "quick" / "entries").glob("*.html")) == []
+
+
+def test_the_entry_page_escapes_token_text(tmp_path):
+    write_entry(tmp_path, make_entry(XSS_NAME, entry_id="xss", transcript=hostile_transcript()))
+    html = render(tmp_path / "quick").pages[0].read_text()
+    assert HOSTILE_TOKEN not in html and "<b>bold" not in html and XSS_NAME not in html
+    assert '<span class="tok">&lt;script&gt;window.pwned=1&lt;/script&gt;</span>' in html
+    assert '<mark class="tok">&lt;b&gt;bold&lt;/b&gt;</mark>' in html  # wrong, and text
+    assert "&#34;q&#34; &amp; &#39;a&#39;" in html
+    assert "\\x00\\n\\u202e" in html and "\x00" not in html and "\u202e" not in html  # control characters as escapes
+
+
+def test_an_entry_without_its_records_still_gets_a_page_that_says_so(tmp_path):
+    entry = make_entry("Schema three")
+    entry["schema_version"] = 3
+    del entry["transcript"]
+    write_entry(tmp_path, entry)
+    result = render(tmp_path / "quick")
+    assert result.board.problems == []
+    html = result.pages[0].read_text()
+    assert 'id="no-transcript"' in html and "entry schema 3" in html and "<mark" not in html.split("What leaked")[1]
+
+
+@pytest.mark.parametrize("tamper, field, message", [
+    (lambda t: t["prompts"][0]["attacks"]["scan"].update(exact_match=True), "transcript.prompts[0].attacks.scan.exact_match",
+     "does not follow from the ids"),
+    (lambda t: t["prompts"][1]["attacks"]["guided"].update(token_accuracy=1.0),
+     "transcript.prompts[1].attacks.guided.token_accuracy", "does not follow from the ids"),
+    (lambda t: t["prompts"][0]["target_tokens"].pop(), "transcript.prompts[0].target_tokens", "one text per target id"),
+    (lambda t: t["prompts"][0]["attacks"].pop("scan"), "transcript.prompts[0].attacks", "the summary's attacks"),
+    (lambda t: t["prompts"].pop(), "transcript.prompts", "the summary's n is 4"),
+    (lambda t: t["prompts"][0]["attacks"]["scan"].update(recovered_ids=[]), "transcript.prompts[0].attacks.scan.recovered_ids",
+     "non-empty list of token ids"),
+    (lambda t: t["prompts"][0].update(extra=1), "transcript.prompts[0]", ""),
+])
+def test_a_transcript_that_disagrees_with_its_ids_or_summary_is_refused(tmp_path, tamper, field, message):
+    entry = make_entry("Tampered text")
+    tamper(entry["transcript"])
+    _, problems = load_entries(write_entry(tmp_path, entry).parent)
+    assert any(p.field == field and message in p.message for p in problems), problems
+
+
+def test_a_schema_4_entry_must_carry_its_transcript(tmp_path):
+    entry = make_entry("No text")
+    del entry["transcript"]
+    _, problems = load_entries(write_entry(tmp_path, entry).parent)
+    assert [(p.field, p.message) for p in problems] == [("transcript", "missing")]

@@ -16,7 +16,7 @@ from invbench.protocols import PROTOCOLS
 from invbench.submit import (FULL_PRIVACY_TOL, UTILITY_ABS_TOL, MetricCheck, build_entry, compare, recorded_spec,
                              sampling_margin)
 from invbench.summary import RunSummary
-from test_leaderboard import fake_summary, make_entry
+from test_leaderboard import fake_summary, fake_transcript, make_entry
 
 
 def by_metric(checks: list[MetricCheck]) -> dict[str, MetricCheck]:
@@ -123,7 +123,8 @@ def test_a_new_summary_field_is_embedded_and_verified_without_an_edit_here(monke
             return RunSummary.from_dict(base)
 
         entry = build_entry(measured(0.25), protocol=PROTOCOLS["quick"], entry_id="new-field", name="New field",
-                            authors="", url="", spec="gaussian", day="2025-01-02")
+                            authors="", url="", spec="gaussian", transcript=fake_transcript(PROTOCOLS["quick"].attacks),
+                            day="2025-01-02")
         assert entry["summary"]["attacks"]["scan"]["leak_rate"] == 0.25
         assert check_entry(json.loads(json.dumps(entry)), Path("quick/new-field.json"), protocol_dir_name="quick") == []
         assert checks_of(entry, measured(0.25))["attacks.scan.leak_rate"].ok is True
@@ -190,6 +191,15 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     assert entry["protocol"]["name"] == "quick" and summary["n"] == 2 and set(summary["attacks"]) == {"continuous"}
     assert summary["device"].startswith("cpu") and summary["versions"]["torch"] and entry["defense_spec"] == "topk"
     assert (tmp_path / "runs" / "quick" / "top-k-32" / "records.jsonl").exists()
+    records = [json.loads(line) for line in (tmp_path / "runs" / "quick" / "top-k-32" / "records.jsonl").open()]
+    transcript = entry["transcript"]  # what the attack recovered of each prompt, with the tokens' text
+    assert entry["schema_version"] == 4 and [p["prompt_index"] for p in transcript["prompts"]] == [0, 1]
+    for prompt, rec in zip(transcript["prompts"], sorted(records, key=lambda r: r["prompt_index"])):
+        answer = prompt["attacks"]["continuous"]
+        assert prompt["target_ids"] == rec["target_ids"] and answer["recovered_ids"] == rec["recovered_ids"]
+        assert "".join(prompt["target_tokens"]) == rec["text"]  # GPT-2's tokens, decoded one by one
+        assert "".join(answer["recovered_tokens"]) == rec["recovered_text"]
+        assert (answer["exact_match"], answer["token_accuracy"]) == (rec["exact_match"], rec["token_accuracy"])
 
     # a rerun of the same submission resumes: nothing is attacked again
     attacked = spy_on_attacks(monkeypatch)
@@ -200,8 +210,10 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     assert code == 0, err
     assert "quick: 1 ranked" in out
     board = (path.parent / "LEADERBOARD.md").read_text()
-    assert "| 1 | [Top-k 32](https://example.org/topk) | Test Author | topk \\(k=32, sigma=0.0\\)" in board
+    assert "| 1 | [Top-k 32](entries/top-k-32.html) | topk \\(k=32, sigma=0.0\\)" in board
     assert 'data-entry-id="top-k-32"' in (path.parent / "index.html").read_text()
+    page = (path.parent / "entries" / "top-k-32.html").read_text()
+    assert "Test Author" in page and 'href="https://example.org/topk"' in page and 'id="prompt-1"' in page
 
     code, out, err = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
     assert code == 0, out + err
@@ -345,7 +357,8 @@ def entry_of_defense(name: str, params: dict, *, spec: str | None = None) -> dic
     summary = fake_summary(em={a: 0.5 for a in PROTOCOLS["quick"].attacks}, top1=0.9).to_dict()
     summary["defense"] = json_safe(described(make_defense(name, params), tokens=PROTOCOLS["quick"].tokens))
     return build_entry(RunSummary.from_dict(summary), protocol=PROTOCOLS["quick"], entry_id="e", name="E",
-                       authors="", url="", spec=spec or name, day="2025-01-02")
+                       authors="", url="", spec=spec or name, transcript=fake_transcript(PROTOCOLS["quick"].attacks),
+                       day="2025-01-02")
 
 
 @pytest.mark.parametrize("name, params", BUILT_IN, ids=[f"{n}-{'-'.join(p)}" for n, p in BUILT_IN])

@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--runs-dir", default="runs/sequence-bench")
     parser.add_argument("--out", default=None, help="Markdown file for the tables (e.g. bench/studies/SEQUENCE.md)")
-    parser.add_argument("--finished-only", action="store_true",
-                        help="run nothing: tabulate the cells whose runs are finished, list the others as not run")
+    parser.add_argument("--run", default="sequence,guided,scan",
+                        help="the decoders whose cells run (the others' cells are tabulated where their runs have "
+                             "finished, listed as not run otherwise); '' runs nothing")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     missing: list[Cell] = []
     for i, cell in enumerate(cells):
         cfg = cell.config(model=args.model, runs_dir=Path(args.runs_dir), tokens=args.tokens)
-        if args.finished_only and not (Path(cfg.out) / "summary.json").is_file():
+        if cell.attack not in args.run.split(",") and not (Path(cfg.out) / "summary.json").is_file():
             missing.append(cell)
             continue
         print(f"[{i + 1}/{len(cells)}] {cell.name}", flush=True)
