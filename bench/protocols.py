@@ -71,6 +71,7 @@ PUBLISHED_CAPS = {"steps": STEP_CAP, "candidates": 100, "max_steps": STEP_CAP, "
 def smollm2_attacks(*, scoring: str) -> dict[str, Any]:
     """The attack set of the SmolLM2 boards; `scoring` map where the text has a prior (C4), ml where it
     has none (random ids: the model's prior would only mislead)."""
+    # version 2 includes the token-accuracy ranking: no version-2 entry was shipped under the rule before
     return dict(attacks=("sequence", "continuous", "projection"), preset="fast", version=2,
                 attack_options={**PUBLISHED_CAPS, **SEQUENCE_BUDGET, "scoring": scoring})
 
