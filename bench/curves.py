@@ -212,75 +212,92 @@ def check_plot_path(path: Path) -> Path:
     return path
 
 
-PRIVACY = (("worst_case_exact_match", "exact match", "-", "o"),
-           ("worst_case_token_accuracy", "token accuracy", "--", "s"))
+# The privacy metrics, one row of panels each: token accuracy (what the board ranks by) above exact match.
+PRIVACY = (("worst_case_token_accuracy", "worst-case token accuracy", "--", "s"),
+           ("worst_case_exact_match", "worst-case exact match", "-", "o"))
 
 
 def plot_curves(curves: list[Curve], path: Path, *, title: str | None = None,
                 labels: list[str] | None = None, faded: set[int] = frozenset()) -> Path:
-    """Privacy (worst-case exact match, token accuracy) against utility: top-1 agreement on the
-    left panel, KL(clean || defended) on the right, and, where the defences add noise, against the
-    noise std with the certified radius as a marked line ("below this sigma, Gaussian noise cannot
-    protect these prompts"). One colour per curve; points whose verdict is inconclusive (the
-    attacks' misses are search failures) are drawn hollow. `faded` curves (by index) are drawn
-    thin and translucent (earlier curves in a comparison)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display on servers or CI
+    """Write `curve_figure` to `path` (PNG)."""
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     path = check_plot_path(path)
-    if not curves:
-        raise CurveError("no curves to plot")
-    labels = labels or [c.defense for c in curves]
-    noisy = any(p.noise_std for c in curves for p in c.points)
-    fig, axes = plt.subplots(1, 3 if noisy else 2, figsize=(17 if noisy else 12, 5.2), sharey=True,
-                             layout="constrained")
-    colours = plt.get_cmap("tab10")
-    for i, (curve, label) in enumerate(zip(curves, labels)):
-        style = {"color": colours(i % 10), "alpha": 0.45 if i in faded else 1.0, "lw": 1.0 if i in faded else 2.0}
-        _draw(axes[0], curve, "top1_agreement", style)
-        _draw(axes[1], curve, "kl_clean_defended", style)
-        if noisy:
-            _draw(axes[2], curve, "noise_std", style)
-    axes[0].set_xlabel("utility: top-1 agreement with the clean model (higher is better)")
-    axes[1].set_xlabel("cost: KL(clean || defended), nats (lower is better)")
-    _kl_scale(axes[1], curves)
-    if noisy:
-        _noise_panel(axes[2], curves)
-    axes[0].set_ylabel("privacy leak: worst case over attacks (lower is more private)")
-    axes[0].set_ylim(-0.03, 1.08)  # room above 1.0 for the labels of fully leaking points
-    for ax in axes:
-        ax.grid(True, alpha=0.3)
-    handles = [Line2D([], [], color=colours(i % 10), lw=2, alpha=0.45 if i in faded else 1.0, label=label)
-               for i, label in enumerate(labels)]
-    handles += [Line2D([], [], color="grey", ls=ls, marker=m, label=f"worst-case {name}") for _, name, ls, m in PRIVACY]
-    if any(p.verdict == "inconclusive" for c in curves for p in c.points):
-        handles.append(Line2D([], [], color="grey", ls="", marker="o", markerfacecolor="white",
-                              label="inconclusive: misses are search failures"))
-    axes[1].legend(handles=handles, loc="best", fontsize=8)
-    fig.suptitle(title or _default_title(curves))
-    shown = [(curve, colours(i % 10)) for i, curve in enumerate(curves) if i not in faded]
-    fig.canvas.draw()  # the constrained layout first: label placement measures the rendered labels
-    for ax, x_key in ((axes[0], "top1_agreement"), (axes[1], "kl_clean_defended")):
-        label_points(ax, [label for curve, colour in shown for label in _point_labels(curve, x_key, colour)])
+    fig = curve_figure(curves, title=title, labels=labels, faded=faded)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _draw(ax, curve: Curve, x_key: str, style: dict) -> None:
-    """Both privacy metrics of one curve against one utility metric. Each line runs along x (ties
-    by y), so a grid over several parameters still draws as a curve, not a zig-zag. Inconclusive
-    points are hollow."""
-    for key, _, ls, marker in PRIVACY:
-        xy = sorted((getattr(p, x_key), getattr(p, key), p.verdict == "inconclusive") for p in _plotted(curve, x_key))
-        ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], ls=ls, marker=marker, **style)
-        hollow = [(x, y) for x, y, inconclusive in xy if inconclusive]
-        if hollow:
-            ax.plot(*zip(*hollow), ls="", marker=marker, markersize=8, markerfacecolor="white",
-                    markeredgecolor=style["color"], zorder=3)
+def curve_figure(curves: list[Curve], *, title: str | None = None, labels: list[str] | None = None,
+                 faded: set[int] = frozenset()):
+    """Privacy against utility, one row of panels per privacy metric (`PRIVACY`: worst-case token
+    accuracy, then worst-case exact match): against top-1 agreement on the left, KL(clean || defended)
+    in the middle, and, where the defences add noise, against the noise std with the certified radius
+    as a marked line ("below this sigma, Gaussian noise cannot protect these prompts"). One colour per
+    curve; points whose verdict is inconclusive (the attacks' misses are search failures) are drawn
+    hollow. `faded` curves (by index) are drawn thin and translucent (earlier curves in a comparison).
+    Returns the matplotlib figure (pyplot's: close it)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on servers or CI
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    if not curves:
+        raise CurveError("no curves to plot")
+    labels = labels or [c.defense for c in curves]
+    noisy = any(p.noise_std for c in curves for p in c.points)
+    x_keys = ("top1_agreement", "kl_clean_defended", *(("noise_std",) if noisy else ()))
+    fig, grid = plt.subplots(len(PRIVACY), len(x_keys), figsize=(17 if noisy else 12, 9.6), sharey=True,
+                             sharex="col", layout="constrained", squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for i, curve in enumerate(curves):
+        style = {"color": colours(i % 10), "alpha": 0.45 if i in faded else 1.0, "lw": 1.0 if i in faded else 2.0}
+        for row, metric in zip(grid, PRIVACY):
+            for ax, x_key in zip(row, x_keys):
+                _draw(ax, curve, x_key, metric, style)
+    for row, (_, words, _, _) in zip(grid, PRIVACY):
+        row[0].set_ylabel(f"privacy leak: {words}\nover attacks (lower is more private)")
+        row[0].set_title(f"{words} against top-1 agreement", fontsize=10)
+        row[1].set_title(f"{words} against KL", fontsize=10)
+        if noisy:
+            row[2].set_title(f"{words} against the noise std", fontsize=10)
+            _certified_radius(row[2], curves)
+        for ax in row:
+            ax.grid(True, alpha=0.3)
+    grid[-1][0].set_xlabel("utility: top-1 agreement with the clean model (higher is better)")
+    grid[-1][1].set_xlabel("cost: KL(clean || defended), nats (lower is better)")
+    _kl_scale(grid[0][1], curves)  # the columns share their x axis
+    if noisy:
+        _noise_scale(grid[-1][2])
+    grid[0][0].set_ylim(-0.03, 1.08)  # room above 1.0 for the labels of fully leaking points
+    handles = [Line2D([], [], color=colours(i % 10), lw=2, alpha=0.45 if i in faded else 1.0, label=label)
+               for i, label in enumerate(labels)]
+    if any(p.verdict == "inconclusive" for c in curves for p in c.points):
+        handles.append(Line2D([], [], color="grey", ls="", marker="o", markerfacecolor="white",
+                              label="inconclusive: misses are search failures"))
+    grid[0][1].legend(handles=handles, loc="best", fontsize=8)
+    fig.suptitle(title or _default_title(curves))
+    shown = [(curve, colours(i % 10)) for i, curve in enumerate(curves) if i not in faded]
+    fig.canvas.draw()  # the constrained layout first: label placement measures the rendered labels
+    for row, (metric, *_) in zip(grid, PRIVACY):
+        for ax, x_key in zip(row[:2], x_keys[:2]):
+            label_points(ax, [label for curve, colour in shown for label in _point_labels(curve, x_key, metric, colour)])
+    return fig
+
+
+def _draw(ax, curve: Curve, x_key: str, metric: tuple, style: dict) -> None:
+    """One privacy metric of one curve against one utility metric. The line runs along x (ties by y),
+    so a grid over several parameters still draws as a curve, not a zig-zag. Inconclusive points are
+    hollow."""
+    key, _, ls, marker = metric
+    xy = sorted((getattr(p, x_key), getattr(p, key), p.verdict == "inconclusive") for p in _plotted(curve, x_key))
+    ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], ls=ls, marker=marker, **style)
+    hollow = [(x, y) for x, y, inconclusive in xy if inconclusive]
+    if hollow:
+        ax.plot(*zip(*hollow), ls="", marker=marker, markersize=8, markerfacecolor="white",
+                markeredgecolor=style["color"], zorder=3)
     ax.margins(x=0.08)  # room for the labels of the outermost points
 
 
@@ -289,27 +306,31 @@ def _plotted(curve: Curve, x_key: str) -> list:
     return [p for p in curve.points if getattr(p, x_key) is not None and (x_key != "noise_std" or p.noise_std > 0)]
 
 
-def _point_labels(curve: Curve, x_key: str, colour) -> list[PointLabel]:
-    """One label per spot, at the exact-match point: grid points that land together share it."""
+def _point_labels(curve: Curve, x_key: str, y_key: str, colour) -> list[PointLabel]:
+    """One label per spot: grid points that land together share it."""
     spots: dict[tuple[float, float], list[str]] = {}
     for p in _plotted(curve, x_key):
         eps = f" (eps {p.epsilon:.3g})" if p.epsilon is not None else ""
-        spots.setdefault((getattr(p, x_key), p.worst_case_exact_match), []).append(p.label() + eps)
+        spots.setdefault((getattr(p, x_key), getattr(p, y_key)), []).append(p.label() + eps)
     return [PointLabel(x, y, "; ".join(names), colour) for (x, y), names in spots.items()]
 
 
-def _noise_panel(ax, curves: list[Curve]) -> None:
-    """Privacy against the defence's noise std (log scale), with the certified radius: below it,
-    nearest-state decoding provably recovers every prompt."""
+def _noise_scale(ax) -> None:
+    """The noise column's axis: log scale (the panels of a column share it)."""
     from matplotlib.ticker import NullFormatter
 
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())  # minor tick labels (3x10^-3, 4x10^-3, ...) collide
     ax.set_xlabel("defence noise std per coordinate (sigma), log scale")
+
+
+def _certified_radius(ax, curves: list[Curve]) -> None:
+    """The certified radius on a noise panel: below it, nearest-state decoding provably recovers
+    every prompt."""
     certified = [(p.sigma_certified, p.radius_scope) for c in curves for p in c.points if p.sigma_certified]
     if certified:
         sigma, scope = min(certified)
-        ax.axvline(sigma, color="black", ls=":", lw=1.5)
+        ax.axvline(sigma, color="black", ls=":", lw=1.5, label="certified radius")
         where = "" if scope == "all positions" else " (from position 1)"
         ax.annotate(f"certified radius{where}: below sigma {sigma:.2g}\nGaussian noise cannot protect these prompts",
                     (sigma, 0.5), xycoords=("data", "axes fraction"), textcoords="offset points", xytext=(6, 0),

@@ -128,7 +128,7 @@ def test_curve_compare_across_protocols_and_the_noise_panel(swept, tmp_path):
     assert result.exit_code == 0, result.output
     png = (tmp_path / "both.png").read_bytes()
     width, _ = struct.unpack(">II", png[16:24])
-    assert width >= 1800  # three panels: top-1, KL and sigma
+    assert width >= 1800  # three columns: top-1, KL and sigma (a row per privacy metric)
     assert result.stdout.count("points") == 2 and "other/curves/gaussian.json" in result.stdout
     result = CliRunner().invoke(cli, ["curve", "--protocol", "quick", "--protocol", "other", "--board-dir",
                                       str(boards), "--out", str(tmp_path / "x.png")])
@@ -263,3 +263,56 @@ def test_a_curve_with_an_infinite_cost_is_saved_with_null_there(tmp_path):
     path = save_curve(Curve(protocol="quick", defense="dp", points=[point]), tmp_path)
     assert json.loads(path.read_text())["points"][0]["perplexity_ratio"] is None
     assert load_curve(path).points[0].kl_clean_defended == 481.0
+
+
+def _curve_of(points: list[dict]) -> Curve:
+    base = {"worst_case_exact_match": 0.0, "worst_case_token_accuracy": 0.0, "top1_agreement": 1.0,
+            "kl_clean_defended": 0.1, "epsilon": None}
+    return Curve(protocol="quick", defense="gaussian", points=[CurvePoint(**{**base, **p}) for p in points],
+                 grid={}, defense_spec="gaussian", protocol_settings={}, versions={}, created="2026-12-02T00:00:00+00:00")
+
+
+def test_the_plot_has_a_panel_of_token_accuracy_and_one_of_exact_match_against_top1():
+    """Before: both metrics shared one panel per axis; now each has its own row, token accuracy (the
+    board's ranking) first, and the inconclusive points and the certified radius are drawn on both."""
+    import matplotlib.pyplot as plt
+
+    from invbench.curves import curve_figure
+
+    curve = _curve_of([
+        {"params": {"sigma": 0.1}, "worst_case_exact_match": 1.0, "worst_case_token_accuracy": 1.0,
+         "top1_agreement": 0.99, "noise_std": 0.1, "sigma_certified": 0.2, "radius_scope": "all positions",
+         "verdict": "leaks"},
+        {"params": {"sigma": 1.0}, "worst_case_exact_match": 0.0, "worst_case_token_accuracy": 0.8,
+         "top1_agreement": 0.7, "noise_std": 1.0, "verdict": "inconclusive"}])
+    fig = curve_figure([curve])
+    try:
+        grid = fig.axes
+        assert len(grid) == 6  # 2 metrics x (top-1, KL, noise std)
+        top1_token, top1_exact = grid[0], grid[3]
+        assert "token accuracy" in top1_token.get_ylabel() and "exact match" in top1_exact.get_ylabel()
+        assert "top-1 agreement" in top1_token.get_title() and "top-1 agreement" in top1_exact.get_title()
+        lines = lambda ax: [line for line in ax.get_lines() if len(line.get_xdata()) > 0  # noqa: E731
+                            and line.get_linestyle() != ":"]
+        assert list(lines(top1_token)[0].get_ydata()) == [0.8, 1.0]  # sorted by top-1: 0.7, 0.99
+        assert list(lines(top1_exact)[0].get_ydata()) == [0.0, 1.0]
+        for ax in grid:
+            hollow = [line for line in lines(ax) if line.get_markerfacecolor() == "white"]
+            assert len(hollow) == 1 and len(hollow[0].get_xdata()) == 1  # the inconclusive point
+        for noise in (grid[2], grid[5]):
+            assert [line.get_xdata()[0] for line in noise.get_lines() if line.get_linestyle() == ":"] == [0.2]
+            assert noise.get_xscale() == "log"
+    finally:
+        plt.close(fig)
+
+
+def test_a_plot_without_noise_has_two_columns():
+    import matplotlib.pyplot as plt
+
+    from invbench.curves import curve_figure
+
+    fig = curve_figure([_curve_of([{"params": {"bits": 4}}, {"params": {"bits": 2}, "top1_agreement": 0.5}])])
+    try:
+        assert len(fig.axes) == 4 and not any(ax.get_xscale() == "log" for ax in fig.axes)
+    finally:
+        plt.close(fig)
