@@ -486,7 +486,7 @@ def page_fields(row: Row, board: Board) -> list[PageField]:
         PageField("Citation", CITATIONS.get(summary.defense["name"], "none recorded")),
         PageField("Guarantee", "; ".join(guarantee) if summary.guarantee.epsilon is not None
                   else f"none ({summary.defense.get('reason') or 'no formal guarantee'})"),
-        PageField("Verdict", f"{verdict_text(e)}: {summary.verdict.says}" if summary.verdict else verdict_text(e)),
+        PageField("Verdict", summary.verdict.says if summary.verdict else verdict_text(e)),  # says starts with it
         PageField("Verified", row.verified.text()),
         PageField("Worst case", f"token accuracy {cell(worst['token_accuracy'].value)} "
                   f"({worst['token_accuracy'].attack}), exact match {cell(worst['exact_match'].value)} "
