@@ -29,6 +29,7 @@ import torch
 
 from invbench.config import RunConfig
 from invbench.entries import slugify
+from invbench.folder import read_summary
 from invbench.formats import cell as fmt
 from invbench.protocols import get_protocol
 from invbench.runner import run
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     missing: list[Cell] = []
     for i, cell in enumerate(cells):
         cfg = cell.config(model=args.model, runs_dir=Path(args.runs_dir), tokens=args.tokens)
-        if cell.attack not in args.run.split(",") and not (Path(cfg.out) / "summary.json").is_file():
+        if cell.attack not in args.run.split(",") and read_summary(Path(cfg.out)) is None:  # not finished
             missing.append(cell)
             continue
         print(f"[{i + 1}/{len(cells)}] {cell.name}", flush=True)
