@@ -74,15 +74,25 @@ class Board:
     ranking: "RankingRule"
 
 
+# The board's privacy metrics, each an Entry property: (the summary's worst-case key, its words). The
+# plot has one panel per metric; a ranking rule ranks by one of them first.
+PANELS = {"worst_token_accuracy": ("token_accuracy", "worst-case token accuracy"),
+          "worst_exact_match": ("exact_match", "worst-case exact match")}
+
+
 @dataclass(frozen=True)
 class RankingRule:
     """How a board orders its entries: `key` sorts them; `privacy` names the Entry property the rule
-    ranks by first (the Pareto frontier is of it against top-1 agreement), `words` says the rule."""
+    ranks by first (one of PANELS; the Pareto frontier is of it against top-1 agreement), `words` says the rule."""
 
     key: Callable[[Entry], tuple]
     privacy: str  # an Entry property: worst_token_accuracy or worst_exact_match
-    privacy_words: str  # what it is, for the board's paragraph and the plot
     words: str
+
+    @property
+    def privacy_words(self) -> str:
+        """What the first metric is, for the board's paragraph and the plot."""
+        return PANELS[self.privacy][1]
 
 
 def by_token_accuracy(entry: Entry) -> tuple:
@@ -101,10 +111,10 @@ def by_exact_match(entry: Entry) -> tuple:
 # A protocol's `ranking` names its rule here; a new rule is a new name, so entries ranked by another
 # rule are another protocol's (invbench.protocols.defining).
 RANKINGS: dict[str, RankingRule] = {
-    RANKING: RankingRule(by_token_accuracy, "worst_token_accuracy", "worst-case token accuracy",
+    RANKING: RankingRule(by_token_accuracy, "worst_token_accuracy",
                          "worst-case token accuracy (the fraction of each secret the strongest attack recovers), "
                          "then worst-case exact match"),
-    "worst-case-exact-match": RankingRule(by_exact_match, "worst_exact_match", "worst-case exact match",
+    "worst-case-exact-match": RankingRule(by_exact_match, "worst_exact_match",
                                           "worst-case exact match, then worst-case token accuracy"),
 }
 
@@ -206,8 +216,7 @@ def columns(board: Board) -> list[Column]:
 
 def strongest_attack(entry: Entry, rule: RankingRule) -> str:
     """The attack the rule's first metric rests on (checked on read against metrics.worst_case)."""
-    metric = "token_accuracy" if rule.privacy == "worst_token_accuracy" else "exact_match"
-    return entry.summary.worst_case[metric].attack
+    return entry.summary.worst_case[PANELS[rule.privacy][0]].attack
 
 
 def cells(row: Row, attacks: list[str], rule: RankingRule = RANKINGS[RANKING]) -> list[tuple[str, Any]]:
@@ -316,9 +325,6 @@ def render_markdown(board: Board) -> str:
 
 # --- the plot -----------------------------------------------------------------------------------
 
-PANELS = (("worst_token_accuracy", "worst-case token accuracy"), ("worst_exact_match", "worst-case exact match"))
-
-
 def plot_png(board: Board) -> bytes:
     """Two panels, worst-case token accuracy and worst-case exact match, each against top-1 agreement,
     with the floor; the Pareto frontier (of the ranking rule's metric) is drawn on its panel. PNG.
@@ -328,11 +334,11 @@ def plot_png(board: Board) -> bytes:
     fig = Figure(figsize=(12, 4.8), dpi=110)
     axes = fig.subplots(1, len(PANELS), sharey=True)
     rows = [r for r in board.ranked + board.below if r.entry.top1_agreement is not None]
-    for ax, (metric, words) in zip(axes, PANELS):
+    for ax, (metric, (_, words)) in zip(axes, PANELS.items()):
         _board_panel(ax, board, rows, metric, words)
     fig.suptitle(f"{board.protocol}: privacy against utility", parse_math=False)
     fig.tight_layout()
-    for ax, (metric, _) in zip(axes, PANELS):  # after the layout: placement measures the rendered labels
+    for ax, metric in zip(axes, PANELS):  # after the layout: placement measures the rendered labels
         label_points(ax, [PointLabel(r.entry.top1_agreement, getattr(r.entry, metric),
                                      r.entry.entry_id if len(r.entry.entry_id) <= 28 else r.entry.entry_id[:27] + "...")
                           for r in rows])
