@@ -133,6 +133,26 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "defense"
 
 
+def curve_from_entries(entries: list, defense: str) -> Curve:
+    """A defence's curve from a board's entries (`entries.Entry`): one point per entry of that
+    defence, from the run summary the entry carries. A board's curves can so be redrawn from the
+    committed entries alone, without the run folders a sweep reads (which are not committed)."""
+    mine = [e for e in entries if e.summary.defense["name"] == defense]
+    if not mine:
+        raise CurveError(f"no entry of defence {defense!r} on this board")
+    mine.sort(key=lambda e: json.dumps(e.summary.defense["params"], sort_keys=True))
+    points = [CurvePoint.from_summary(e.summary.defense["params"], e.summary, str(e.path)) for e in mine]
+    grid: dict[str, list[Any]] = {}
+    for point in points:
+        for key, value in point.params.items():
+            if value not in grid.setdefault(key, []):
+                grid[key].append(value)
+    first = mine[0]
+    return Curve(protocol=first.meta["protocol"]["name"], defense=defense, defense_spec=first.defense_spec,
+                 grid=dict(sorted(grid.items())),
+                 points=points, protocol_settings=first.meta["protocol"], versions=first.summary.versions)
+
+
 # --- store ---------------------------------------------------------------------------------
 def curves_dir(protocol_dir: Path) -> Path:
     return Path(protocol_dir) / "curves"

@@ -70,6 +70,9 @@ def sweep(**opts: Any) -> None:
 @click.option("--protocol", "protocols", multiple=True, default=("quick",), show_default=True,
               help="Protocol (repeatable with --compare: one defence's latest curve under each).")
 @click.option("--compare", is_flag=True, help="Plot one defence's latest curve against its earlier ones.")
+@click.option("--from-entries", is_flag=True,
+              help="First draw each --defense's curve from the board's entries (one point per entry; saved under "
+                   "curves/ as a sweep's would be), then plot.")
 @BOARD_DIR
 @click.option("--out", type=NamedPath(dir_okay=False), required=True, help="PNG file to write.")
 def curve(**opts: Any) -> None:
@@ -81,6 +84,8 @@ def curve(**opts: Any) -> None:
     existing_board_dir(opts["board_dir"])
     protocol_dirs = [opts["board_dir"] / p for p in opts["protocols"]]
     protocol_dir = protocol_dirs[0]
+    if opts["from_entries"]:
+        _curves_from_entries(protocol_dirs, opts["defenses"], opts["board_dir"])
     if opts["compare"]:
         if len(opts["defenses"]) != 1:
             raise CurveError("--compare needs exactly one --defense")
@@ -102,3 +107,21 @@ def curve(**opts: Any) -> None:
     for c in shown:
         click.echo(f"{c.defense:<12} {c.created}  {len(c.points)} points  {c.source}")
     click.echo(f"plot: {opts['out']}")
+
+
+def _curves_from_entries(protocol_dirs: list[Path], defenses: tuple[str, ...], board_dir: Path) -> None:
+    """Save each defence's curve drawn from each board's entries (`curves.curve_from_entries`), with its plot."""
+    from .curves import CurveError, curve_from_entries, plot_curves, save_curve
+    from .entries import load_entries
+
+    if not defenses:
+        raise CurveError("--from-entries needs the defences to draw: --defense NAME (repeatable)")
+    for protocol_dir in protocol_dirs:
+        entries, problems = load_entries(protocol_dir)
+        for problem in problems:
+            _echo_err(f"skipped {problem}")
+        for defense in defenses:
+            curve = curve_from_entries(entries, defense)
+            path = save_curve(curve, board_dir)
+            plot_curves([curve], path.with_suffix(".png"))  # beside it, as a sweep's
+            click.echo(f"curve: {path}")
