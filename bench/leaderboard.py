@@ -431,13 +431,6 @@ def render_html(board: Board, png: bytes) -> str:
 ENTRY_PAGES = "entries"  # the folder of the entry pages, beside index.html
 # Where the built-in defences come from. A defence does not state its citation yet (defenses/ would be
 # the place: a `citation` beside `guarantee`); until it does, the board names the built-ins' sources here.
-CITATIONS = {
-    "dchi": "Feyisetan, Balle, Drake and Diethe, \"Privacy- and Utility-Preserving Textual Analysis via Calibrated "
-            "Multivariate Perturbations\", WSDM 2020 (dchi metric DP)",
-    "laplace": "the Laplace mechanism (Dwork, McSherry, Nissim and Smith 2006), as VFLAIR-LLM's Laplace DP defence",
-    "dp": "the Gaussian mechanism on clipped vectors, as DP-Forward (Du et al., CCS 2023); sigma from the exact "
-          "GDP conversion, the analytic Gaussian mechanism of Balle and Wang 2018",
-}
 NO_TRANSCRIPT = ("This entry does not carry its records (entry schema {version}, before entries held what each attack "
                  "recovered): only its numbers are known here. Running the same `invbench submit` command again adds "
                  "them (the run resumes; nothing is attacked again).")
@@ -473,6 +466,14 @@ class PromptView:
     attacks: list[LeakLine]
 
 
+def citation(defense: str) -> str:
+    """The registered defence's own citation (`Defense.citation`); a plug-in's class is not at hand here."""
+    from invbench.defenses import available_defenses
+
+    cls = available_defenses().get(defense)
+    return (cls.citation if cls else None) or "none recorded"
+
+
 def page_fields(row: Row, board: Board) -> list[PageField]:
     """The entry's metadata as the page lists it: the submitter, the defence, its guarantee and
     citation, verdicts, the verified mark and the run."""
@@ -489,7 +490,7 @@ def page_fields(row: Row, board: Board) -> list[PageField]:
         PageField("Rank", f"{row.rank} of {len(board.ranked)}" if row.rank else
                   f"below the utility floor (top-1 agreement under {board.floor:.2f})"),
         PageField("Defence", f"{defense_text(summary.defense)}; from {e.defense_spec}"),
-        PageField("Citation", CITATIONS.get(summary.defense["name"], "none recorded")),
+        PageField("Citation", citation(summary.defense["name"])),
         PageField("Guarantee", "; ".join(guarantee) if summary.guarantee.epsilon is not None
                   else f"none ({summary.defense.get('reason') or 'no formal guarantee'})"),
         PageField("Verdict", summary.verdict.says if summary.verdict else verdict_text(e)),  # says starts with it

@@ -93,11 +93,15 @@ published $RANDOM_PROTOCOL
 }
 
 # --- boards, curves, screenshots ----------------------------------------------------------------------
+# The curves are drawn from the boards' committed entries (one point per entry), so render works on a fresh clone
+# and a curve shows exactly the board's settings, wherever the sweeps' run folders are.
 render() {
 invbench leaderboard --protocol $C4
 invbench leaderboard --protocol $RANDOM_PROTOCOL
-invbench curve --protocol $C4 --out leaderboards/$C4/curves/all-defences.png
-invbench curve --protocol $RANDOM_PROTOCOL --out leaderboards/$RANDOM_PROTOCOL/curves/all-defences.png
+invbench curve --protocol $C4 --from-entries --defense gaussian --defense dp --defense quantize --defense dchi \
+  --defense laplace --out leaderboards/$C4/curves/all-defences.png
+invbench curve --protocol $RANDOM_PROTOCOL --from-entries --defense gaussian --defense dchi --defense laplace \
+  --out leaderboards/$RANDOM_PROTOCOL/curves/all-defences.png
 invbench curve --protocol $C4 --protocol $RANDOM_PROTOCOL --defense gaussian --compare \
   --out leaderboards/$RANDOM_PROTOCOL/curves/gaussian-c4-vs-random.png
 python -m invbench.screenshot leaderboards/$C4/index.html docs/leaderboard-$C4.png

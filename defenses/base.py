@@ -51,6 +51,9 @@ class Defense:
     param_types: ClassVar[dict[str, type]] = {}
     #: Whether `simulate` has a useful gradient; attacks use a straight-through estimate if not.
     differentiable: ClassVar[bool] = True
+    #: Where the mechanism comes from (paper, framework), for the board's entry pages; None: a defence of
+    #: invbench's own. Not part of describe(): a reworded citation must not change any run's configuration.
+    citation: ClassVar[str | None] = None
 
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.param_types)

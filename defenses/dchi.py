@@ -45,6 +45,8 @@ class DChi(Defense):
     r ~ Gamma(d, 1/epsilon); optional L2 clip first. epsilon or relative_epsilon (with dim)."""
 
     name = "dchi"
+    citation = ("Feyisetan, Balle, Drake and Diethe, \"Privacy- and Utility-Preserving Textual Analysis via Calibrated "
+                "Multivariate Perturbations\", WSDM 2020 (dchi metric DP)")
     param_types = {"epsilon": float, "relative_epsilon": float, "dim": int, "clip": float}
 
     def __init__(

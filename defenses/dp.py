@@ -68,6 +68,8 @@ class DP(Defense):
     Give noise_multiplier, or epsilon (and delta) to solve for it."""
 
     name = "dp"
+    citation = ("the Gaussian mechanism on clipped vectors, as DP-Forward (Du et al., CCS 2023); sigma from the exact "
+                "GDP conversion, the analytic Gaussian mechanism of Balle and Wang 2018")
     param_types = {"clip": float, "noise_multiplier": float, "epsilon": float, "delta": float}
 
     def __init__(

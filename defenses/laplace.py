@@ -30,6 +30,7 @@ class Laplace(Defense):
     epsilon-DP per vector (replace-one), T*epsilon per prompt."""
 
     name = "laplace"
+    citation = "the Laplace mechanism (Dwork, McSherry, Nissim and Smith 2006), as VFLAIR-LLM's Laplace DP defence"
     param_types = {"clip": float, "epsilon": float}
 
     def __init__(self, *, clip: float | None = None, epsilon: float | None = None) -> None:

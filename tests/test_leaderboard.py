@@ -555,6 +555,19 @@ def test_each_entry_gets_a_page_linked_from_the_board(tmp_path):
     assert "script-src" not in html and "<script" not in html  # the page has no script at all
 
 
+def test_the_page_cites_the_defences_own_paper_and_says_when_there_is_none(tmp_path):
+    from invbench.derived import recomputed_defense
+
+    cited = make_entry("Metric DP", defense="dchi", params={"epsilon": 500.0, "dim": 576})
+    cited["summary"]["defense"].update(recomputed_defense(cited["summary"]["defense"], tokens=QUICK.tokens))
+    write_entry(tmp_path, cited)
+    write_entry(tmp_path, make_entry("Plain noise"))
+    render(tmp_path / "quick")
+    pages = tmp_path / "quick" / "entries"
+    assert "Feyisetan, Balle, Drake and Diethe" in (pages / "metric-dp.html").read_text()  # DChi.citation
+    assert "none recorded" in (pages / "plain-noise.html").read_text()  # gaussian: invbench's own, no paper
+
+
 def test_a_page_of_an_entry_that_left_the_board_is_removed(tmp_path):
     path = write_entry(tmp_path, make_entry("Gone soon"))
     render(tmp_path / "quick")
