@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from jsonschema import Draft202012Validator
 
@@ -133,6 +133,16 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "defense"
 
 
+def grid_of(params: Iterable[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Each parameter's distinct values over the points, in the points' order; keys sorted."""
+    grid: dict[str, list[Any]] = {}
+    for point in params:
+        for key, value in point.items():
+            if value not in grid.setdefault(key, []):
+                grid[key].append(value)
+    return dict(sorted(grid.items()))
+
+
 def curve_from_entries(entries: list, defense: str) -> Curve:
     """A defence's curve from a board's entries (`entries.Entry`): one point per entry of that
     defence, from the run summary the entry carries. A board's curves can so be redrawn from the
@@ -142,15 +152,9 @@ def curve_from_entries(entries: list, defense: str) -> Curve:
         raise CurveError(f"no entry of defence {defense!r} on this board")
     mine.sort(key=lambda e: json.dumps(e.summary.defense["params"], sort_keys=True))
     points = [CurvePoint.from_summary(e.summary.defense["params"], e.summary, str(e.path)) for e in mine]
-    grid: dict[str, list[Any]] = {}
-    for point in points:
-        for key, value in point.params.items():
-            if value not in grid.setdefault(key, []):
-                grid[key].append(value)
     first = mine[0]
     return Curve(protocol=first.meta["protocol"]["name"], defense=defense, defense_spec=first.defense_spec,
-                 grid=dict(sorted(grid.items())),
-                 points=points, protocol_settings=first.meta["protocol"], versions=first.summary.versions)
+                 grid=grid_of(p.params for p in points), points=points, protocol_settings=first.meta["protocol"], versions=first.summary.versions)
 
 
 # --- store ---------------------------------------------------------------------------------

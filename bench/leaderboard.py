@@ -429,8 +429,6 @@ def render_html(board: Board, png: bytes) -> str:
 # --- an entry's page ------------------------------------------------------------------------------
 
 ENTRY_PAGES = "entries"  # the folder of the entry pages, beside index.html
-# Where the built-in defences come from. A defence does not state its citation yet (defenses/ would be
-# the place: a `citation` beside `guarantee`); until it does, the board names the built-ins' sources here.
 NO_TRANSCRIPT = ("This entry does not carry its records (entry schema {version}, before entries held what each attack "
                  "recovered): only its numbers are known here. Running the same `invbench submit` command again adds "
                  "them (the run resumes; nothing is attacked again).")

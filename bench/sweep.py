@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig, package_versions
 from .errors import InvbenchError, one_line
-from .curves import Curve, CurvePoint, format_value, slug
+from .curves import Curve, CurvePoint, format_value, grid_of, slug
 from .protocols import Protocol, get_protocol
 from .registry import is_file_spec
 from invbench.defenses import load_defense_class, make_defense
@@ -185,7 +185,7 @@ def sweep(*, defense: str, grid: dict[str, list[Any]], protocol: Protocol | str,
     else:
         summaries = _run_local(jobs, echo)
     return Curve(protocol=proto.name, defense=name, defense_spec=defense,
-                 grid={k: _typed_values(points, k) for k in sorted(grid)},
+                 grid=grid_of(p.params for p in points),
                  points=[CurvePoint.from_summary(p.params, s, _shown(p.out)) for p, s in zip(points, summaries)],
                  protocol_settings=proto.to_dict(), versions=summaries[0].versions or package_versions())
 
@@ -206,11 +206,3 @@ def _shown(path: Path) -> str:
     except ValueError:
         return str(path)
 
-
-def _typed_values(points: list[GridPoint], key: str) -> list[Any]:
-    """A parameter's distinct typed values, in grid order."""
-    values: list[Any] = []
-    for p in points:
-        if p.params[key] not in values:
-            values.append(p.params[key])
-    return values
