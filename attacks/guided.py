@@ -35,6 +35,15 @@ cheap ranker already knew. Per position t, with the prefix x1..x(t-1) committed:
      earlier commit was wrong, so no token reproduces the target): its later positions verify at
      most `after_failure` candidates until one passes again. Exact match is lost either way, as
      it is for scan; this only stops a failed prompt from costing a full scan at every position.
+     One exception, noise-free only: a discontinuous defence (top-k's mask, quantisation's
+     rounding) can put a coordinate that sits on its boundary on one side in the capture's float
+     path and on the other in the attack's KV-cached path, so the true token misses the strict
+     test by one flipped coordinate or two (measured: top-k 256 on random ids, MSE 3e-3 against
+     the usual 1e-12; which coordinates flip depends on the batch, so a rerun on 2 prompts lost a
+     prompt that the 25-prompt entry decoded). When a candidate of the whole budget reproduces
+     the target on all but `FLIP_COORDINATES` coordinates, that candidate is committed, even where another is nearer in plain MSE (a near
+     twin of the token that the coarse defence maps close by), and the position ends `flipped`:
+     the prefix is right, so the prompt keeps its full budget.
 4. Scoring of the candidates: `ml` commits the most likely simulated state under the law (the
    nearest under Gaussian noise, as `scan`); `map` (noisy defences only) the highest
    log-likelihood plus log prior (Gaussian: -d MSE / (2 sigma^2) + log p(x_t | prefix)), which
@@ -43,7 +52,8 @@ cheap ranker already knew. Per position t, with the prefix x1..x(t-1) committed:
 
 Recorded per position: `candidates` (exact forward passes; 0 at a codebook lookup) and `ended`
 (certified; exhausted: the whole vocabulary verified without a pass; budget: stopped at
-`max_candidates` or `after_failure` without a pass; codebook).
+`max_candidates` or `after_failure` without a pass; codebook; flipped: no pass, but the best
+agrees with the target on all but `FLIP_COORDINATES` coordinates).
 """
 from __future__ import annotations
 
@@ -62,10 +72,15 @@ from .likelihood import Likelihood
 from .ranker import Ranker, load_ranker
 from .registry import register_attack
 
-ENDINGS = ("certified", "exhausted", "codebook", "budget")
-CERTIFIED, EXHAUSTED, CODEBOOK, BUDGET = range(4)
+ENDINGS = ("certified", "exhausted", "codebook", "budget", "flipped")
+CERTIFIED, EXHAUSTED, CODEBOOK, BUDGET, FLIPPED = range(5)
 SCORINGS = ("ml", "map")
 TOLERANCE_NOTE = "measured in bench/studies/GUIDED.md"
+# Noise-free: a best candidate within `tolerance` of the target once its FLIP_COORDINATES largest
+# squared errors are dropped has the right prefix (a discontinuous defence flipped those). A constant,
+# not a config field: it changes no result but a flipped prompt's budget, and a field would change
+# every entry's configuration hash.
+FLIP_COORDINATES = 4
 
 
 def interleaved_order(scores: list[torch.Tensor]) -> torch.Tensor:
@@ -184,7 +199,8 @@ class GuidedAttack(Attack):
         budget = torch.full((len(goal),), self.config.max_candidates or vocab, device=goal.device)
         budget = torch.where(state.failed[owner], min(self.config.after_failure, vocab), budget.clamp(max=vocab))
         found = self._verify(oracle, prefix, goal, order, prior, defense, state, budget=budget)
-        state.failed[owner] = found.extras["ended"] != CERTIFIED  # guided keeps no beams: rows are prompts
+        ended = found.extras["ended"]
+        state.failed[owner] = (ended != CERTIFIED) & (ended != FLIPPED)  # guided keeps no beams: rows are prompts
         return found
 
     @staticmethod
@@ -232,7 +248,9 @@ class GuidedAttack(Attack):
         likelihood = state.likelihood
         best = {"token": torch.zeros(rows, keep, dtype=torch.long, device=device),
                 "loss": torch.full((rows, keep), float("inf"), device=device),
-                "objective": torch.full((rows, keep), float("inf"), device=device)}
+                "objective": torch.full((rows, keep), float("inf"), device=device),
+                "trimmed": torch.full((rows, keep), float("inf"), device=device)}
+        nearest = {k: v[:, :1].clone() for k, v in best.items()}  # the best by trimmed MSE (noise-free)
         first_pass = torch.zeros(rows, dtype=torch.long, device=device)  # candidates verified at the first pass; 0: none
         verified = torch.zeros(rows, dtype=torch.long, device=device)
         passes = torch.zeros(rows, dtype=torch.long, device=device)  # candidates that passed so far
@@ -248,12 +266,15 @@ class GuidedAttack(Attack):
                 simulated = defense.simulate(hidden)
                 statistic = likelihood.statistic(goal_a[:, None, :], simulated)
                 loss = statistic if likelihood.scores_mse else mse(simulated, goal_a[:, None, :])
-                return torch.stack([statistic, loss], dim=-1)
+                trimmed = self._trimmed_mse(simulated, goal_a[:, None, :]) if not likelihood.noisy else loss
+                return torch.stack([statistic, loss, trimmed], dim=-1)
 
             measured = oracle.hidden_of_tokens(prefix.select(active), ids, chunk_size=cfg.chunk_size, reduce=measure)
-            statistic, loss = measured[..., 0], measured[..., 1]
+            statistic, loss, trimmed = measured.unbind(dim=-1)
             objective = self._objective(statistic, prior[active].gather(1, ids), state)
-            self._merge(best, active, {"token": ids, "loss": loss, "objective": objective})
+            found = {"token": ids, "loss": loss, "objective": objective, "trimmed": trimmed}
+            self._merge(best, active, found)
+            self._merge(nearest, active, found, by="trimmed")
             done_so_far = columns.stop
             verified[active] = done_so_far
             passing = statistic < state.threshold
@@ -267,16 +288,31 @@ class GuidedAttack(Attack):
             ended[active[finished & (first_pass[active] > 0)]] = float(CERTIFIED)
             active = active[~finished]
             size = cfg.first_round if done_so_far < 2 * cfg.first_round else done_so_far
+        if not likelihood.noisy:  # no pass: a candidate that agrees but for a few flipped coordinates is the token
+            flipped = (ended != CERTIFIED) & (nearest["trimmed"][:, 0] < state.threshold)
+            for k in best:
+                best[k][flipped, 0] = nearest[k][flipped, 0]
+            ended[flipped] = float(FLIPPED)
         return Candidates(best["token"], best["loss"], objective=best["objective"],
                           extras={"candidates": verified.float(), "ended": ended})
 
     @staticmethod
-    def _merge(best: dict[str, torch.Tensor], rows: torch.Tensor, found: dict[str, torch.Tensor]) -> None:
-        """Keep, per row, the best of `best` and this round's `found` by objective; a stable sort, so
+    def _trimmed_mse(simulated: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
+        """The MSE without the FLIP_COORDINATES largest squared errors (what a few coordinates
+        flipped across a discontinuous defence's boundary cannot move)."""
+        errors = (simulated - goal).pow(2)
+        drop = min(FLIP_COORDINATES, errors.shape[-1] - 1)
+        dropped = errors.topk(drop, dim=-1).values.sum(dim=-1) if drop else 0.0
+        return (errors.sum(dim=-1) - dropped) / (errors.shape[-1] - drop)
+
+    @staticmethod
+    def _merge(best: dict[str, torch.Tensor], rows: torch.Tensor, found: dict[str, torch.Tensor], *,
+               by: str = "objective") -> None:
+        """Keep, per row, the best of `best` and this round's `found` by `by`; a stable sort, so
         what was found earlier wins a tie (as the ranking put it first)."""
-        keep = best["objective"].shape[1]
+        keep = best[by].shape[1]
         joined = {k: torch.cat([best[k][rows], found[k]], dim=1) for k in best}
-        order = joined["objective"].sort(dim=1, stable=True).indices[:, :keep]
+        order = joined[by].sort(dim=1, stable=True).indices[:, :keep]
         for k in best:
             best[k][rows] = joined[k].gather(1, order)
 

@@ -15,7 +15,7 @@ from helpers import invoke
 from invbench.attacks import make_attack
 from invbench.attacks.likelihood import Likelihood
 from invbench.defenses.noise import GaussianNoise
-from invbench.attacks.guided import (BUDGET, CERTIFIED, CODEBOOK, EXHAUSTED, GuidedAttack,
+from invbench.attacks.guided import (BUDGET, CERTIFIED, CODEBOOK, EXHAUSTED, FLIPPED, GuidedAttack,
                                      interleaved_order)
 from invbench.attacks.ranker import Recipe, fit_ranker, load_ranker, read_ranker
 from invbench.defenses import make_defense
@@ -225,6 +225,36 @@ def test_a_failed_prefix_costs_at_most_after_failure_per_position(small, cache):
     assert out.extras["candidates"][0, 1] == oracle.vocab_size and out.extras["ended"][0, 1] == EXHAUSTED
     assert (out.extras["candidates"][0, 2:] == 16).all()
     assert (out.extras["ended"][0, 2:] == BUDGET).all()
+
+
+def test_a_flipped_coordinate_keeps_the_full_budget_for_the_right_prefix(small, cache, monkeypatch):
+    """A discontinuous defence can flip a boundary coordinate between the capture and the attack's
+    path (seen with top-k 256 on SmolLM2): here position 2's target has one coordinate moved, so its
+    true token misses the strict test. It is still the best of the whole vocabulary and agrees
+    elsewhere, so the position ends `flipped` and later positions keep their full budget: with the
+    truth ranked last and `after_failure` 1, only that budget reaches it."""
+    oracle, ids = small
+    truth = ids[0]
+    targets = oracle.capture(ids[:1]).clone()
+    targets[0, 1, 7] += 1.0  # one flipped coordinate at position 2
+    real_prior = oracle.log_prior
+
+    def worst_prior(prefix):
+        scores = real_prior(prefix).clone()
+        scores[:, truth[prefix.length]] = -1e9
+        return scores
+
+    monkeypatch.setattr(oracle, "log_prior", worst_prior)
+    attack = make_attack("guided", overrides={"ranker": "prior", "after_failure": 1})
+    out = run(attack, oracle, targets)
+    assert torch.equal(out.tokens[0], truth)
+    assert out.extras["ended"][0, 1] == FLIPPED and (out.extras["ended"][0, 2:] == CERTIFIED).all()
+    assert (out.extras["candidates"][0, 2:] == oracle.vocab_size).all()
+    # The same target with the check switched off: the prompt counts as failed and loses the rest.
+    monkeypatch.setattr("invbench.attacks.guided.FLIP_COORDINATES", 0)
+    strict = run(make_attack("guided", overrides={"ranker": "prior", "after_failure": 1}), oracle, targets)
+    assert strict.extras["ended"][0, 1] == EXHAUSTED and (strict.extras["ended"][0, 2:] == BUDGET).all()
+    assert not torch.equal(strict.tokens[0], truth)
 
 
 def test_max_candidates_budget_is_stated_in_the_endings(small, cache, monkeypatch):
