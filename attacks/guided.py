@@ -43,7 +43,8 @@ cheap ranker already knew. Per position t, with the prefix x1..x(t-1) committed:
      prompt that the 25-prompt entry decoded). When a candidate of the whole budget reproduces
      the target on all but `FLIP_COORDINATES` coordinates, that candidate is committed, even where another is nearer in plain MSE (a near
      twin of the token that the coarse defence maps close by), and the position ends `flipped`:
-     the prefix is right, so the prompt keeps its full budget.
+     the prefix is right, so the prompt keeps its full budget. Its recorded discrete loss is the
+     trimmed MSE it was judged by, so the harness's failure detector does not flag it either.
 4. Scoring of the candidates: `ml` commits the most likely simulated state under the law (the
    nearest under Gaussian noise, as `scan`); `map` (noisy defences only) the highest
    log-likelihood plus log prior (Gaussian: -d MSE / (2 sigma^2) + log p(x_t | prefix)), which
@@ -292,6 +293,7 @@ class GuidedAttack(Attack):
             flipped = (ended != CERTIFIED) & (nearest["trimmed"][:, 0] < state.threshold)
             for k in best:
                 best[k][flipped, 0] = nearest[k][flipped, 0]
+            best["loss"][flipped, 0] = nearest["trimmed"][flipped, 0]  # the fit it was judged by (the detector's too)
             ended[flipped] = float(FLIPPED)
         return Candidates(best["token"], best["loss"], objective=best["objective"],
                           extras={"candidates": verified.float(), "ended": ended})

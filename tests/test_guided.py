@@ -250,6 +250,7 @@ def test_a_flipped_coordinate_keeps_the_full_budget_for_the_right_prefix(small, 
     assert torch.equal(out.tokens[0], truth)
     assert out.extras["ended"][0, 1] == FLIPPED and (out.extras["ended"][0, 2:] == CERTIFIED).all()
     assert (out.extras["candidates"][0, 2:] == oracle.vocab_size).all()
+    assert out.discrete_loss[0, 1] < 1e-9  # the trimmed fit (the flipped coordinate alone: 1 / d)
     # The same target with the check switched off: the prompt counts as failed and loses the rest.
     monkeypatch.setattr("invbench.attacks.guided.FLIP_COORDINATES", 0)
     strict = run(make_attack("guided", overrides={"ranker": "prior", "after_failure": 1}), oracle, targets)
