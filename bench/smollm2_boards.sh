@@ -68,10 +68,8 @@ for eps in 8 1000 20000; do
   entry_from_sweep "$protocol" "Laplace clip 600 eps $eps" "runs/$protocol/laplace/clip=600,epsilon=$eps" \
     --defense laplace --clip 600 --epsilon "$eps"
 done
-if [ "$protocol" = $C4 ]; then
-  invbench submit --protocol $C4 --name "dchi clip 45 eps 200" --defense dchi --param dim=576 --param clip=45 \
-    --param epsilon=200 --device cpu
-fi
+invbench submit --protocol "$protocol" --name "dchi clip 45 eps 200" --defense dchi --param dim=576 --param clip=45 \
+  --param epsilon=200 --device cpu
 }
 
 # --- random-token board: the middle settings, and a gaussian curve to compare with C4 -----------------
