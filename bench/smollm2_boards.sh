@@ -98,7 +98,7 @@ invbench leaderboard --protocol $C4
 invbench leaderboard --protocol $RANDOM_PROTOCOL
 invbench curve --protocol $C4 --from-entries --defense gaussian --defense dp --defense quantize --defense dchi \
   --defense laplace --out leaderboards/$C4/curves/all-defences.png
-invbench curve --protocol $RANDOM_PROTOCOL --from-entries --defense gaussian --defense dchi --defense laplace \
+invbench curve --protocol $RANDOM_PROTOCOL --from-entries --defense gaussian --defense dp --defense dchi --defense laplace \
   --out leaderboards/$RANDOM_PROTOCOL/curves/all-defences.png
 invbench curve --protocol $C4 --protocol $RANDOM_PROTOCOL --defense gaussian --compare \
   --out leaderboards/$RANDOM_PROTOCOL/curves/gaussian-c4-vs-random.png
