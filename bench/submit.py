@@ -8,9 +8,10 @@ prompts, and compares every field that the summary schema (`bench/schemas/summar
 marks with `x-verify`, by that field's kind of tolerance (`KINDS`, absolute unless said otherwise):
 
 - fraction (exact match, token accuracy, similarity, search-failure rate, flag rate, per attack
-  and the worst case): 0.05 on a full rerun. Attacks and noise are seeded, so a rerun on the same
-  hardware reproduces the entry exactly; the margin absorbs floating-point differences between
-  devices flipping a prompt or two. On a subset of N of the entry's n prompts the subset's mean
+  and the worst case): 0.05 on a full rerun. Attacks and noise are seeded, so a full rerun on the
+  same hardware reproduces the entry exactly (a subset runs in smaller batches, whose float error
+  differs in the last bits); the margin absorbs floating-point differences between devices
+  flipping a prompt or two. On a subset of N of the entry's n prompts the subset's mean
   estimates the entry's, so the tolerance widens by 3 standard errors of a mean of N values in
   [lo, hi] (the field's bounds in the schema) drawn without replacement, with the variance bounded
   by (p - lo)(hi - p) for the entry's value p: 0.05 + 3 * sqrt(p(1 - p) / N * (n - N) / (n - 1)).
