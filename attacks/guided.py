@@ -41,8 +41,9 @@ cheap ranker already knew. Per position t, with the prefix x1..x(t-1) committed:
      test by one flipped coordinate or two (measured: top-k 256 on random ids, MSE 3e-3 against
      the usual 1e-12; which coordinates flip depends on the batch, so a rerun on 2 prompts lost a
      prompt that the 25-prompt entry decoded). When a candidate of the whole budget reproduces
-     the target on all but `FLIP_COORDINATES` coordinates, that candidate is committed, even where another is nearer in plain MSE (a near
-     twin of the token that the coarse defence maps close by), and the position ends `flipped`:
+     the target on all but `FLIP_COORDINATES` coordinates, that candidate is committed, even
+     where another is nearer in plain MSE (a near twin of the token that the coarse defence maps
+     close by), and the position ends `flipped`:
      the prefix is right, so the prompt keeps its full budget. Its recorded discrete loss is the
      trimmed MSE it was judged by, so the harness's failure detector does not flag it either.
 4. Scoring of the candidates: `ml` commits the most likely simulated state under the law (the
@@ -53,7 +54,7 @@ cheap ranker already knew. Per position t, with the prefix x1..x(t-1) committed:
 
 Recorded per position: `candidates` (exact forward passes; 0 at a codebook lookup) and `ended`
 (certified; exhausted: the whole vocabulary verified without a pass; budget: stopped at
-`max_candidates` or `after_failure` without a pass; codebook; flipped: no pass, but the best
+`max_candidates` or `after_failure` without a pass; codebook; flipped: no pass, but a candidate
 agrees with the target on all but `FLIP_COORDINATES` coordinates).
 """
 from __future__ import annotations
@@ -249,9 +250,10 @@ class GuidedAttack(Attack):
         likelihood = state.likelihood
         best = {"token": torch.zeros(rows, keep, dtype=torch.long, device=device),
                 "loss": torch.full((rows, keep), float("inf"), device=device),
-                "objective": torch.full((rows, keep), float("inf"), device=device),
-                "trimmed": torch.full((rows, keep), float("inf"), device=device)}
-        nearest = {k: v[:, :1].clone() for k, v in best.items()}  # the best by trimmed MSE (noise-free)
+                "objective": torch.full((rows, keep), float("inf"), device=device)}
+        exact = not likelihood.noisy  # noise-free: also track the best by trimmed MSE (a flipped coordinate)
+        nearest = {**{k: v[:, :1].clone() for k, v in best.items()},
+                   "trimmed": torch.full((rows, 1), float("inf"), device=device)}
         first_pass = torch.zeros(rows, dtype=torch.long, device=device)  # candidates verified at the first pass; 0: none
         verified = torch.zeros(rows, dtype=torch.long, device=device)
         passes = torch.zeros(rows, dtype=torch.long, device=device)  # candidates that passed so far
@@ -267,7 +269,7 @@ class GuidedAttack(Attack):
                 simulated = defense.simulate(hidden)
                 statistic = likelihood.statistic(goal_a[:, None, :], simulated)
                 loss = statistic if likelihood.scores_mse else mse(simulated, goal_a[:, None, :])
-                trimmed = self._trimmed_mse(simulated, goal_a[:, None, :]) if not likelihood.noisy else loss
+                trimmed = self._trimmed_mse(simulated, goal_a[:, None, :]) if exact else loss
                 return torch.stack([statistic, loss, trimmed], dim=-1)
 
             measured = oracle.hidden_of_tokens(prefix.select(active), ids, chunk_size=cfg.chunk_size, reduce=measure)
@@ -275,7 +277,8 @@ class GuidedAttack(Attack):
             objective = self._objective(statistic, prior[active].gather(1, ids), state)
             found = {"token": ids, "loss": loss, "objective": objective, "trimmed": trimmed}
             self._merge(best, active, found)
-            self._merge(nearest, active, found, by="trimmed")
+            if exact:
+                self._merge(nearest, active, found, by="trimmed")
             done_so_far = columns.stop
             verified[active] = done_so_far
             passing = statistic < state.threshold
@@ -289,7 +292,7 @@ class GuidedAttack(Attack):
             ended[active[finished & (first_pass[active] > 0)]] = float(CERTIFIED)
             active = active[~finished]
             size = cfg.first_round if done_so_far < 2 * cfg.first_round else done_so_far
-        if not likelihood.noisy:  # no pass: a candidate that agrees but for a few flipped coordinates is the token
+        if exact:  # no pass: a candidate that agrees but for a few flipped coordinates is the token
             flipped = (ended != CERTIFIED) & (nearest["trimmed"][:, 0] < state.threshold)
             for k in best:
                 best[k][flipped, 0] = nearest[k][flipped, 0]

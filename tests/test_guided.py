@@ -38,6 +38,18 @@ def run(attack, oracle, targets, defense=NONE):
                       notify=lambda line: None)
 
 
+def rank_truth_last(oracle, truth, monkeypatch):
+    """Make the model's prior give the true next token the lowest score of all, at every position."""
+    real_prior = oracle.log_prior
+
+    def worst_prior(prefix):
+        scores = real_prior(prefix).clone()
+        scores[:, truth[prefix.length]] = -1e9
+        return scores
+
+    monkeypatch.setattr(oracle, "log_prior", worst_prior)
+
+
 # --- pieces -------------------------------------------------------------------------------
 def test_interleaved_order_alternates_and_keeps_each_token_once():
     first = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])  # order 0 1 2 3 4
@@ -93,14 +105,7 @@ def test_fallback_reaches_the_truth_when_the_ranker_ranks_it_last(small, cache, 
     oracle, ids = small
     targets = oracle.capture(ids[:1])
     truth = ids[0]
-    real_prior = oracle.log_prior
-
-    def worst_prior(prefix):  # the true next token gets the lowest score of all
-        scores = real_prior(prefix).clone()
-        scores[:, truth[prefix.length]] = -1e9
-        return scores
-
-    monkeypatch.setattr(oracle, "log_prior", worst_prior)
+    rank_truth_last(oracle, truth, monkeypatch)
     out = run(make_attack("guided", overrides={"ranker": "prior"}), oracle, targets)
     assert torch.equal(out.tokens[0], truth)
     assert (out.extras["candidates"][0, 1:] == oracle.vocab_size).all()  # it had to verify all of them
@@ -237,20 +242,13 @@ def test_a_flipped_coordinate_keeps_the_full_budget_for_the_right_prefix(small, 
     truth = ids[0]
     targets = oracle.capture(ids[:1]).clone()
     targets[0, 1, 7] += 1.0  # one flipped coordinate at position 2
-    real_prior = oracle.log_prior
-
-    def worst_prior(prefix):
-        scores = real_prior(prefix).clone()
-        scores[:, truth[prefix.length]] = -1e9
-        return scores
-
-    monkeypatch.setattr(oracle, "log_prior", worst_prior)
+    rank_truth_last(oracle, truth, monkeypatch)
     attack = make_attack("guided", overrides={"ranker": "prior", "after_failure": 1})
     out = run(attack, oracle, targets)
     assert torch.equal(out.tokens[0], truth)
     assert out.extras["ended"][0, 1] == FLIPPED and (out.extras["ended"][0, 2:] == CERTIFIED).all()
     assert (out.extras["candidates"][0, 2:] == oracle.vocab_size).all()
-    assert out.discrete_loss[0, 1] < 1e-9  # the trimmed fit (the flipped coordinate alone: 1 / d)
+    assert out.discrete_loss[0, 1] < 1e-9  # the trimmed fit (the full MSE is 1 / d)
     # The same target with the check switched off: the prompt counts as failed and loses the rest.
     monkeypatch.setattr("invbench.attacks.guided.FLIP_COORDINATES", 0)
     strict = run(make_attack("guided", overrides={"ranker": "prior", "after_failure": 1}), oracle, targets)
@@ -261,14 +259,7 @@ def test_a_flipped_coordinate_keeps_the_full_budget_for_the_right_prefix(small, 
 def test_max_candidates_budget_is_stated_in_the_endings(small, cache, monkeypatch):
     oracle, ids = small
     truth = ids[0]
-    real_prior = oracle.log_prior
-
-    def worst_prior(prefix):
-        scores = real_prior(prefix).clone()
-        scores[:, truth[prefix.length]] = -1e9
-        return scores
-
-    monkeypatch.setattr(oracle, "log_prior", worst_prior)
+    rank_truth_last(oracle, truth, monkeypatch)
     out = run(make_attack("guided", overrides={"ranker": "prior", "max_candidates": 100}), oracle,
               oracle.capture(ids[:1]))
     assert out.extras["candidates"][0, 1] == 100 and out.extras["ended"][0, 1] == BUDGET
