@@ -143,6 +143,14 @@ def grid_of(params: Iterable[dict[str, Any]]) -> dict[str, list[Any]]:
     return dict(sorted(grid.items()))
 
 
+def params_order(params: dict[str, Any]) -> tuple:
+    """Sort key of a point's parameters: by name, numbers by value (sigma 3 before 10), other values
+    by their text after every number."""
+    def value(v: Any) -> tuple:
+        return (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))
+    return tuple((key, value(v)) for key, v in sorted(params.items()))
+
+
 def curve_from_entries(entries: list, defense: str) -> Curve:
     """A defence's curve from a board's entries (`entries.Entry`): one point per entry of that
     defence, from the run summary the entry carries. A board's curves can so be redrawn from the
@@ -150,7 +158,7 @@ def curve_from_entries(entries: list, defense: str) -> Curve:
     mine = [e for e in entries if e.summary.defense["name"] == defense]
     if not mine:
         raise CurveError(f"no entry of defence {defense!r} on this board")
-    mine.sort(key=lambda e: json.dumps(e.summary.defense["params"], sort_keys=True))
+    mine.sort(key=lambda e: params_order(e.summary.defense["params"]))
     points = [CurvePoint.from_summary(e.summary.defense["params"], e.summary, str(e.path)) for e in mine]
     first = mine[0]
     return Curve(protocol=first.meta["protocol"]["name"], defense=defense, defense_spec=first.defense_spec,

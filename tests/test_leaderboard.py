@@ -631,18 +631,19 @@ def test_a_curve_is_drawn_from_a_boards_entries_one_point_per_entry_of_the_defen
     from invbench.cli import cli
     from invbench.curves import CurveError, curve_from_entries, load_curve
 
-    for sigma, em in ((0.3, 0.2), (0.01, 0.9)):
-        write_entry(tmp_path, make_entry(f"Gaussian {sigma}", em=em, top1=1 - sigma, params={"sigma": sigma}))
+    for sigma, em in ((10, 0.0), (0.3, 0.2), (3, 0.1), (0.01, 0.9)):
+        write_entry(tmp_path, make_entry(f"Gaussian {sigma}", em=em, top1=max(0.0, 1 - sigma), params={"sigma": sigma}))
     write_entry(tmp_path, make_entry("Quantize", em=1.0, defense="quantize", params={"bits": 8}))
     entries, problems = load_entries(tmp_path / "quick")
     assert not problems
 
     curve = curve_from_entries(entries, "gaussian")
-    assert [p.params for p in curve.points] == [{"sigma": 0.01}, {"sigma": 0.3}]  # the quantize entry is not on it
-    assert [p.worst_case_exact_match for p in curve.points] == [0.9, 0.2]
-    assert [p.worst_case_token_accuracy for p in curve.points] == [1.0, pytest.approx(0.3)]  # em + 0.1 (fake_summary)
-    assert [p.top1_agreement for p in curve.points] == [0.99, 0.7]
-    assert curve.grid == {"sigma": [0.01, 0.3]} and curve.protocol == "quick"
+    # by value, not by text ("10" sorts before "3"); the quantize entry is not on it
+    assert [p.params for p in curve.points] == [{"sigma": 0.01}, {"sigma": 0.3}, {"sigma": 3}, {"sigma": 10}]
+    assert [p.worst_case_exact_match for p in curve.points] == [0.9, 0.2, 0.1, 0.0]
+    assert [p.worst_case_token_accuracy for p in curve.points][:2] == [1.0, pytest.approx(0.3)]  # em + 0.1 (fake_summary)
+    assert [p.top1_agreement for p in curve.points] == [0.99, 0.7, 0.0, 0.0]
+    assert curve.grid == {"sigma": [0.01, 0.3, 3, 10]} and curve.protocol == "quick"
     with pytest.raises(CurveError, match="no entry of defence 'dp'"):
         curve_from_entries(entries, "dp")
 
@@ -651,4 +652,4 @@ def test_a_curve_is_drawn_from_a_boards_entries_one_point_per_entry_of_the_defen
     assert result.exit_code == 0, result.output
     saved = sorted((tmp_path / "quick" / "curves").glob("gaussian-*.json"))
     assert len(saved) == 1 and saved[0].with_suffix(".png").is_file() and (tmp_path / "plot.png").is_file()
-    assert [p.params for p in load_curve(saved[0]).points] == [{"sigma": 0.01}, {"sigma": 0.3}]
+    assert [p.params for p in load_curve(saved[0]).points] == [{"sigma": 0.01}, {"sigma": 0.3}, {"sigma": 3}, {"sigma": 10}]
