@@ -41,7 +41,9 @@ class ScanConfig:
     beam: int = option(1, "beam width over positions (prefixes kept per prompt; 1: greedy).", min=1)
     chunk_size: int = chunk_size_option()
     recheck: int = option(64, "shortlist re-checked in float32 after a bf16 scan (CUDA).", min=2)
-    precision: str = "auto"  # auto: bfloat16 on CUDA, float32 elsewhere
+    precision: str = option("auto", "the full pass's precision (auto: bfloat16 on CUDA, float32 elsewhere; bfloat16 is "
+                                    "faster on a CPU with AMX); a float32 re-check of the shortlist decides.",
+                            choices=PRECISIONS)
 
     def validate(self) -> None:
         if self.beam < 1 or self.chunk_size < 1:

@@ -23,7 +23,7 @@ def committed_loss(oracle, tokens, targets, defense):
 # --- pieces -------------------------------------------------------------------------------
 def test_registered_presets_and_options():
     assert "scan" in available_attacks()
-    assert ScanAttack.option_names == {"beam", "chunk_size", "recheck"}
+    assert ScanAttack.option_names == {"beam", "chunk_size", "recheck", "precision"}
     for preset in (None, "fast", "baseline", "high-acc"):  # all presets are the same attack
         assert make_attack("scan", preset=preset).config == ScanConfig()
     assert make_attack("scan", overrides={"beam": 4, "chunk_size": 64}).config.beam == 4
