@@ -15,6 +15,14 @@ def cell(value: Any, spec: str = ".3f") -> str:
     return str(value)
 
 
+def column(value: Any, spec: str = ".4f", *, wide: float = 1e6) -> str:
+    """`cell` for a fixed-width column: a number of magnitude `wide` or more in 4 significant digits
+    (a perplexity ratio of 1e200 stays one column wide)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) >= wide:
+        return format(value, "+.3e" if spec.startswith("+") else ".3e")
+    return cell(value, spec)
+
+
 def short(value: Any, limit: int = 60) -> str:
     """repr of a submitted value for a message, cut so a huge value cannot flood the board."""
     text = repr(value)

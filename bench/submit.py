@@ -43,7 +43,7 @@ from .entries import (NAME, SCALAR, SCHEMA_VERSION, check_entry, check_value, pa
                       validate_entry_id)
 from .errors import InvbenchError
 from .folder import read_config, read_run_records
-from .formats import cell
+from .formats import cell, column
 from .protocols import Protocol, get_protocol
 from .registry import is_file_spec
 from .results import write_json_atomic
@@ -230,8 +230,8 @@ class VerifyReport:
                  f"{'metric':<{width}} {'entry':>10} {'rerun':>10} {'diff':>9} {'tol':>8}  result"]
         for c in self.checks:
             result = {True: "ok", False: "FAIL", None: "shown"}[c.ok]
-            lines.append(f"{c.metric:<{width}} {cell(c.entry, '.4f'):>10} {cell(c.rerun, '.4f'):>10} "
-                         f"{cell(c.difference, '+.4f'):>9} {cell(c.tolerance, '.4f'):>8}  {result}"
+            lines.append(f"{c.metric:<{width}} {column(c.entry):>10} {column(c.rerun):>10} "
+                         f"{column(c.difference, '+.4f'):>9} {column(c.tolerance):>8}  {result}"
                          f"{f' ({c.note})' if c.note else ''}")
         verdict = "PASSED" if self.ok else f"FAILED: {', '.join(c.metric for c in self.failures)}"
         lines.append(f"verification {verdict}")
