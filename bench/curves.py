@@ -171,10 +171,31 @@ def curves_dir(protocol_dir: Path) -> Path:
 
 
 def save_curve(curve: Curve, board_dir: Path) -> Path:
-    """Write the curve under `board_dir/<protocol>/curves/` (atomically) and return its path."""
-    path = curves_dir(Path(board_dir) / curve.protocol) / curve.file_name
+    """Write the curve under `board_dir/<protocol>/curves/` (atomically) and return its path. A curve
+    stored before, on another day, with the same content but its date is not written again: redrawing
+    a board whose entries did not change returns the stored file."""
+    directory = curves_dir(Path(board_dir) / curve.protocol)
+    twin = stored_twin(curve, directory)
+    if twin is not None:
+        return twin
+    path = directory / curve.file_name
     write_json_atomic(path, curve.to_dict())
     return path
+
+
+def stored_twin(curve: Curve, directory: Path) -> Path | None:
+    """The stored curve file of the same digest whose content equals `curve`'s but for its date."""
+    def undated(data: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in data.items() if k not in ("created", "date")}
+
+    wanted = undated(json.loads(json.dumps(curve.to_dict())))
+    for path in sorted(directory.glob(f"{slug(curve.defense)}-*-{curve.digest}.json")):
+        try:
+            if undated(read_json_file(path, max_bytes=MAX_CURVE_BYTES)) == wanted:
+                return path
+        except (OSError, ValueError):
+            continue  # unreadable: not a twin (load_curve names the problem when the board reads it)
+    return None
 
 
 def load_curve(path: Path) -> Curve:

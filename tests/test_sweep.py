@@ -316,3 +316,17 @@ def test_a_plot_without_noise_has_two_columns():
         assert len(fig.axes) == 4 and not any(ax.get_xscale() == "log" for ax in fig.axes)
     finally:
         plt.close(fig)
+
+
+def test_a_redrawn_curve_that_did_not_change_is_not_stored_again(tmp_path):
+    """Redrawing a board's curves on another day returns the stored file; a curve whose figures changed
+    under the same configurations (an entry rerun with better code) is stored anew."""
+    first = _curve_of([{"params": {"sigma": 0.1}, "config_hash": "aa"}])
+    path = save_curve(first, tmp_path)
+    later = dataclasses.replace(first, created="2026-12-04T09:00:00+00:00")
+    assert later.file_name != first.file_name and later.digest == first.digest
+    assert save_curve(later, tmp_path) == path
+    assert len(list(path.parent.glob("*.json"))) == 1
+    changed = dataclasses.replace(later, points=[dataclasses.replace(later.points[0], worst_case_exact_match=1.0)])
+    assert changed.digest == first.digest  # the digest names configurations, not figures
+    assert save_curve(changed, tmp_path) != path and len(list(path.parent.glob("*.json"))) == 2
