@@ -223,7 +223,8 @@ class GuidedAttack(Attack):
         rows = len(goal)
         loss = statistic.gather(1, best) if state.likelihood.scores_mse else mse(state.codebook[best[:, 0]], goal)[:, None]
         return Candidates(best, loss, objective=objective.gather(1, best),
-                          extras={"candidates": torch.zeros(rows), "ended": torch.full((rows,), float(CODEBOOK))})
+                          extras={"candidates": torch.zeros(rows, device=goal.device),  # on the rows' device:
+                                  "ended": torch.full((rows,), float(CODEBOOK), device=goal.device)})  # run() indexes them
 
     def _codebook_scores(self, oracle, goal: torch.Tensor, state: GuidedState) -> tuple[torch.Tensor, torch.Tensor]:
         """The statistic and the objective (both (R, V)) of every codebook entry as each row's first token."""
