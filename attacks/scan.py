@@ -50,8 +50,6 @@ class ScanConfig:
             raise AttackError(f"scan: --beam and --chunk-size must be >= 1, got {self.beam} and {self.chunk_size}")
         if self.recheck < max(2, self.beam):
             raise AttackError(f"scan: --recheck must be >= 2 and >= --beam, got {self.recheck}")
-        if self.precision not in PRECISIONS:
-            raise AttackError(f"scan: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def low_precision(self, device: torch.device) -> torch.dtype | None:
         """The autocast dtype of the full scan, or None for float32 throughout."""

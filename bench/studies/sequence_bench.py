@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from invbench.attacks.scan import PRECISIONS
 from invbench.config import RunConfig
 from invbench.entries import slugify
 from invbench.folder import read_summary
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scan-prompts", type=int, default=3, help="C4 prompts scan runs on (0: no scan)")
     parser.add_argument("--scan-sigmas", default="0.3,1")
     parser.add_argument("--scan-beams", default="1,4")
-    parser.add_argument("--scan-precision", default="auto", choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--scan-precision", default="auto", choices=PRECISIONS,
                         help="scan's full pass (auto: bfloat16 on CUDA, float32 elsewhere; bfloat16 is 2.4x faster "
                              "on a CPU with AMX, see attacks/scan.py); a float32 re-check of its shortlist decides")
     parser.add_argument("--scan-chunk-size", type=int, default=None,
