@@ -128,10 +128,13 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def simulate_with_gradient(defense, hidden: torch.Tensor) -> torch.Tensor:
     """The defence's deterministic part with a usable gradient: its own where it has one
-    (clipping), else straight-through (quantisation's rounding has zero gradient)."""
-    if getattr(defense, "differentiable", True):
-        return defense.simulate(hidden)
-    return hidden + (defense.simulate(hidden) - hidden).detach()
+    (clipping), else straight-through (quantisation's rounding has zero gradient; a plug-in whose
+    `simulate` returns a constant, e.g. zeros_like, has none at all, and gradient attacks would
+    otherwise crash on it)."""
+    simulated = defense.simulate(hidden)
+    if getattr(defense, "differentiable", True) and (simulated.requires_grad or not hidden.requires_grad):
+        return simulated
+    return hidden + (simulated - hidden).detach()
 
 
 class Attack:

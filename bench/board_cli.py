@@ -83,19 +83,24 @@ def submit(defense: str, protocol: Protocol, name: str, authors: str, url: str, 
 @click.command()
 @click.argument("entry", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--subset", type=click.IntRange(min=1), default=None,
-              help="Rerun only the first N prompts (tolerances widen accordingly).")
+              help="Rerun N prompts drawn at random [the fewest that catch a forgery on a quarter of the prompts with "
+                   "probability 0.99: 11 of 25]; N = the entry's n reruns all.")
+@click.option("--draw-seed", "seed", type=click.IntRange(0, 2**32 - 1), default=None,
+              help="Draw the subset with this seed (a record's seed redraws its prompts) [a fresh one].")
 @click.option("--defense", default=None, help="Load the defence from path/to/file.py:ClassName (plug-in files).")
 @click.option("--record/--no-record", default=True, show_default=True,
               help="Write the result beside the entry (<entry-id>.verification.json), which the board shows.")
 @DEVICE
 @RUNS_DIR
 @one_line_errors
-def verify(entry: Path, subset: int | None, defense: str | None, record: bool, device: str, runs_dir: Path) -> None:
-    """Rerun an entry's protocol and compare every metric with the entry; exit 1 on a mismatch. The
-    result is recorded beside the entry, with the entry file's SHA-256 (--no-record: not)."""
+def verify(entry: Path, subset: int | None, seed: int | None, defense: str | None, record: bool, device: str,
+           runs_dir: Path) -> None:
+    """Rerun a random subset of an entry's prompts in a new folder and compare each with the entry's record of
+    it, and every checked figure; exit 1 on a mismatch. The result is recorded beside the entry, with the
+    entry file's SHA-256 (--no-record: not)."""
     from .submit import verify as run_verification
 
-    report = run_verification(entry, subset=subset, device=device, defense=defense, runs_dir=runs_dir,
+    report = run_verification(entry, subset=subset, seed=seed, device=device, defense=defense, runs_dir=runs_dir,
                               record=record, echo=_echo_err)
     click.echo(report.format())
     if not report.ok:

@@ -46,9 +46,21 @@ class RunConfig:
     defense_params: dict[str, Any] = field(default_factory=dict)
     batch_size: int = BATCH_SIZE
     out: str = "runs/latest"
+    # Which of the n prompts to run (their indices; None: all): `verify` reruns a random subset. A prompt
+    # keeps its index, and so its noise and seeds.
+    prompts: list[int] | None = None
+    # The SHA-256 of the n prompts' ids (`prompts_digest`) that a protocol prescribes: a run whose data or
+    # tokenizer gives other prompts is refused rather than compared with entries made on the prescribed ones.
+    prompts_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def prompts_digest(ids: list[list[int]] | list[tuple[int, ...]]) -> str:
+    """SHA-256 of prompts' token ids, in order: what identifies a protocol's prompts."""
+    blob = json.dumps([list(map(int, p)) for p in ids], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ from jsonschema import Draft202012Validator
 
 from .errors import InvbenchError, one_line
 from .metrics import finite_or_none, json_safe
-from .plotting import PointLabel, label_points
+from .plotting import PointLabel, label_points, plain_text
+from .scoring import latest_records
+from .uncertainty import Intervals, intervals_of
 from .results import write_json_atomic
 from .schema_check import Failure, failures, format_checker, load_schema, read_json_file
 
@@ -55,10 +57,17 @@ class CurvePoint:
     noise_std: float | None = None  # the defence's noise per coordinate, where it adds noise
     sigma_certified: float | None = None  # below this noise std nothing protects the prompts (radius)
     radius_scope: str | None = None  # which positions the radius covers
+    # 95% intervals over the prompts (invbench.uncertainty), [low, high]; None where not measured
+    worst_case_token_accuracy_interval: list[float] | None = None
+    worst_case_exact_match_interval: list[float] | None = None
+    top1_agreement_interval: list[float] | None = None
 
     @classmethod
-    def from_summary(cls, params: dict[str, Any], summary, run_dir: str) -> "CurvePoint":
-        """A point from a run's RunSummary (runner.run's return value)."""
+    def from_summary(cls, params: dict[str, Any], summary, run_dir: str,
+                     intervals: Intervals | None = None) -> "CurvePoint":
+        """A point from a run's RunSummary (runner.run's return value), with the 95% intervals of its
+        prompts where given (`run_intervals`, `Entry.intervals`)."""
+        intervals = intervals or Intervals(None, None, None)
         worst, utility, defense = summary.worst_case, summary.utility, summary.defense
         noise = defense.get("derived", {}).get("noise_std", defense["params"].get("sigma"))
         return cls(params=dict(params),
@@ -77,10 +86,28 @@ class CurvePoint:
                    verdict=summary.verdict.verdict if summary.verdict else None,
                    noise_std=float(noise) if isinstance(noise, (int, float)) else None,
                    sigma_certified=summary.radius["min_sigma_certified"] if summary.radius else None,
-                   radius_scope=summary.radius["scope"] if summary.radius else None)
+                   radius_scope=summary.radius["scope"] if summary.radius else None,
+                   worst_case_token_accuracy_interval=_pair(intervals.worst_token_accuracy),
+                   worst_case_exact_match_interval=_pair(intervals.worst_exact_match),
+                   top1_agreement_interval=_pair(intervals.top1_agreement))
 
     def label(self) -> str:
         return ",".join(f"{k}={format_value(v)}" for k, v in self.params.items())
+
+
+def _pair(interval: tuple[float, float] | None) -> list[float] | None:
+    return list(interval) if interval is not None else None
+
+
+def run_intervals(records: list[dict], summary) -> Intervals:
+    """The 95% intervals of a finished run, from its records (the last of each prompt and attack, as the
+    summary takes them) and its per-prompt utility."""
+    latest = latest_records(records, attacks=list(summary.attacks), prompt_indices={r["prompt_index"] for r in records})
+    per_prompt = summary.utility.get("per_prompt")
+    return intervals_of(token_accuracy={a: [r["token_accuracy"] for r in rs] for a, rs in latest.items()},
+                        exact={a: [r["exact_match"] for r in rs] for a, rs in latest.items()},
+                        worst_exact_attack=summary.worst_case["exact_match"].attack,
+                        top1=[p["top1_agreement"] for p in per_prompt] if per_prompt else None)
 
 
 @dataclass
@@ -159,7 +186,7 @@ def curve_from_entries(entries: list, defense: str) -> Curve:
     if not mine:
         raise CurveError(f"no entry of defence {defense!r} on this board")
     mine.sort(key=lambda e: params_order(e.summary.defense["params"]))
-    points = [CurvePoint.from_summary(e.summary.defense["params"], e.summary, str(e.path)) for e in mine]
+    points = [CurvePoint.from_summary(e.summary.defense["params"], e.summary, str(e.path), e.intervals) for e in mine]
     first = mine[0]
     return Curve(protocol=first.meta["protocol"]["name"], defense=defense, defense_spec=first.defense_spec,
                  grid=grid_of(p.params for p in points), points=points, protocol_settings=first.meta["protocol"], versions=first.summary.versions)
@@ -325,13 +352,17 @@ def curve_figure(curves: list[Curve], *, title: str | None = None, labels: list[
     if noisy:
         _noise_scale(grid[-1][2])
     grid[0][0].set_ylim(-0.03, 1.08)  # room above 1.0 for the labels of fully leaking points
-    handles = [Line2D([], [], color=colours(i % 10), lw=2, alpha=0.45 if i in faded else 1.0, label=label)
+    handles = [Line2D([], [], color=colours(i % 10), lw=2, alpha=0.45 if i in faded else 1.0, label=plain_text(label))
                for i, label in enumerate(labels)]
+    for metric_name, ls, marker in ((words, ls, marker) for _, words, ls, marker in PRIVACY):
+        handles.append(Line2D([], [], color="grey", ls=ls, marker=marker, label=f"{metric_name} ({ls} line)"))
+    handles.append(Line2D([], [], color="grey", ls="", marker="|", markersize=10,
+                          label="bars: 95% interval over the prompts"))
     if any(p.verdict == "inconclusive" for c in curves for p in c.points):
         handles.append(Line2D([], [], color="grey", ls="", marker="o", markerfacecolor="white",
                               label="inconclusive: misses are search failures"))
-    grid[0][1].legend(handles=handles, loc="best", fontsize=8)
-    fig.suptitle(title or _default_title(curves))
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=8)
+    fig.suptitle(plain_text(title or _default_title(curves)))
     shown = [(curve, colours(i % 10)) for i, curve in enumerate(curves) if i not in faded]
     fig.canvas.draw()  # the constrained layout first: label placement measures the rendered labels
     for row, (metric, *_) in zip(grid, PRIVACY):
@@ -347,11 +378,27 @@ def _draw(ax, curve: Curve, x_key: str, metric: tuple, style: dict) -> None:
     key, _, ls, marker = metric
     xy = sorted((getattr(p, x_key), getattr(p, key), p.verdict == "inconclusive") for p in _plotted(curve, x_key))
     ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], ls=ls, marker=marker, **style)
+    _error_bars(ax, curve, x_key, key, style)
     hollow = [(x, y) for x, y, inconclusive in xy if inconclusive]
     if hollow:
         ax.plot(*zip(*hollow), ls="", marker=marker, markersize=8, markerfacecolor="white",
                 markeredgecolor=style["color"], zorder=3)
     ax.margins(x=0.08)  # room for the labels of the outermost points
+
+
+def _error_bars(ax, curve: Curve, x_key: str, y_key: str, style: dict) -> None:
+    """The 95% intervals over the prompts: vertical for the privacy metric, horizontal for top-1 agreement."""
+    for p in _plotted(curve, x_key):
+        y_interval = getattr(p, f"{y_key}_interval")
+        x_interval = getattr(p, f"{x_key}_interval", None)
+        x, y = getattr(p, x_key), getattr(p, y_key)
+        if y_interval is None and x_interval is None:
+            continue
+        def spread(value: float, interval: list[float] | None) -> list[list[float]] | None:
+            return [[max(value - interval[0], 0.0)], [max(interval[1] - value, 0.0)]] if interval else None
+
+        ax.errorbar([x], [y], yerr=spread(y, y_interval), xerr=spread(x, x_interval), fmt="none",
+                    ecolor=style["color"], alpha=0.5 * style["alpha"], elinewidth=1, capsize=2, zorder=1)
 
 
 def _plotted(curve: Curve, x_key: str) -> list:

@@ -6,17 +6,24 @@ type check: the board would then print a DP guarantee that does not exist, or ra
 defence whose every prompt leaks. So each is recomputed from what it follows from, and a file that
 disagrees is refused with the field named (`problems`):
 
-- the defence's guarantee (epsilon, delta, kind, per prompt) and what it derives from its
-  parameters (`derived`): from `make_defense(name, params).guarantee(tokens=T)` and `describe()`.
+- the defence's guarantee (epsilon, delta, kind, per prompt, and its prose: the neighbouring relation
+  and the reasons) and what it derives from its parameters (`derived`): from
+  `make_defense(name, params).guarantee(tokens=T)` and `describe()`. A built-in's prose is compared
+  too (an entry that rewrote "replace-one" as "user-level DP" is refused); only entries of schema 2,
+  whose prose older versions worded differently, are compared on numbers alone.
   A plug-in loaded from a file cannot be instantiated when an entry is read (its code is not run
   then; only `invbench verify` runs it): its guarantee is shown as submitted, and `guarantee_note`
-  says so. The same holds for a defence that is not installed here;
+  says so. The same holds for a defence that is not installed here. A plug-in file may not carry
+  the name of a registered defence (it would borrow that defence's citation and recomputed
+  guarantee): such an entry is refused;
 - every attack's verdict: from its own exact match, token accuracy and search-failure rate and the
   run's blind token accuracy, by `invbench.verdicts.attack_verdict` (exact match 1.0 cannot be
   "protected"); the run's verdict from the attacks' is checked in `invbench.entries`;
 - every attack's n: the entry's n, which is the protocol's (every attack runs on every prompt);
 - the certified radius: its summary numbers (minimum, median, sigmas, scope) from its per-prompt gaps
-  (`invbench.radius`).
+  (`invbench.radius`);
+- the utility: each figure the mean of the prompts' own figures where they are recorded
+  (`utility.per_prompt`, entry schema 5 on), and the perplexity ratio exp(nll_defended - nll_clean).
 
 What cannot be recomputed without rerunning (the metrics, the gaps themselves) is `verify`'s.
 """
@@ -35,7 +42,7 @@ REL_TOL = 1e-6  # library versions may move a guarantee's last digits (Opacus's 
 # The guarantee fields the board and the CLI show: compared whether or not the entry states them (a
 # version-2 entry, which did not record "kind", is compared on what it has).
 CORE_GUARANTEE = ("epsilon", "delta", "kind", "epsilon_per_prompt")
-PROSE = ("reason", "neighbouring", "reason_per_prompt")  # wording may change between versions: not compared
+PROSE = ("reason", "neighbouring", "reason_per_prompt")  # compared too, except for schema-2 entries (older wording)
 DESCRIPTION = ("name", "params", "spec")  # what the guarantee is recomputed from (spec: version 2's source)
 RADIUS_NUMBERS = ("min_radius", "median_radius", "min_sigma_certified", "median_sigma_certified",
                   "min_sigma_expected", "median_sigma_expected")
@@ -85,19 +92,25 @@ def recomputed_defense(defense: dict[str, Any], *, tokens: int) -> dict[str, Any
 def defense_problems(defense: dict[str, Any], *, spec: str | None, tokens: int, prefix: str,
                      legacy: bool = False) -> Problems:
     """(field, message) where the entry's defence record disagrees with what its name and parameters
-    give. Nothing when they cannot be recomputed here (`guarantee_note`)."""
-    from invbench.defenses import DefenseError
+    give, prose included (not for schema 2). A plug-in file named like a registered defence is
+    refused; otherwise nothing when the record cannot be recomputed here (`guarantee_note`)."""
+    from invbench.defenses import DefenseError, available_defenses
 
+    where = f"{prefix}defense"
+    if spec and is_file_spec(spec) and defense.get("name") in available_defenses():
+        return [(f"{where}.name", f"{short(defense.get('name'))} is a registered defence's name, but this entry's "
+                 f"defence came from the plug-in file {spec}: a plug-in cannot take a built-in's name (its guarantee "
+                 "and citation would be shown as that defence's)")]
     if guarantee_note(defense, spec):
         return []
-    where = f"{prefix}defense"
     try:
         expected = recomputed_defense(defense, tokens=tokens)
     except DefenseError as exc:
         return [(f"{where}.params", f"the defence {defense['name']!r} refuses these parameters ({exc})")]
     problems = []
-    for key in sorted((set(defense) | set(expected)) - set(DESCRIPTION) - set(PROSE)):
-        core = key in CORE_GUARANTEE
+    skipped = set(DESCRIPTION) | (set(PROSE) if legacy else set())
+    for key in sorted((set(defense) | set(expected)) - skipped):
+        core = key in CORE_GUARANTEE or key in PROSE
         if key not in defense and (legacy or not core):
             continue  # not recorded (version 2), or a figure this entry's invbench did not record yet
         if key not in expected and not core:
@@ -106,6 +119,45 @@ def defense_problems(defense: dict[str, Any], *, spec: str | None, tokens: int, 
         if not close(stated, given):
             problems.append((f"{where}.{key}", f"{short(stated)} is not what defence {defense['name']!r} with "
                              f"{short(defense['params'])} gives ({short(given)}; recomputed from its parameters)"))
+    return problems
+
+
+# --- the utility ------------------------------------------------------------------------------------------
+
+UTILITY_MEANS = ("top1_agreement", "kl_clean_defended", "nll_clean", "nll_defended", "cosine")
+
+
+def utility_problems(utility: Any, *, n: Any, prefix: str, required: bool) -> Problems:
+    """(field, message) where the utility's figures are not the means of its per-prompt figures (one per
+    prompt, each once), or the perplexity ratio is not exp(nll_defended - nll_clean). `required` (entry
+    schema 5 on): the per-prompt figures must be there."""
+    where = f"{prefix}utility"
+    if not isinstance(utility, dict):
+        return []
+    per_prompt = utility.get("per_prompt")
+    if per_prompt is None:
+        return [(f"{where}.per_prompt", "missing (entry schema 5 records each prompt's utility)")] \
+            if required and utility.get("top1_agreement") is not None else []
+    if isinstance(n, int) and len(per_prompt) != n:
+        return [(f"{where}.per_prompt", f"{len(per_prompt)} prompts, not the entry's n {n}")]
+    indices = [p["prompt_index"] for p in per_prompt]
+    if len(set(indices)) != len(indices):
+        return [(f"{where}.per_prompt", "a prompt appears twice")]
+    problems = []
+    for key in UTILITY_MEANS:
+        values = [p.get(key) for p in per_prompt]
+        if utility.get(key) is None or any(v is None for v in values):
+            continue
+        mean = sum(values) / len(values)
+        if not math.isclose(mean, utility[key], rel_tol=1e-9, abs_tol=1e-12):
+            problems.append((f"{where}.{key}", f"{short(utility[key])} is not the mean of the per-prompt figures "
+                             f"({short(mean)})"))
+    nll_clean, nll_defended, ratio = (utility.get(k) for k in ("nll_clean", "nll_defended", "perplexity_ratio"))
+    if _number(nll_clean) and _number(nll_defended) and _number(ratio):
+        gap = nll_defended - nll_clean
+        if gap < 700 and not math.isclose(ratio, math.exp(gap), rel_tol=1e-9):
+            problems.append((f"{where}.perplexity_ratio", f"{short(ratio)} is not exp(nll_defended - nll_clean) "
+                             f"({short(math.exp(gap))})"))
     return problems
 
 
@@ -179,7 +231,7 @@ def _number(value: Any) -> bool:
 # --- all of it ---------------------------------------------------------------------------------------------
 
 def problems(summary: dict[str, Any], *, spec: str | None, fits: Callable[..., bool], prefix: str,
-             legacy: bool = False) -> Problems:
+             legacy: bool = False, per_prompt_required: bool = False) -> Problems:
     """(field, message) for every derived value of a summary (as an entry holds it) that does not
     follow from what it derives from; only parts that fit the schema are recomputed."""
     found: Problems = []
@@ -194,4 +246,7 @@ def problems(summary: dict[str, Any], *, spec: str | None, fits: Callable[..., b
         found += attack_problems(summary, valid, prefix=prefix, blind=blind)
     if fits("radius") and fits("n") and fits("tokens"):
         found += radius_problems(summary.get("radius"), n=summary.get("n"), tokens=tokens, prefix=prefix)
+    if fits("utility") and fits("n"):
+        found += utility_problems(summary.get("utility"), n=summary.get("n"), prefix=prefix,
+                                  required=per_prompt_required)
     return found

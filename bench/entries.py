@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,18 +26,22 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from . import derived, legacy_entries, summary as summary_module, transcript as transcript_module, verification
+from .config import prompts_digest
 from .errors import InvbenchError, one_line
 from .formats import short
-from .metrics import PRIVACY_METRICS, worst_case
+from .metrics import PRIVACY_METRICS, token_accuracy, worst_case
 from .protocols import defining
 from .schema_check import Failure, failures, format_checker, load_schema, read_json_file
 from .summary import RunSummary
 from .transcript import Transcript
+from .uncertainty import Intervals, intervals_of
 from .verdicts import run_verdict
 
+# 5: its transcript records each prompt's similarity and search-failure flag, and its summary the utility of
+# each prompt, so every mean can be checked against its prompts and verify compares prompt by prompt;
 # 4: with its transcript (what each attack recovered of each prompt, invbench.transcript); 3: the run's summary
 # embedded as it is, no transcript (still read: its page says so); 2: fields copied from it (legacy_entries)
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 ENTRY_ID_PATTERN = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 ENTRY_ID_MAX = 64
 MAX_ENTRY_BYTES = 1_000_000  # an entry is a few KB; refuse anything that could stall the renderer
@@ -80,6 +84,56 @@ def slugify(name: str) -> str:
     return validate_entry_id(slug)
 
 
+# --- display names ------------------------------------------------------------------------------
+# Two rows must not look alike: a name is NFKC-normal with no space at either end, and two entries of a
+# board whose names share a skeleton (case, width, whitespace and the Cyrillic and Greek letters that look
+# Latin folded away) are one name: the board keeps the first (by date, then id) and skips the other.
+CONFUSABLES = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "ё": "e", "з": "3", "і": "i", "ї": "i", "ј": "j", "к": "k", "м": "m", "н": "h",
+    "о": "o", "п": "n", "р": "p", "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s", "ԁ": "d", "ԛ": "q", "ԝ": "w",
+    "ь": "b", "ӏ": "l", "ɑ": "a", "ɡ": "g", "α": "a", "β": "b", "γ": "y", "ε": "e", "ι": "i", "κ": "k", "ν": "v",
+    "ο": "o", "ρ": "p", "τ": "t", "υ": "u", "χ": "x", "ω": "w", "ζ": "z", "η": "n"})
+
+
+def display_name_problem(name: Any) -> str | None:
+    """What makes `name` unfit to name a row, or None: it must be NFKC-normal (no full-width or
+    ligature look-alikes) without space at either end (a trailing no-break space made a second row)."""
+    if not isinstance(name, str):
+        return "expected a string"
+    if name != name.strip():
+        return "has space at its start or end"
+    if unicodedata.normalize("NFKC", name) != name:
+        return "is not in Unicode NFKC form (full-width letters, ligatures or other look-alikes)"
+    return None
+
+
+def _checked_display_name(name: Any) -> bool:
+    """The schema's display-name format: True, or EntryError saying what is wrong (its message is shown)."""
+    problem = display_name_problem(name)
+    if problem:
+        raise EntryError(f"the name {short(name)} {problem}")
+    return True
+
+
+def name_skeleton(name: str) -> str:
+    """What a name looks like: NFKC, case-folded, confusable letters mapped to Latin, whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().translate(CONFUSABLES).split())
+
+
+def look_alike_problems(entries: list["Entry"]) -> tuple[list["Entry"], list[Problem]]:
+    """The entries with distinct-looking names (the first of each skeleton, by date then id), and a
+    Problem for each entry skipped as a look-alike of another."""
+    kept: dict[str, Entry] = {}
+    problems = []
+    for entry in sorted(entries, key=lambda e: (e.meta["date"], e.entry_id)):
+        first = kept.setdefault(name_skeleton(entry.name), entry)
+        if first is not entry:
+            problems.append(Problem(entry.path, "name", f"{entry.name!r} looks the same as the name of entry "
+                                    f"{first.entry_id!r} ({first.name!r}); choose a distinct name"))
+    chosen = {id(e) for e in kept.values()}
+    return [e for e in entries if id(e) in chosen], problems
+
+
 # --- the schema -------------------------------------------------------------------------------
 # `bench/schemas/entry.schema.json` holds every field's type and range; checks across fields follow.
 
@@ -105,6 +159,7 @@ def _validator(name: str = "entry") -> Draft202012Validator:
     """The validator of the entry schema (`entry-v2`: the version-2 schema, for legacy_entries)."""
     formats = format_checker()
     formats.checks("entry-id", raises=EntryError)(validate_entry_id)
+    formats.checks("display-name", raises=EntryError)(_checked_display_name)
     summary = summary_module.schema()  # the entry schema refers to it by its $id
     registry = Registry().with_resource(summary["$id"], Resource.from_contents(summary))
     return Draft202012Validator(load_schema(name), format_checker=formats, registry=registry)
@@ -161,7 +216,8 @@ def check_entry(data: Any, path: Path, *, protocol_dir_name: str | None = None,
             in_summary = lambda *keys: fits("summary", *keys)  # noqa: E731
             found += _summary_problems(data["summary"], protocol, in_summary, prefix="summary.")
             spec = data.get("defense_spec") if fits("defense_spec") else None
-            found += derived.problems(data["summary"], spec=spec, fits=in_summary, prefix="summary.")
+            found += derived.problems(data["summary"], spec=spec, fits=in_summary, prefix="summary.",
+                                      per_prompt_required=data.get("schema_version") == SCHEMA_VERSION)
             found += _transcript_problems(data, fits)
     return [Problem(path, field, message) for field, message in found]
 
@@ -186,12 +242,35 @@ def _place_problems(data: dict, protocol: Any, path: Path, dir_name: str | None,
 
 
 def _transcript_problems(data: dict, fits: Callable[..., bool]) -> list[tuple[str, str]]:
-    """(field, message) where a transcript that fits the schema disagrees with its ids or its summary."""
+    """(field, message) where a transcript that fits the schema disagrees with its ids or its summary, or
+    does not hold exactly its protocol's prompts (where the protocol pins them by their SHA-256)."""
     summary = data["summary"]
     if "transcript" not in data or not fits("transcript") or not isinstance(summary.get("attacks"), dict):
         return []
-    return transcript_module.problems(data["transcript"], attacks=list(summary["attacks"]), n=summary.get("n"),
-                                      prefix="transcript.")
+    found = transcript_module.problems(data["transcript"], attacks=summary["attacks"], n=summary.get("n"),
+                                       prefix="transcript.", complete=data.get("schema_version") == SCHEMA_VERSION)
+    if found:
+        return found
+    pinned = data["protocol"].get("prompts_sha256") if isinstance(data.get("protocol"), dict) else None
+    if isinstance(pinned, str):
+        held = prompts_digest([p["target_ids"] for p in data["transcript"]["prompts"]])
+        if held != pinned:
+            return [("transcript.prompts", f"its target ids are not the protocol's prompts (SHA-256 {held[:12]}..., the "
+                     f"protocol's {pinned[:12]}...): an entry must report the protocol's own prompts")]
+    return _blind_guess_problems(summary.get("verdict"), data["transcript"]["prompts"])
+
+
+def _blind_guess_problems(verdict: Any, prompts: list[dict]) -> list[tuple[str, str]]:
+    """(field, message) where the blind token accuracy is not the blind guess's accuracy on the transcript's
+    prompts (where the summary records the guess itself)."""
+    if not isinstance(verdict, dict) or not isinstance(verdict.get("blind_guess_ids"), list):
+        return []
+    guess, stated = verdict["blind_guess_ids"], verdict.get("blind_token_accuracy")
+    mean = sum(token_accuracy(target=p["target_ids"], recovered=guess) for p in prompts) / len(prompts)
+    if not isinstance(stated, (int, float)) or abs(mean - stated) > transcript_module.MEAN_TOLERANCE:
+        return [("summary.verdict.blind_token_accuracy", f"{short(stated)} is not the blind guess's token accuracy "
+                 f"on the transcript's prompts ({mean!r})")]
+    return []
 
 
 def _summary_problems(summary: dict, protocol: Any, fits: Callable[..., bool], *, prefix: str) -> list[tuple[str, str]]:
@@ -284,6 +363,20 @@ class Entry:
     def top1_agreement(self) -> float | None:
         return self.summary.utility["top1_agreement"]
 
+    @cached_property
+    def intervals(self) -> Intervals:
+        """The 95% intervals of what the board ranks, from the entry's prompts (`invbench.uncertainty`);
+        none for an entry without a transcript (schema 3)."""
+        if self.transcript is None:
+            return Intervals(None, None, None)
+        prompts = self.transcript.prompts
+        per_prompt = self.summary.utility.get("per_prompt")
+        return intervals_of(
+            token_accuracy={a: [p.attacks[a].token_accuracy for p in prompts] for a in self.summary.attacks},
+            exact={a: [p.attacks[a].exact_match for p in prompts] for a in self.summary.attacks},
+            worst_exact_attack=self.summary.worst_case["exact_match"].attack,
+            top1=[p["top1_agreement"] for p in per_prompt] if per_prompt else None)
+
 
 def entry_of(path: Path, data: dict[str, Any]) -> Entry:
     """An Entry from data that passed `check_entry`; the summary is read through RunSummary.from_dict."""
@@ -359,4 +452,5 @@ def load_entries(protocol_dir: Path, *, protocol_definition: dict[str, Any] | No
             problems.extend(found)
         else:
             entries.append(entry_of(path, data))
-    return entries, problems
+    entries, look_alikes = look_alike_problems(entries)
+    return entries, problems + look_alikes

@@ -12,7 +12,7 @@ device, sources); config.json lists every session under `sessions`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import InvbenchError, one_line
 from .lock import RunLock
@@ -81,6 +81,16 @@ def _record_key(record: dict) -> tuple[Any, Any]:
     return record.get("attack"), record.get("prompt_index")
 
 
+def _target_problem(record: dict, targets: dict[int, list[int]]) -> str | None:
+    """Why a whole record is not of this run: a prompt it does not have, or another prompt's ids."""
+    expected = targets.get(record["prompt_index"])
+    if expected is None:
+        return f"prompt {record['prompt_index']} is not one of this run's prompts"
+    if list(record["target_ids"]) != list(expected):
+        return f"its target ids are not those of prompt {record['prompt_index']}"
+    return None
+
+
 class ResultsFolder:
     """One run's folder: config.json, records.jsonl and summary.json, behind a lock.
 
@@ -98,6 +108,7 @@ class ResultsFolder:
         self.previous: dict[str, Any] | None = None  # config.json as this session found it
         self.config: dict[str, Any] | None = None  # config.json as `start` wrote it
         self.repaired = 0  # torn or duplicate lines `start` dropped from records.jsonl
+        self._check: Callable[[Any], str | None] = record_problem  # what a whole record of this run is
 
     def __enter__(self) -> "ResultsFolder":
         self._lock.__enter__()
@@ -113,11 +124,17 @@ class ResultsFolder:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None and self.previous is None and self.config is not None and not self.records():
+            # A new run that failed before recording anything (a bad --ranker, a plug-in that raised) leaves no
+            # config.json: it would refuse the corrected command as "a different run".
+            (self.path / "config.json").unlink(missing_ok=True)
         self._lock.__exit__(*exc)
 
-    def start(self, config: dict[str, Any]) -> set[tuple[str, int]]:
+    def start(self, config: dict[str, Any], *, targets: dict[int, list[int]] | None = None) -> set[tuple[str, int]]:
         """Create or resume: returns the (attack, prompt index) pairs already recorded. A resumed
-        folder keeps its first session's provenance; `self.config` is what config.json then holds."""
+        folder keeps its first session's provenance; `self.config` is what config.json then holds.
+        `targets` (prompt index -> its true ids): a record of another prompt, or whose target ids are
+        not its prompt's, is not this run's and is dropped (its prompt is attacked again)."""
         if self.previous is not None and self.previous["config_hash"] != config["config_hash"]:
             raise FolderError(f"{self.path} holds a different run (config hash {self.previous['config_hash']} vs "
                               f"{config['config_hash']}); choose another --out")
@@ -127,7 +144,9 @@ class ResultsFolder:
             for stale in self.path.glob(pattern):
                 stale.unlink(missing_ok=True)
         write_json_atomic(self.path / "config.json", self.config)
-        self.repaired = repair_records(self.records_path, check=record_problem, key=_record_key)
+        if targets is not None:
+            self._check = lambda record: record_problem(record) or _target_problem(record, targets)
+        self.repaired = repair_records(self.records_path, check=self._check, key=_record_key)
         return {_record_key(r) for r in self.records()}
 
     def _with_sessions(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -141,8 +160,9 @@ class ResultsFolder:
         append_records(self.records_path, records)
 
     def records(self) -> list[dict]:
-        """The whole records: a line that fails the record schema counts as torn (its prompt is redone)."""
-        return read_run_records(self.path)
+        """The whole records: a line that fails the record schema, or is not of this run's prompts,
+        counts as torn (its prompt is redone)."""
+        return read_records(self.records_path, check=self._check)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json_atomic(self.path / "summary.json", summary)

@@ -38,9 +38,12 @@ from .entries import Entry, Problem, load_entries, registered_definition
 from .transcript import Token, marked, visible
 from .errors import InvbenchError
 from .formats import cell
+from .summary import epsilon_number
+from .uncertainty import tied_ranks
 from .plotting import PointLabel, label_points
 from .protocols import RANKING
-from .results import write_bytes_atomic
+from .lock import board_lock
+from .results import write_set_atomic
 from .verification import (Status, VerificationError, is_record, read_record, record_path,
                            status as verification_status)
 
@@ -60,6 +63,11 @@ class Row:
     rank: int | None  # None below the floor
     pareto: bool
     verified: Status = Status("not verified")  # from the verification record beside the entry
+    tied: bool = False  # its rank is shared: the 95% intervals of the ranking metric overlap (invbench.uncertainty)
+
+    @property
+    def rank_text(self) -> str:
+        return "-" if self.rank is None else f"={self.rank}" if self.tied else str(self.rank)
 
 
 @dataclass
@@ -134,13 +142,16 @@ def pareto_frontier(entries: Iterable[Entry], privacy: str = RANKINGS[RANKING].p
 def rank_entries(entries: list[Entry], *, floor: float, ranking: str = RANKING,
                  verified: dict[str, Status] | None = None) -> tuple[list[Row], list[Row]]:
     """(ranked rows at or above the floor, rows below it), both in ranking order; `verified` gives
-    each entry's verification status (none: not verified)."""
+    each entry's verification status (none: not verified). Entries in ranking order whose 95% intervals
+    of the rule's first metric overlap share a rank (a tie), conclusive and inconclusive ones apart."""
     rule = RANKINGS[ranking]
     frontier = pareto_frontier(entries, rule.privacy)
     status = (verified or {}).get
     above = sorted((e for e in entries if e.top1_agreement is not None and e.top1_agreement >= floor), key=rule.key)
     below = sorted((e for e in entries if e.top1_agreement is None or e.top1_agreement < floor), key=rule.key)
-    return ([Row(e, i + 1, e.entry_id in frontier, status(e.entry_id, Status("not verified"))) for i, e in enumerate(above)],
+    ranks = tied_ranks([getattr(e.intervals, rule.privacy) for e in above], groups=[e.conclusive for e in above])
+    return ([Row(e, rank, e.entry_id in frontier, status(e.entry_id, Status("not verified")), tied)
+             for e, (rank, tied) in zip(above, ranks)],
             [Row(e, None, e.entry_id in frontier, status(e.entry_id, Status("not verified"))) for e in below])
 
 
@@ -150,7 +161,7 @@ def verification_statuses(entries: list[Entry]) -> tuple[dict[str, Status], list
     statuses, problems = {}, []
     for entry in entries:
         try:
-            statuses[entry.entry_id] = verification_status(entry.path, read_record(entry.path))
+            statuses[entry.entry_id] = verification_status(entry.path, read_record(entry.path), n=entry.summary.n)
         except VerificationError as exc:
             problems.append(Problem(record_path(entry.path), "", str(exc).removeprefix(f"{record_path(entry.path)}: ")))
     return statuses, problems
@@ -201,22 +212,41 @@ def epsilon_text(entry: Entry) -> str:
 class Column:
     title: str
     kind: str  # "number" or "text": how the page sorts it
+    detail: bool = False  # shown only when the reader asks for every column (the page's toggle; not in the Markdown)
 
 
 def columns(board: Board) -> list[Column]:
-    return ([Column("#", "number"), Column("Entry", "text"), Column("Defence", "text"),
-             Column("epsilon (guarantee)", "number"), Column("Verdict", "text"), Column("Verified", "text"),
-             Column("Worst tok acc", "number"), Column("Worst-case EM", "number"), Column("Strongest attack", "text")]
-            + [Column(f"Tok acc {a}", "number") for a in board.attacks]
-            + [Column(f"EM {a}", "number") for a in board.attacks]
-            + [Column(f"AUROC {a}", "number") for a in board.attacks]
-            + [Column("Top-1 agr.", "number"), Column("KL", "number"), Column("Pareto", "text"),
-               Column("Date", "text")])
+    """What a reader came for first (rank, entry, verdict, what leaks and what the model keeps, each with its
+    95% interval, the guarantee, the verified mark), then the details behind the page's toggle."""
+    return ([Column("#", "number"), Column("Entry", "text"), Column("Verdict", "text"),
+             Column("Worst-case token acc. [95% CI]", "number"), Column("Worst-case EM [95% CI]", "number"),
+             Column("Top-1 agr. [95% CI]", "number"), Column("KL", "number"), Column("ε per vector", "number"),
+             Column("ε per prompt", "number"), Column("Verified", "text"),
+             Column("Defence", "text", True), Column("Strongest attack", "text", True)]
+            + [Column(f"Tok acc {a}", "number", True) for a in board.attacks]
+            + [Column(f"EM {a}", "number", True) for a in board.attacks]
+            + [Column(f"AUROC {a}", "number", True) for a in board.attacks]
+            + [Column("Pareto", "text", True), Column("Date", "text", True)])
 
 
 def strongest_attack(entry: Entry, rule: RankingRule) -> str:
     """The attack the rule's first metric rests on (checked on read against metrics.worst_case)."""
     return entry.summary.worst_case[PANELS[rule.privacy][0]].attack
+
+
+def with_interval(value: float | None, interval: tuple[float, float] | None) -> str:
+    """"0.988 [0.960, 1.000]": a value and its 95% interval ("-" for none)."""
+    text = cell(value)
+    return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]" if value is not None and interval else text
+
+
+def epsilon_per_prompt_text(entry: Entry) -> str:
+    """epsilon for a whole prompt (T vectors composed): in a causal model one token changes every later state,
+    so only this figure covers a token; metric DP's is per unit of the prompt's summed distance."""
+    value = entry.summary.guarantee.epsilon_per_prompt
+    if value is None:
+        return "-"
+    return epsilon_number(value) + (AS_SUBMITTED if guarantee_note(entry.summary.defense, entry.defense_spec) else "")
 
 
 def cells(row: Row, attacks: list[str], rule: RankingRule = RANKINGS[RANKING]) -> list[tuple[str, Any]]:
@@ -230,15 +260,18 @@ def cells(row: Row, attacks: list[str], rule: RankingRule = RANKINGS[RANKING]) -
     def num(value: Any, spec: str = ".3f") -> tuple[str, Any]:
         return cell(value, spec), value
 
-    return ([num(row.rank, "d"), (meta["name"], meta["name"].lower()),
-             (defense_text(defense), defense_text(defense).lower()), (epsilon_text(e), defense.get("epsilon")),
-             (verdict_text(e), e.verdict or ""), (row.verified.text(), row.verified.state),
-             num(e.worst_token_accuracy), num(e.worst_exact_match), (strongest, strongest)]
+    return ([(row.rank_text, row.rank), (meta["name"], meta["name"].lower()), (verdict_text(e), e.verdict or ""),
+             (with_interval(e.worst_token_accuracy, e.intervals.worst_token_accuracy), e.worst_token_accuracy),
+             (with_interval(e.worst_exact_match, e.intervals.worst_exact_match), e.worst_exact_match),
+             (with_interval(e.top1_agreement, e.intervals.top1_agreement), e.top1_agreement),
+             num(utility.get("kl_clean_defended"), ".4g"), (epsilon_text(e), defense.get("epsilon")),
+             (epsilon_per_prompt_text(e), defense.get("epsilon_per_prompt")),
+             (row.verified.short(), row.verified.state),
+             (defense_text(defense), defense_text(defense).lower()), (strongest, strongest)]
             + [num(attack(a).token_accuracy if attack(a) else None) for a in attacks]
             + [num(attack(a).exact_match if attack(a) else None) for a in attacks]
             + [num(attack(a).detector_auroc if attack(a) else None) for a in attacks]
-            + [num(utility["top1_agreement"]), num(utility.get("kl_clean_defended"), ".4g"),
-               (PARETO_MARK if row.pareto else "", "1" if row.pareto else "0"), (meta["date"], meta["date"])])
+            + [(PARETO_MARK if row.pareto else "", "1" if row.pareto else "0"), (meta["date"], meta["date"])])
 
 
 def entry_page(entry: Entry) -> str:
@@ -252,7 +285,9 @@ def floor_text(board: Board, escape: Callable[[Any], str]) -> str:
     rule = board.ranking
     return (f"Ranked by what leaks: {rule.words}, over the protocol's attacks ({attacks}; lower is more private), "
             f"among entries whose top-1 agreement is at least {board.floor:.2f} (the utility floor). "
-            f"Ties: higher top-1 agreement. An entry whose verdict is inconclusive "
+            f"Each ranked number has its 95% interval over the prompts (bootstrap; exact binomial for exact match); "
+            f"entries whose intervals of the first metric overlap share a rank, shown =N (the board cannot tell them "
+            f"apart), listed by higher top-1 agreement. An entry whose verdict is inconclusive "
             f"(its attacks' misses are search failures: the truth fits the defended states better than their answers) "
             f"ranks below every conclusive one, whatever its numbers. {PARETO_MARK} marks the Pareto "
             f"frontier of {rule.privacy_words} against top-1 agreement. Each entry's name links to its page: "
@@ -265,12 +300,13 @@ def trust_text(board: Board) -> str:
     verified = sum(r.verified.verified for r in rows)
     plugged = any(AS_SUBMITTED in epsilon_text(r.entry) for r in rows)
     return (f"Verified: {verified} of {len(rows)} entries. An entry is verified when a maintainer's "
-            "`invbench verify` rerun passed on this exact file (the SHA-256 in the `.verification.json` record "
-            "beside it matches); otherwise its numbers are the submitter's. Every entry is checked when the "
-            "board is rendered: its schema, its protocol, and whatever follows from its other fields, recomputed "
-            "(the defence's guarantee from its parameters, each verdict from its metrics, the radius from its "
-            "gaps). A forged entry that is consistent with itself passes those checks and ranks by its numbers: "
-            "only the verified mark says a rerun reproduced them."
+            "`invbench verify` reran a random subset of its prompts (large enough to catch a forgery on a quarter of "
+            "them with probability 0.99), every rerun answer equalled the entry's record of that prompt, and the "
+            "record of it (`.verification.json` beside the entry) agrees with itself and with this exact file; "
+            "otherwise its numbers are the submitter's. Every entry is checked when the board is rendered: its "
+            "schema, its protocol and prompts, its summary against its prompts (each mean must be the mean of its "
+            "transcript's per-prompt values), and whatever follows from its other fields, recomputed (the "
+            "defence's guarantee from its parameters, each verdict from its metrics, the radius from its gaps)."
             + (f" {AS_SUBMITTED} epsilon as submitted: the defence is a plug-in file (or not installed here), "
                "whose guarantee cannot be recomputed when the board is rendered; verify checks it." if plugged else ""))
 
@@ -294,12 +330,14 @@ def escape_md(value: Any) -> str:
 
 
 def _md_table(board: Board, rows: list[Row]) -> list[str]:
-    header = [escape_md(c.title) for c in columns(board)]
+    """The main columns (the details are on each entry's page and behind index.html's toggle)."""
+    shown = [i for i, c in enumerate(columns(board)) if not c.detail]
+    header = [escape_md(columns(board)[i].title) for i in shown]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     for row in rows:
         texts = [escape_md(text) for text, _ in cells(row, board.attacks, board.ranking)]
         texts[1] = f"[{texts[1]}]({entry_page(row.entry)})"  # its page: who submitted it, and what leaked
-        lines.append("| " + " | ".join(texts) + " |")
+        lines.append("| " + " | ".join(texts[i] for i in shown) + " |")
     return lines
 
 
@@ -376,6 +414,7 @@ class HtmlCell:
     sort: str  # the data-sort attribute the page's script sorts by ("" for a missing value)
     numeric: bool
     url: str = ""  # a link on the text (the entry's, validated http(s))
+    detail: bool = False  # hidden until the reader asks for every column
 
 
 @dataclass(frozen=True)
@@ -397,7 +436,8 @@ def html_row(board: Board, row: Row) -> HtmlRow:
     """One table row as the template writes it: plain text, which the template escapes; the entry's
     name links to its page."""
     page = entry_page(row.entry)
-    row_cells = [HtmlCell(text, _sort_attr(sort_value), col.kind == "number", page if col.title == "Entry" else "")
+    row_cells = [HtmlCell(text, _sort_attr(sort_value), col.kind == "number", page if col.title == "Entry" else "",
+                          col.detail)
                  for col, (text, sort_value) in zip(columns(board), cells(row, board.attacks, board.ranking))]
     return HtmlRow(row.entry.entry_id, row.pareto, row_cells)
 
@@ -485,7 +525,8 @@ def page_fields(row: Row, board: Board) -> list[PageField]:
         PageField("Link", meta["url"] or "none given", meta["url"]),
         PageField("Date", meta["date"]),
         PageField("Protocol", f"{protocol['name']} (version {protocol.get('version', 1)}, ranking {protocol['ranking']})"),
-        PageField("Rank", f"{row.rank} of {len(board.ranked)}" if row.rank else
+        PageField("Rank", (f"{row.rank_text} of {len(board.ranked)}" + (" (tied: the 95% intervals overlap)" if row.tied
+                                                                           else "")) if row.rank else
                   f"below the utility floor (top-1 agreement under {board.floor:.2f})"),
         PageField("Defence", f"{defense_text(summary.defense)}; from {e.defense_spec}"),
         PageField("Citation", citation(summary.defense["name"])),
@@ -493,10 +534,11 @@ def page_fields(row: Row, board: Board) -> list[PageField]:
                   else f"none ({summary.defense.get('reason') or 'no formal guarantee'})"),
         PageField("Verdict", summary.verdict.says if summary.verdict else verdict_text(e)),  # says starts with it
         PageField("Verified", row.verified.text()),
-        PageField("Worst case", f"token accuracy {cell(worst['token_accuracy'].value)} "
-                  f"({worst['token_accuracy'].attack}), exact match {cell(worst['exact_match'].value)} "
-                  f"({worst['exact_match'].attack})"),
-        PageField("Utility", f"top-1 agreement {cell(summary.utility['top1_agreement'])}, KL "
+        PageField("Worst case", f"token accuracy {with_interval(worst['token_accuracy'].value, e.intervals.worst_token_accuracy)} "
+                  f"({worst['token_accuracy'].attack}), exact match "
+                  f"{with_interval(worst['exact_match'].value, e.intervals.worst_exact_match)} "
+                  f"({worst['exact_match'].attack}); [95% intervals over the prompts]"),
+        PageField("Utility", f"top-1 agreement {with_interval(summary.utility['top1_agreement'], e.intervals.top1_agreement)}, KL "
                   f"{cell(summary.utility.get('kl_clean_defended'), '.4g')}, perplexity ratio "
                   f"{cell(summary.utility.get('perplexity_ratio'), '.4g')}"),
         PageField("Run", f"{summary.n} prompts x {summary.tokens} tokens of {summary.model} ({summary.dataset}); "
@@ -526,20 +568,6 @@ def render_entry_html(row: Row, board: Board) -> str:
         version=__version__)
 
 
-def write_entry_pages(protocol_dir: Path, board: Board) -> list[Path]:
-    """Every entry's page under `entries/`; pages of entries no longer on the board are removed."""
-    folder = protocol_dir / ENTRY_PAGES
-    rows = board.ranked + board.below
-    written = []
-    for row in rows:
-        path = protocol_dir / entry_page(row.entry)
-        write_bytes_atomic(path, render_entry_html(row, board).encode("utf-8"))
-        written.append(path)
-    for stale in set(folder.glob("*.html")) - set(written) if folder.is_dir() else ():
-        stale.unlink()
-    return written
-
-
 # --- writing ------------------------------------------------------------------------------------
 
 @dataclass
@@ -551,14 +579,23 @@ class Rendered:
 
 
 def render(protocol_dir: Path, *, utility_floor: float = DEFAULT_UTILITY_FLOOR) -> Rendered:
-    """Write `LEADERBOARD.md`, `index.html` and each entry's page (`entries/`) into `protocol_dir`."""
+    """Write `LEADERBOARD.md`, `index.html` and each entry's page (`entries/`) into `protocol_dir`, as one
+    set: under the board's lock (a second render waits its turn instead of deleting what the first wrote),
+    every file rendered and written beside its place first, and only then all of them moved in (a full
+    disk fails before any file of the board changes)."""
     protocol_dir = Path(protocol_dir)
-    board = build_board(protocol_dir, floor=utility_floor)
-    protocol_dir.mkdir(parents=True, exist_ok=True)
-    markdown, page = protocol_dir / "LEADERBOARD.md", protocol_dir / "index.html"
-    write_bytes_atomic(markdown, render_markdown(board).encode("utf-8"))
-    write_bytes_atomic(page, render_html(board, plot_png(board)).encode("utf-8"))
-    return Rendered(markdown, page, board, write_entry_pages(protocol_dir, board))
+    with board_lock(protocol_dir):
+        board = build_board(protocol_dir, floor=utility_floor)
+        markdown, page = protocol_dir / "LEADERBOARD.md", protocol_dir / "index.html"
+        files = {markdown: render_markdown(board).encode("utf-8"),
+                 page: render_html(board, plot_png(board)).encode("utf-8")}
+        pages = {protocol_dir / entry_page(row.entry): render_entry_html(row, board).encode("utf-8")
+                 for row in board.ranked + board.below}
+        write_set_atomic({**files, **pages})
+        folder = protocol_dir / ENTRY_PAGES
+        for stale in set(folder.glob("*.html")) - set(pages) if folder.is_dir() else ():
+            stale.unlink()
+    return Rendered(markdown, page, board, list(pages))
 
 
 def protocol_dirs(board_dir: Path) -> list[Path]:

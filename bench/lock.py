@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import errno
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import InvbenchError
 from .results import ResultsError, results_error
@@ -158,3 +161,24 @@ class RunLock:
                 self.folder.rmdir()  # only succeeds when empty
             except OSError:
                 pass
+
+
+@contextmanager
+def board_lock(folder: Path, *, wait: float = 300.0) -> Iterator[None]:
+    """The lock of a leaderboard folder (the same flock as a run's): two renders of one board take
+    turns, waiting up to `wait` seconds, instead of the later one deleting pages the earlier wrote."""
+    deadline = time.monotonic() + wait
+    lock = RunLock(folder)
+    while True:
+        try:
+            lock.__enter__()
+            break
+        except LockedError:
+            if time.monotonic() > deadline:
+                raise LockedError(f"{folder} is being rendered by another invbench process for over {wait:.0f} s; "
+                                  "wait for it to finish") from None
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)

@@ -14,6 +14,12 @@ ROW_POINTS = 9  # one text row, in points (fontsize 7 plus spacing)
 MAX_ROWS = 12
 
 
+def plain_text(text: str) -> str:
+    """Text matplotlib draws as written: a `$` would start mathtext, and a name such as
+    `$\\undefinedmacro{x}$` (a plug-in's, a curve's) made every later plot of its board fail."""
+    return str(text).replace("$", r"\$")
+
+
 @dataclass(frozen=True)
 class PointLabel:
     x: float

@@ -48,14 +48,17 @@ class Protocol:
     attack_options: dict[str, Any] = field(default_factory=dict)
     ranking: str = RANKING
     version: int = 1  # raised whenever a defining field changes, so that readers see which definition an entry used
+    # SHA-256 of the n prompts' token ids (invbench.config.prompts_digest): an entry's transcript must hold exactly
+    # these prompts, and a run whose data or tokenizer gives others is refused. None: not pinned (older protocols).
+    prompts_sha256: str | None = None
 
     def run_config(self, *, defense: str, defense_params: dict[str, Any], out: str, device: str = "auto",
-                   batch_size: int = BATCH_SIZE, n: int | None = None) -> RunConfig:
-        """The run this protocol prescribes for one defence (`n` to run a subset, for verification)."""
-        return RunConfig(model=self.model, dataset=self.dataset, n=n or self.n, tokens=self.tokens, layer=self.layer,
+                   batch_size: int = BATCH_SIZE, prompts: list[int] | None = None) -> RunConfig:
+        """The run this protocol prescribes for one defence (`prompts`: the indices of a subset, for verification)."""
+        return RunConfig(model=self.model, dataset=self.dataset, n=self.n, tokens=self.tokens, layer=self.layer,
                          seed=self.seed, device=device, attacks=list(self.attacks), preset=self.preset,
                          attack_options=dict(self.attack_options), defense=defense, defense_params=dict(defense_params),
-                         batch_size=batch_size, out=out)
+                         batch_size=batch_size, out=out, prompts=prompts, prompts_sha256=self.prompts_sha256)
 
     def to_dict(self) -> dict[str, Any]:
         """As an entry or curve file holds it (JSON: the attacks as a list)."""
@@ -71,8 +74,9 @@ PUBLISHED_CAPS = {"steps": STEP_CAP, "candidates": 100, "max_steps": STEP_CAP, "
 def smollm2_attacks(*, scoring: str) -> dict[str, Any]:
     """The attack set of the SmolLM2 boards; `scoring` map where the text has a prior (C4), ml where it
     has none (random ids: the model's prior would only mislead)."""
-    # version 2 includes the token-accuracy ranking: no version-2 entry was shipped under the rule before
-    return dict(attacks=("sequence", "continuous", "projection"), preset="fast", version=2,
+    # version 2 includes the token-accuracy ranking: no version-2 entry was shipped under the rule before;
+    # version 3 pins the prompts (prompts_sha256: entries must carry exactly them)
+    return dict(attacks=("sequence", "continuous", "projection"), preset="fast", version=3,
                 attack_options={**PUBLISHED_CAPS, **SEQUENCE_BUDGET, "scoring": scoring})
 
 
@@ -97,17 +101,20 @@ for _protocol in (
              "ranker's training documents). Attacks: " + SEQUENCE_NOTE + " Scoring: MAP (the noise law's likelihood "
              "plus the model's prior). " + SMOLLM2_CAPS_NOTE + " The worst case, which ranks the board, is "
              "sequence's. Entry times are on the board (each entry's wall_seconds).",
-             model="smollm2-135m", dataset="c4", n=25, tokens=10, **smollm2_attacks(scoring="map")),
+             model="smollm2-135m", dataset="c4", n=25, tokens=10, **smollm2_attacks(scoring="map"),
+             prompts_sha256="f86f5f8383a619890ab3f951056c9a6396d54f19be13e9841ad5534d72d0a2d5"),
     Protocol("random-smollm2-10tok", "Secrets on the real model: SmolLM2-135M, 5 prompts of 10 uniformly random token "
              "ids (passwords, keys: no text prior helps an attacker), the attacks and caps of c4-smollm2-10tok with "
              "ml scoring (the likelihood alone: the model's prior describes text, not random ids). Only 5 prompts "
              "because verification pays for the missing prior: a random token ranks deeper than a word.",
-             model="smollm2-135m", dataset="random", n=5, tokens=10, **smollm2_attacks(scoring="ml")),
+             model="smollm2-135m", dataset="random", n=5, tokens=10, **smollm2_attacks(scoring="ml"),
+             prompts_sha256="d1abed71cdb7e36ec2ba96523b12d5b6014aea9a8c8e3c9a3374adb17fa3b648"),
     Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 3 tokens, "
              "all attacks (continuous: fast preset capped at 200 steps; guided: the prior alone, as a random model has "
              "no shipped ranker). About a minute on 2 cores; not comparable to real models.",
              model="tiny-gpt2", dataset="c4", n=4, tokens=3, preset="fast", attack_options={"steps": 200, "ranker": "prior"},
-             version=2),  # 2: ranked by worst-case token accuracy (was: exact match)
+             version=3,  # 2: ranked by worst-case token accuracy (was: exact match); 3: its prompts pinned
+             prompts_sha256="6d0a6e8c1bd90fab048bb2829e957eeb89a6512dcc098c1e46583a442afe5f28"),
 ):
     PROTOCOLS.add(_protocol.name, _protocol)
 

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -85,6 +86,34 @@ def write_bytes_atomic(path: Path, blob: bytes, *, what: str = "write") -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
+def write_set_atomic(files: dict[Path, bytes]) -> None:
+    """Several files replaced as one set, as far as a file system allows: every file is written and
+    fsynced beside its place first, and only when all are written are they moved in (os.replace, in
+    order). A failure while writing (a full disk) leaves every old file as it was."""
+    written: list[tuple[str, Path]] = []
+    try:
+        for path, blob in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            written.append((tmp, path))
+            try:
+                if hasattr(os, "fchmod"):
+                    os.fchmod(fd, FILE_MODE)
+                _write_all(fd, blob)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for tmp, path in written:
+            os.replace(tmp, path)
+        written = []
+    except OSError as exc:
+        failed = written[-1][1] if written else next(iter(files), Path("."))
+        raise results_error(failed, exc) from exc
+    finally:
+        for tmp, _ in written:
+            Path(tmp).unlink(missing_ok=True)
+
+
 MAX_RECORD_LINE_BYTES = 4_000_000  # one prompt's record is a few KB; a line beyond this is damage
 
 
@@ -121,10 +150,12 @@ def read_records(path: Path, *, check: Callable[[Any], str | None] | None = None
 def repair_records(path: Path, *, check: Callable[[Any], str | None] | None = None,
                    key: Callable[[dict], Any] | None = None) -> int:
     """Rewrite the file without its torn lines (a torn last line, garbage in the middle, a record
-    `check` refuses), and with one record per `key` (the last, as readers take it), so that new
-    records start on a line of their own and the file holds each prompt once; returns the number of
-    lines dropped. The rewrite is atomic (temp file, fsync, os.replace): killed here, the file is
-    the old one or the new one, and nothing whole is lost. A file with nothing to drop is not touched."""
+    `check` refuses), and without every record of a `key` that appears more than once: a run writes
+    each prompt once, so two lines for one prompt mean the file was altered, and neither can be
+    trusted (before: the last was kept, so a planted line replaced the genuine one). The prompts of the
+    dropped lines are attacked again. Returns the number of lines dropped. The rewrite is atomic
+    (temp file, fsync, os.replace): killed here, the file is the old one or the new one, and nothing
+    whole is lost. A file with nothing to drop is not touched."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -133,8 +164,8 @@ def repair_records(path: Path, *, check: Callable[[Any], str | None] | None = No
     records, bad = _parse_records(data, check)
     whole = len(records)
     if key is not None:
-        latest = {key(r): r for r in records}
-        records = [r for r in records if latest[key(r)] is r]  # the survivors, in the order they were written
+        counts = Counter(key(r) for r in records)
+        records = [r for r in records if counts[key(r)] == 1]  # in the order they were written
     dropped = bad + whole - len(records)
     if not dropped:
         return 0

@@ -27,8 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import radius, scoring
-from .config import SEED_MAX, RunConfig, config_hash, device_name, git_commit, package_versions, with_device_defaults
-from .errors import InvbenchError
+from .config import (SEED_MAX, RunConfig, config_hash, device_name, git_commit, package_versions, prompts_digest,
+                     with_device_defaults)
+from .errors import InvbenchError, refuse_exits
 from .folder import ResultsFolder, read_summary
 from .metrics import json_safe
 from .summary import RunContext, RunSummary, build_summary, validate as validate_summary
@@ -36,6 +37,7 @@ from .utility import cosine_only, utility_metrics
 from invbench.attacks import Attack, available_attacks, make_attack
 from invbench.attacks.base import prompt_generator
 from invbench.defenses import Defense, make_defense
+from invbench.defenses.registry import code_identity
 from invbench.defenses.checks import check_defense, defend_one, described
 from invbench.leaks.codebook import Codebook
 from invbench.leaks.models import LoadedModel, distinct_token_ids, load_model
@@ -107,7 +109,22 @@ def load_source(cfg: RunConfig, device: torch.device, *, echo: Callable[[str], N
     allowed = distinct_token_ids(loaded) if cfg.dataset == "random" else None
     prompts, dataset_source = load_prompts(cfg.dataset, tokenizer=loaded.tokenizer, n=cfg.n, tokens=cfg.tokens,
                                            seed=cfg.seed, notify=echo, allowed_ids=allowed)
-    return Source(loaded, oracle, prompts, dataset_source)
+    if cfg.prompts_sha256 is not None and prompts_digest([p.ids for p in prompts]) != cfg.prompts_sha256:
+        raise RunError(f"the prompts loaded here ({dataset_source}) are not the protocol's (their SHA-256 differs from "
+                       f"{cfg.prompts_sha256[:12]}...): the dataset or the tokenizer changed, so results would not be "
+                       "comparable with the protocol's entries")
+    return Source(loaded, oracle, choose_prompts(prompts, cfg.prompts), dataset_source)
+
+
+def choose_prompts(prompts: list[Prompt], indices: list[int] | None) -> list[Prompt]:
+    """The prompts with these indices (None: all), in index order; an index the run does not have is a RunError."""
+    if indices is None:
+        return prompts
+    by_index = {p.index: p for p in prompts}
+    missing = sorted(set(indices) - set(by_index))
+    if missing:
+        raise RunError(f"prompt {missing[0]} is not among the run's {len(prompts)} prompts")
+    return [by_index[i] for i in sorted(set(indices))]
 
 
 def white_box(loaded: LoadedModel, *, layer: int, device: torch.device) -> WhiteBox:
@@ -195,12 +212,13 @@ def attack_pending(attack: Attack, leak: Leak, oracle: WhiteBox, defense: Defens
 def score(source: Source, leak: Leak, attacks: list[Attack], defense: Defense, records: list[dict], *,
           cfg: RunConfig, recorded: dict[str, Any], wall_seconds: float) -> RunSummary:
     """The run's RunSummary from its records and what they cannot hold: the defence's utility, the
-    blind guess, the position-1 gaps (from guided's codebook, when guided ran: the radius then does
-    not depend on what a machine happens to have cached), and the provenance `recorded` in
+    blind guess, the position-1 gaps (from the codebook, when guided or sequence ran: the radius then
+    does not depend on what a machine happens to have cached), and the provenance `recorded` in
     config.json when the run began."""
     oracle, prompts = source.oracle, source.prompts
+    guess = scoring.blind_guess(oracle, tokens=cfg.tokens)
     first = None
-    if any(a.name == "guided" for a in attacks):
+    if any(a.name in ("guided", "sequence") for a in attacks):  # both load the codebook
         codebook = Codebook(oracle, notify=lambda line: None)
         first = radius.first_gaps(codebook.states(), torch.tensor([p.ids[0] for p in prompts]))
     context = RunContext(
@@ -208,7 +226,7 @@ def score(source: Source, leak: Leak, attacks: list[Attack], defense: Defense, r
         dataset_source=recorded["dataset_source"], prompt_indices=[p.index for p in prompts], tokens=cfg.tokens,
         layer=cfg.layer, seed=cfg.seed, dim=leak.clean.shape[-1], defense=defense, attacks=attacks,
         utility=defense_utility(source.loaded, leak, layer=cfg.layer),
-        blind_token_accuracy=scoring.blind_token_accuracy(scoring.blind_guess(oracle, tokens=cfg.tokens), prompts),
+        blind_token_accuracy=scoring.blind_token_accuracy(guess, prompts), blind_guess=guess,
         first_gaps=first, config_hash=recorded["config_hash"], device=recorded["device"],
         versions=recorded["versions"], wall_seconds=wall_seconds)
     return build_summary(records, context)
@@ -225,7 +243,8 @@ def defense_utility(loaded: LoadedModel, leak: Leak, *, layer: int) -> dict[str,
     next_ids = torch.cat([ids[:, 1:], torch.full((len(ids), 1), -100)], dim=1)  # the last position has no next token
     head = loaded.model.get_output_embeddings()
     return utility_metrics(lm_head=head, clean=leak.clean.to(head.weight.device),
-                           defended=leak.defended.to(head.weight.device), next_ids=next_ids.to(head.weight.device))
+                           defended=leak.defended.to(head.weight.device), next_ids=next_ids.to(head.weight.device),
+                           prompt_indices=[p.index for p in leak.prompts])
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -256,7 +275,13 @@ def prepare(cfg: RunConfig, *, echo: Callable[[str], None]) -> tuple[RunConfig, 
 
 
 def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
-    """Leak, defend, attack, score, record into cfg.out (see the module docstring)."""
+    """Leak, defend, attack, score, record into cfg.out (see the module docstring). A defence plug-in
+    that calls sys.exit or os._exit during the run gets one error, not a silent exit (`refuse_exits`)."""
+    with refuse_exits(f"the defence {cfg.defense}"):
+        return _run(cfg, echo=echo)
+
+
+def _run(cfg: RunConfig, *, echo: Callable[[str], None]) -> RunSummary:
     started = time.perf_counter()
     cfg, device, defense, attacks = prepare(cfg, echo=echo)
     with ResultsFolder(cfg.out) as folder:  # locked, and a foreign or damaged folder refused, before the model loads
@@ -265,14 +290,19 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
                     "n": cfg.n, "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
                     "prompt_ids": [list(p.ids) for p in source.prompts], "defense": defense.describe(),
                     "attacks": {a.name: a.config_dict() for a in attacks}}
+        if cfg.prompts is not None:  # a subset: which prompts (their noise follows their index)
+            defining["prompt_indices"] = [p.index for p in source.prompts]
+        code = code_identity(cfg.defense)
+        if code is not None:  # an outside defence's code: edited, it is another run (not resumed)
+            defining["defense_code"] = code
         chash = config_hash(defining)
         done = folder.start({
             "config_hash": chash, "command": cfg.to_dict(), "defining": defining, "model_source": source.loaded.source,
             "dataset_source": source.dataset_source, "versions": package_versions(), "git_commit": git_commit(),
-            "device": device_name(device)})
+            "device": device_name(device)}, targets={p.index: list(p.ids) for p in source.prompts})
         if folder.repaired:
-            echo(f"note: {folder.repaired} damaged or repeated line(s) of {folder.records_path} were dropped (the file "
-                 "is rewritten without them); their prompts are attacked again")
+            echo(f"note: {folder.repaired} damaged, repeated or foreign line(s) of {folder.records_path} were dropped "
+                 "(the file is rewritten without them); their prompts are attacked again")
         echo(f"model {source.loaded.name} ({source.loaded.source}); {len(source.prompts)} prompts x {cfg.tokens} "
              f"tokens from {source.dataset_source}")
         try:
@@ -297,8 +327,34 @@ def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
     return read_summary(folder.path)
 
 
+def answer_objectives(cfg: RunConfig, answers: dict[str, dict[int, list[list[int]]]], *,
+                      echo: Callable[[str], None] = print) -> dict[str, dict[int, list[float]]]:
+    """Each attack's own objective (summed over positions) of given answers on the defended states of
+    the run `cfg` describes: attack -> prompt index -> the objective of each answer listed for it.
+    The states are captured and defended as the run does (same prompts, same batches, same seeds);
+    verify uses this to tell a float tie between two answers from a different answer."""
+    with refuse_exits(f"the defence {cfg.defense}"):
+        cfg, device, defense, attacks = prepare(cfg, echo=lambda line: None)
+        source = load_source(cfg, device, echo=lambda line: None)
+        leak = defend(defense, source.prompts, capture(source.oracle, source.prompts, batch_size=cfg.batch_size),
+                      seed=cfg.seed)
+        row = {p.index: i for i, p in enumerate(source.prompts)}
+        scored: dict[str, dict[int, list[float]]] = {}
+        for attack in attacks:
+            for index, listed in answers.get(attack.name, {}).items():
+                targets = leak.defended[[row[index]] * len(listed)]
+                values = attack.objective(source.oracle, targets, torch.tensor(listed), defense=defense).sum(1)
+                scored.setdefault(attack.name, {})[index] = values.tolist()
+        return scored
+
+
 def utility_only(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """`invbench utility`: the defence's cost alone (no attack), for privacy-utility curves."""
+    with refuse_exits(f"the defence {cfg.defense}"):
+        return _utility_only(cfg, echo=echo)
+
+
+def _utility_only(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     check_config(cfg)
     device = resolve_device(cfg.device)
     defense = make_defense(cfg.defense, cfg.defense_params)

@@ -60,6 +60,11 @@ def record_problem(record: Any) -> str | None:
     for key in ("recovered_ids", "discrete_loss", "cumulative_discrete_loss"):
         if len(record[key]) != length:
             return f"field {key}: {len(record[key])} values for {length} tokens"
+    target, recovered = record["target_ids"], record["recovered_ids"]
+    if record["exact_match"] != metrics.exact_match(target=target, recovered=recovered):
+        return "field exact_match: does not follow from the ids"
+    if abs(record["token_accuracy"] - metrics.token_accuracy(target=target, recovered=recovered)) > 1e-9:
+        return "field token_accuracy: does not follow from the ids"
     return None
 
 

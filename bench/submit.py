@@ -3,43 +3,51 @@
 `submit` runs the protocol for one defence into `runs/<protocol>/<entry-id>/` (rerunning the same
 submission resumes there) and writes `leaderboards/<protocol>/<entry-id>.json`: the submission's
 metadata, the run's RunSummary as it is, and its transcript (what each attack recovered of each
-prompt, from records.jsonl: `invbench.transcript`). `verify` reruns an entry's protocol, or its first N
-prompts, and compares every field that the summary schema (`bench/schemas/summary.schema.json`)
-marks with `x-verify`, by that field's kind of tolerance (`KINDS`, absolute unless said otherwise):
+prompt, from records.jsonl: `invbench.transcript`).
 
-- fraction (exact match, token accuracy, similarity, search-failure rate, flag rate, per attack
-  and the worst case): 0.05 on a full rerun. Attacks and noise are seeded, so a full rerun on the
-  same hardware reproduces the entry exactly (a subset runs in smaller batches, whose float error
-  differs in the last bits); the margin absorbs floating-point differences between devices
-  flipping a prompt or two. On a subset of N of the entry's n prompts the subset's mean
-  estimates the entry's, so the tolerance widens by 3 standard errors of a mean of N values in
-  [lo, hi] (the field's bounds in the schema) drawn without replacement, with the variance bounded
-  by (p - lo)(hi - p) for the entry's value p: 0.05 + 3 * sqrt(p(1 - p) / N * (n - N) / (n - 1)).
-  At p = 0 or 1 every prompt behaved alike, and so must the subset's.
-- detector (AUROC, TPR at 1% FPR): 0.10 on a full rerun when both runs define it; not checked on
-  subsets (a few prompts give it no meaning) nor when one run leaves it undefined.
-- utility (top-1 agreement, cosine): 1e-3, plus the sampling margin on subsets.
-- relative (KL, perplexity ratio, the certified radius): 1e-3 of the entry's value, full reruns
-  only. The defence's noise is drawn on the CPU from per-prompt seeds, so only float error
-  separates reruns.
-- guarantee (epsilon, delta): 1e-3 relative on every rerun: it follows from the defence's parameters.
-- equal (verdicts, the radius's scope, the configuration hash): equal on a full rerun.
-- per-prompt (the certified radius of each prompt): each prompt the rerun covers against the
-  entry's same prompt, 1e-3 relative, on every rerun: the gaps come from clean states.
-- size (the number of prompts): the rerun's, exactly. shown (seconds per token): never checked,
-  it measures the hardware.
+`verify` re-measures an entry. It reruns a random subset of the entry's prompts, drawn with a fresh
+seed that the verification record keeps (anyone can redo the same draw with `--draw-seed`), in a new folder
+that nothing else wrote, and compares:
+
+- prompt by prompt (`invbench.prompt_checks`): each rerun prompt's recovered ids, similarity,
+  search-failure flag and utility with the entry's own record of that prompt. The entry's summary
+  means were checked on read to be its transcript's, so a forged mean needs forged prompts, and a
+  random subset of `prompt_checks.required_subset(n)` prompts catches a forgery on a quarter of them
+  with probability at least 0.99 (docs/SUBMITTING.md gives the arithmetic). Tolerances come from the
+  rerun and the attack's float facts, never from the entry's claims;
+- every field that the summary schema (`bench/schemas/summary.schema.json`) marks with `x-verify`,
+  by that field's kind of tolerance (`KINDS`, absolute unless said otherwise):
+  - fraction (exact match, token accuracy, similarity, search-failure rate, flag rate, per attack
+    and the worst case): 0.05 on a full rerun (attacks and noise are seeded, so a full rerun on the
+    same hardware reproduces the entry exactly). On a subset, what the prompt-by-prompt comparison
+    covers is compared there; the rest (a flag rate; an entry of schema 4's similarity) must lie
+    within 0.05 plus 3 standard errors of the subset's mean of the rerun's own value p:
+    0.05 + 3 * sqrt(p(1 - p) / N * (n - N) / (n - 1)) (drawn without replacement);
+  - detector (AUROC, TPR at 1% FPR): 0.10 on a full rerun when both runs define it;
+  - utility (top-1 agreement, cosine): 1e-3, per prompt on a subset (or with the sampling margin of
+    the rerun's value for an entry that did not record its prompts' utility);
+  - relative (KL, perplexity ratio, the certified radius): 1e-3 of the entry's value, full reruns;
+  - guarantee (epsilon, delta): 1e-3 relative on every rerun: it follows from the parameters;
+  - equal (verdicts, the radius's scope, the configuration hash): equal on a full rerun;
+    equal-always (the blind guess's ids): equal on every rerun;
+  - per-prompt (the certified radius of each prompt): each prompt the rerun covers, 1e-3 relative;
+  - size (the number of prompts): the rerun's, exactly. shown (seconds per token): never checked.
 """
 from __future__ import annotations
 
 import math
+import secrets
 import shlex
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from . import summary as summary_module, verification
-from .entries import (NAME, SCALAR, SCHEMA_VERSION, check_entry, check_value, parse_entry_file, read_entry, slugify,
+import numpy as np
+
+from . import prompt_checks, summary as summary_module, verification
+from .entries import (NAME, SCALAR, SCHEMA_VERSION, check_entry, check_value, name_skeleton, parse_entry_file,
+                      read_entry, slugify,
                       validate_entry_id)
 from .errors import InvbenchError
 from .folder import read_config, read_run_records
@@ -74,11 +82,12 @@ def recorded_spec(spec: str) -> str:
 
 
 def build_entry(summary: RunSummary, *, protocol: Protocol, entry_id: str, name: str, authors: str, url: str,
-                spec: str, transcript: Transcript, day: str | None = None,
-                git_commit: str | None = None) -> dict[str, Any]:
-    """The leaderboard entry for one finished run: the submission's metadata, the run's summary
-    (the RunSummary `invbench.runner.run` returns) as it is, and what each attack recovered of each
-    prompt (`run_transcript`)."""
+                spec: str, transcript: Transcript, day: str | None = None, git_commit: str | None = None,
+                defense_code: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The leaderboard entry for one finished run: the submission's metadata (with, for an outside
+    defence, what identifies its code: `defenses.registry.code_identity`), the run's summary (the
+    RunSummary `invbench.runner.run` returns) as it is, and what each attack recovered of each prompt
+    (`run_transcript`)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "entry_id": entry_id,
@@ -89,6 +98,7 @@ def build_entry(summary: RunSummary, *, protocol: Protocol, entry_id: str, name:
         "protocol": protocol.to_dict(),
         "defense_spec": recorded_spec(spec),
         "git_commit": git_commit,  # the package version alone does not pin the attacks' code
+        **({"defense_code": defense_code} if defense_code is not None else {}),
         "summary": summary.to_dict(),
         "transcript": transcript.to_dict(),
     }
@@ -140,6 +150,21 @@ def _refuse_foreign(entry_path: Path, run_dir: Path, described: dict[str, Any]) 
                               "or --entry-id, or remove that folder")
 
 
+def _refuse_look_alike(entry_path: Path, name: str) -> None:
+    """A name that looks like another entry's of the same board (`entries.name_skeleton`: case, width,
+    spacing and Latin-looking Cyrillic or Greek letters aside) would make a second row that reads as the
+    first: refused before any run."""
+    mine = name_skeleton(name)
+    for other in sorted(entry_path.parent.glob("*.json")) if entry_path.parent.is_dir() else ():
+        if other == entry_path or verification.is_record(other):
+            continue
+        data, problem = parse_entry_file(other)
+        theirs = data.get("name") if not problem and isinstance(data, dict) else None
+        if isinstance(theirs, str) and name_skeleton(theirs) == mine:
+            raise SubmitError(f"--name {name!r} looks the same as the name of {other.name} ({theirs!r}); choose a "
+                              "distinct name")
+
+
 def run_commit(run_dir: Path) -> str | None:
     """The project's git commit a run recorded in its config.json (None outside a checkout)."""
     commit = (read_config(run_dir) or {}).get("git_commit")
@@ -154,6 +179,7 @@ def submit(*, defense: str, defense_params: dict[str, Any], protocol: Protocol |
     the same submission resumes the run where it stopped."""
     from invbench.defenses import make_defense
     from invbench.defenses.checks import described as checked
+    from invbench.defenses.registry import code_identity
 
     from .runner import run
 
@@ -166,13 +192,14 @@ def submit(*, defense: str, defense_params: dict[str, Any], protocol: Protocol |
     described = {k: built.describe()[k] for k in DEFINING}
     _preflight(name=name, authors=authors, url=url, described=described)
     _refuse_foreign(entry_path, run_dir, described)
+    _refuse_look_alike(entry_path, name)
 
     echo(f"submitting {entry_id!r} to protocol {protocol.name}: running into {run_dir}")
     cfg = protocol.run_config(defense=defense, defense_params=defense_params, out=str(run_dir), device=device)
     summary = run(cfg, echo=echo)
     entry = build_entry(summary, protocol=protocol, entry_id=entry_id, name=name, authors=authors, url=url,
                         spec=defense, transcript=run_transcript(run_dir, protocol, summary, echo=echo),
-                        git_commit=run_commit(run_dir))
+                        git_commit=run_commit(run_dir), defense_code=code_identity(defense))
     problems = check_entry(entry, entry_path, protocol_dir_name=protocol.name,
                            protocol_definition=protocol.to_dict())
     if problems:
@@ -205,23 +232,42 @@ class MetricCheck:
 class VerifyReport:
     entry_path: Path
     run_dir: Path
-    subset: int | None
+    subset: int | None  # None: every prompt
     n_entry: int
     checks: list[MetricCheck] = field(default_factory=list)
     hardware: tuple[str, str] = ("", "")  # the entry's device, the rerun's
     commits: tuple[str | None, str | None] = (None, None)  # the entry's git commit, the rerun's
     record: Path | None = None  # the verification record written beside the entry
+    seed: int | None = None  # the draw of the subset (None: every prompt)
+    prompt_indices: list[int] = field(default_factory=list)  # the prompts rerun
+    prompts: prompt_checks.PromptComparison | None = None
+
+    @property
+    def required(self) -> int:
+        """The subset that catches a forgery on a quarter of the prompts with probability 0.99."""
+        return prompt_checks.required_subset(self.n_entry)
 
     @property
     def ok(self) -> bool:
-        return all(c.ok is not False for c in self.checks)
+        return all(c.ok is not False for c in self.checks) and (self.prompts is None or self.prompts.ok)
 
     @property
     def failures(self) -> list[MetricCheck]:
         return [c for c in self.checks if c.ok is False]
 
+    @property
+    def failed_names(self) -> list[str]:
+        return [c.metric for c in self.failures] + (self.prompts.failures if self.prompts else [])
+
     def format(self) -> str:
-        scope = f"first {self.subset} of {self.n_entry} prompts" if self.subset else f"all {self.n_entry} prompts"
+        if self.subset:
+            chance = prompt_checks.detection_probability(
+                n=self.n_entry, subset=self.subset,
+                forged=max(1, math.ceil(prompt_checks.FORGED_FRACTION * self.n_entry - 1e-9)))
+            scope = (f"random {self.subset} of {self.n_entry} prompts, seed {self.seed}: catches a forgery on a quarter "
+                     f"of the prompts with probability {chance:.3f}")
+        else:
+            scope = f"all {self.n_entry} prompts"
         width = max([36] + [len(c.metric) for c in self.checks])
         lines = [f"verify {self.entry_path} ({scope}; rerun in {self.run_dir})",
                  f"hardware: entry {self.hardware[0]}; rerun {self.hardware[1]}",
@@ -233,7 +279,13 @@ class VerifyReport:
             lines.append(f"{c.metric:<{width}} {column(c.entry):>10} {column(c.rerun):>10} "
                          f"{column(c.difference, '+.4f'):>9} {column(c.tolerance):>8}  {result}"
                          f"{f' ({c.note})' if c.note else ''}")
-        verdict = "PASSED" if self.ok else f"FAILED: {', '.join(c.metric for c in self.failures)}"
+        if self.prompts is not None:
+            p = self.prompts
+            lines.append(f"prompt by prompt ({', '.join(map(str, self.prompt_indices))}): {p.compared} answers compared, "
+                         f"{p.equal} identical, {p.float_ties} float ties, {len(p.failures)} differing; "
+                         f"{p.utility_compared} prompts' utility compared")
+            lines += [f"  FAIL {failure}" for failure in p.failures[:20]]
+        verdict = "PASSED" if self.ok else f"FAILED: {', '.join(self.failed_names[:5])}"
         lines.append(f"verification {verdict}")
         if self.record:
             lines.append(f"verification record: {self.record} (commit it with the entry: the board marks the entry "
@@ -312,14 +364,20 @@ def marked_fields(schema: dict[str, Any], entry: Any, rerun: Any) -> Iterator[Ma
 
 @dataclass(frozen=True)
 class Scope:
-    """What a rerun covers: all of the entry's n prompts (subset None) or the first `subset`."""
+    """What a rerun covers: all of the entry's n prompts (subset None) or a random `subset` of them, and
+    which fields the prompt-by-prompt comparison already covers (`by_prompt`: field names, e.g.
+    "attacks.sequence.exact_match", or their prefixes ending in ".")."""
 
     n: int
     subset: int | None
+    by_prompt: tuple[str, ...] = ()
 
     @property
     def full(self) -> bool:
         return self.subset is None
+
+    def covered(self, name: str) -> bool:
+        return any(name == c or (c.endswith(".") and name.startswith(c)) for c in self.by_prompt)
 
     def margin(self, p: Any, node: dict[str, Any]) -> float:
         """The sampling margin of a mean over the subset, for a value within the node's bounds."""
@@ -334,12 +392,20 @@ def _size(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
     return check
 
 
-def _fraction(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
-    return _within(check, FULL_PRIVACY_TOL + scope.margin(field.entry, field.node))
+def _by_prompt_or(tolerance: float) -> Callable[[MetricCheck, Marked, Scope], MetricCheck]:
+    """A mean: on a subset, compared prompt by prompt where the entry recorded its prompts' values; else
+    within `tolerance` plus the sampling margin of the rerun's own value (never the entry's claim)."""
+    def check_kind(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
+        if not scope.full and scope.covered(field.name):
+            check.note = "compared prompt by prompt"
+            return check
+        rerun = field.rerun if isinstance(field.rerun, (int, float)) and not isinstance(field.rerun, bool) else None
+        return _within(check, tolerance + scope.margin(rerun, field.node))
+    return check_kind
 
 
-def _utility(check: MetricCheck, field: Marked, scope: Scope) -> MetricCheck:
-    return _within(check, UTILITY_ABS_TOL + scope.margin(field.entry, field.node))
+_fraction = _by_prompt_or(FULL_PRIVACY_TOL)
+_utility = _by_prompt_or(UTILITY_ABS_TOL)
 
 
 def _full_only(compare_: Callable[[MetricCheck], MetricCheck]) -> Callable[[MetricCheck, Marked, Scope], MetricCheck]:
@@ -412,17 +478,41 @@ KINDS: dict[str, Callable[[MetricCheck, Marked, Scope], MetricCheck]] = {
     "relative": _full_only(lambda check: _within(check, UTILITY_REL_TOL, relative=True)),
     "guarantee": lambda check, field, scope: _within(check, UTILITY_REL_TOL, relative=True),
     "equal": _full_only(_equal),
+    "equal-always": lambda check, field, scope: _equal(check),
     "per-prompt": _per_prompt,
     "shown": _shown,
     "present": _present,
 }
 
 
-def compare(entry: RunSummary, rerun: RunSummary, *, subset: int | None) -> list[MetricCheck]:
+def covered_by_prompts(entry: RunSummary, transcript: Transcript | None) -> tuple[str, ...]:
+    """The summary fields whose subset values the prompt-by-prompt comparison checks for this entry: each
+    attack's exact match and token accuracy (from the transcript's ids), similarity and search-failure
+    rate where the transcript records them per prompt, the worst case (a maximum of those), the utility
+    where the summary records it per prompt, the blind accuracy where it records the guess."""
+    if transcript is None:
+        return ()
+    answers = [a for p in transcript.prompts for a in p.attacks.values()]
+    covered = ["worst_case.exact_match.", "worst_case.token_accuracy."]
+    for name in entry.attacks:
+        covered += [f"attacks.{name}.exact_match", f"attacks.{name}.token_accuracy"]
+        if answers and all(a.similarity is not None for a in answers):
+            covered += [f"attacks.{name}.similarity", "worst_case.similarity."]
+        if answers and all(a.search_failure is not None for a in answers):
+            covered.append(f"attacks.{name}.search_failure_rate")
+    if entry.utility.get("per_prompt"):
+        covered.append("utility.")
+    if entry.verdict and entry.verdict.blind_guess_ids:
+        covered.append("verdict.blind_token_accuracy")
+    return tuple(covered)
+
+
+def compare(entry: RunSummary, rerun: RunSummary, *, subset: int | None,
+            by_prompt: tuple[str, ...] = ()) -> list[MetricCheck]:
     """Every field of the entry's summary that the summary schema marks with x-verify, against the
-    rerun's, with the tolerance of its kind (KINDS). A new field marked there is compared with no
-    change here."""
-    scope = Scope(entry.n, subset)
+    rerun's, with the tolerance of its kind (KINDS); on a subset, the fields in `by_prompt` are left to
+    the prompt-by-prompt comparison. A new field marked there is compared with no change here."""
+    scope = Scope(entry.n, subset, by_prompt)
     return [KINDS[field.kind](MetricCheck(field.name, field.entry, field.rerun), field, scope)
             for field in marked_fields(summary_module.schema(), entry.to_dict(), rerun.to_dict())]
 
@@ -446,40 +536,94 @@ def check_defense_identity(recorded: dict[str, Any], spec: str) -> None:
                           "pass the defence the entry was made with (--defense)")
 
 
-def verify(entry_path: Path, *, subset: int | None = None, device: str = "auto", defense: str | None = None,
-           runs_dir: Path = Path("runs"), record: bool = True,
+def draw_prompts(indices: list[int], *, subset: int, seed: int) -> list[int]:
+    """`subset` of the prompt indices drawn without replacement by a generator seeded with `seed`
+    (numpy's default_rng: anyone with the seed redraws the same prompts), in increasing order."""
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(sorted(indices), size=subset, replace=False))
+
+
+def fresh_run_dir(runs_dir: Path, protocol: str, entry_id: str, seed: int | None) -> Path:
+    """A folder no run has written: verify never reads what it did not write itself (before: records
+    planted in runs/verify/<protocol>/<id>-n2 were taken as the rerun)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+    path = Path(runs_dir) / "verify" / protocol / f"{entry_id}-{'all' if seed is None else f'seed{seed}'}-{stamp}"
+    if path.exists():
+        raise SubmitError(f"{path} already exists; verify reruns into a folder of its own only")
+    return path
+
+
+def verify(entry_path: Path, *, subset: int | None = None, seed: int | None = None, device: str = "auto",
+           defense: str | None = None, runs_dir: Path = Path("runs"), record: bool = True,
            echo: Callable[[str], None] = print) -> VerifyReport:
-    """Rerun an entry's protocol (all prompts, or the first `subset`) and compare every checked field.
-    `defense` loads the defence from elsewhere (a plug-in file) instead of the entry's name. With
-    `record`, the result is written beside the entry (`invbench.verification`), with the SHA-256 of
-    the entry file as it was read."""
-    from .runner import run
+    """Rerun a random subset of an entry's prompts (default `prompt_checks.required_subset(n)`; `subset`
+    n or more: all of them) drawn with `seed` (default: a fresh one), in a new folder, and compare them
+    prompt by prompt and every checked field. `defense` loads the defence from a plug-in file (whose
+    code must be the entry's). With `record`, the result is written beside the entry
+    (`invbench.verification`), with the SHA-256 of the entry file as it was read."""
+    from .runner import answer_objectives, run
 
     entry_path = Path(entry_path)
-    entry = read_entry(entry_path)  # refuses an entry whose protocol differs, or whose derived values disagree
+    entry = read_entry(entry_path)  # refuses an entry that disagrees with itself, its prompts or its protocol
     entry_sha256 = verification.file_sha256(entry_path)
     protocol = get_protocol(entry.meta["protocol"]["name"])
     recorded, n = entry.summary.defense, entry.summary.n
     if subset is not None and not 1 <= subset <= n:
         raise SubmitError(f"--subset must be between 1 and the entry's {n} prompts, got {subset}")
-    subset = None if subset == n else subset
+    subset = prompt_checks.required_subset(n) if subset is None else subset
+    indices = [p.prompt_index for p in entry.transcript.prompts] if entry.transcript else list(range(n))
+    if subset >= n:
+        subset, seed, chosen = None, None, None
+    else:
+        seed = secrets.randbelow(2**32) if seed is None else seed
+        chosen = draw_prompts(indices, subset=subset, seed=seed)
     spec = _defense_spec(entry.defense_spec, defense)
     check_defense_identity(recorded, spec)
+    _check_plugin_code(entry.meta.get("defense_code"), spec)
 
-    run_dir = Path(runs_dir) / "verify" / protocol.name / (entry.entry_id + (f"-n{subset}" if subset else ""))
+    run_dir = fresh_run_dir(runs_dir, protocol.name, entry.entry_id, seed)
     cfg = protocol.run_config(defense=spec, defense_params=recorded["params"], out=str(run_dir), device=device,
-                              n=subset)
+                              prompts=chosen)
+    echo(f"verify: rerunning {'all ' + str(n) if chosen is None else f'{subset} of {n}'} prompts"
+         + (f" (seed {seed}: {', '.join(map(str, chosen))})" if chosen else "") + f" into {run_dir}")
     summary = run(cfg, echo=echo)
-    report = VerifyReport(entry_path, run_dir, subset, n, compare(entry.summary, summary, subset=subset),
+    covered = covered_by_prompts(entry.summary, entry.transcript)
+    report = VerifyReport(entry_path, run_dir, subset, n, compare(entry.summary, summary, subset=subset,
+                                                                  by_prompt=covered),
                           hardware=(entry.summary.device, summary.device),
-                          commits=(entry.meta.get("git_commit"), run_commit(run_dir)))
+                          commits=(entry.meta.get("git_commit"), run_commit(run_dir)), seed=seed,
+                          prompt_indices=chosen if chosen is not None else indices)
+    if entry.transcript is not None:
+        from invbench.leaks.models import load_model
+
+        tokenizer = load_model(protocol.model, seed=protocol.seed, notify=lambda line: None).tokenizer
+        report.prompts = prompt_checks.compare_prompts(
+            transcript=entry.transcript, entry_utility=entry.summary.utility.get("per_prompt"),
+            records=read_run_records(run_dir), rerun_utility=summary.utility.get("per_prompt"),
+            attacks=list(summary.attacks), tokens=summary.tokens,
+            objectives=lambda answers: answer_objectives(cfg, answers, echo=echo),
+            token_text=lambda token: tokenizer.decode([token]))
     if record:
-        command = shlex.join(["invbench", "verify", str(entry_path), *(["--subset", str(subset)] if subset else []),
+        command = shlex.join(["invbench", "verify", str(entry_path),
+                              *(["--subset", str(subset), "--draw-seed", str(seed)] if subset else []),
                               *(["--defense", recorded_spec(defense)] if defense else []),
                               *([f"--device={device}"] if device != "auto" else [])])
         report.record = verification.write_record(entry_path, verification.build_record(
             report, command=command, entry_sha256=entry_sha256, versions=summary.versions))
     return report
+
+
+def _check_plugin_code(recorded: Any, spec: str) -> None:
+    """A plug-in's code must be the one the entry was made with (its file name and SHA-256, or its
+    package version and source hash), else the rerun would measure another defence."""
+    if recorded is None:
+        return
+    from invbench.defenses.registry import code_identity
+
+    ours = code_identity(spec)
+    if ours != recorded:
+        raise SubmitError(f"the defence {spec} is not the code the entry was made with (entry: {recorded}; given: "
+                          f"{ours}); pass the plug-in as submitted")
 
 
 def _defense_spec(spec: str, override: str | None) -> str:

@@ -71,6 +71,7 @@ class Verdict:
     says: str
     blind_token_accuracy: float | None
     thresholds: dict[str, float]
+    blind_guess_ids: list[int] | None = None  # the blind guess itself: its accuracy can be recomputed per prompt
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ class RunContext:
     attacks: list  # invbench.attacks.Attack, in the run's order
     utility: dict[str, Any]
     blind_token_accuracy: float | None
+    blind_guess: list[int] | None  # the model's most likely text (its token ids), no state seen
     first_gaps: list[float] | None  # the prompts' position-1 gaps (guided's codebook), None without it
     config_hash: str
     device: str
@@ -248,7 +250,7 @@ def build_summary(records: list[dict], context: RunContext) -> RunSummary:
         n=len(ctx.prompt_indices), tokens=ctx.tokens, layer=ctx.layer, seed=ctx.seed,
         defense=described(ctx.defense, tokens=ctx.tokens), utility=ctx.utility,
         attacks=attacks, worst_case=worst, config_hash=ctx.config_hash, device=ctx.device, versions=ctx.versions,
-        wall_seconds=ctx.wall_seconds, verdict=run_verdict(attacks, worst, ctx.blind_token_accuracy),
+        wall_seconds=ctx.wall_seconds, verdict=run_verdict(attacks, worst, ctx.blind_token_accuracy, ctx.blind_guess),
         radius=radius.of_run(latest, clean=ctx.defense.name == "none", prompt_indices=ctx.prompt_indices,
                              first_gaps=ctx.first_gaps, dim=ctx.dim, tokens=ctx.tokens))
 
@@ -291,7 +293,7 @@ def summarise_attack(records: list[dict], *, flag_threshold: float, config: dict
 
 
 def run_verdict(attacks: dict[str, AttackSummary], worst: dict[str, WorstCase],
-                blind_token_accuracy: float | None) -> Verdict:
+                blind_token_accuracy: float | None, blind_guess: list[int] | None = None) -> Verdict:
     """The run's verdict from its attacks' verdicts, named after the attack it rests on, in words."""
     # the strongest attack first, so that a leak is named after the attack that recovers the most
     order = dict.fromkeys([worst["exact_match"].attack, worst["token_accuracy"].attack, *attacks])
@@ -301,4 +303,4 @@ def run_verdict(attacks: dict[str, AttackSummary], worst: dict[str, WorstCase],
                             token_accuracy=on.token_accuracy if on else None,
                             blind_token_accuracy=blind_token_accuracy,
                             search_failure_rate=on.search_failure_rate if on else None, attacks=list(attacks))
-    return Verdict(verdict, resting_on, says, blind_token_accuracy, dict(verdicts.THRESHOLDS))
+    return Verdict(verdict, resting_on, says, blind_token_accuracy, dict(verdicts.THRESHOLDS), blind_guess)

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from .config import RunConfig, package_versions
 from .errors import InvbenchError, one_line
-from .curves import Curve, CurvePoint, format_value, grid_of, slug
+from .curves import Curve, CurvePoint, format_value, grid_of, run_intervals, slug
+from .folder import read_run_records
 from .protocols import Protocol, get_protocol
 from .registry import is_file_spec
 from invbench.defenses import load_defense_class, make_defense
@@ -186,7 +187,8 @@ def sweep(*, defense: str, grid: dict[str, list[Any]], protocol: Protocol | str,
         summaries = _run_local(jobs, echo)
     return Curve(protocol=proto.name, defense=name, defense_spec=defense,
                  grid=grid_of(p.params for p in points),
-                 points=[CurvePoint.from_summary(p.params, s, _shown(p.out)) for p, s in zip(points, summaries)],
+                 points=[CurvePoint.from_summary(p.params, s, _shown(p.out), run_intervals(read_run_records(p.out), s))
+                         for p, s in zip(points, summaries)],
                  protocol_settings=proto.to_dict(), versions=summaries[0].versions or package_versions())
 
 

@@ -1,12 +1,14 @@
 """What leaked, per prompt: the text an attacker reads, as an entry carries it (`transcript`).
 
 An entry's summary holds numbers; its transcript holds, for every prompt, the true tokens and each
-attack's recovered tokens (ids and their text), with the attack's exact match and token accuracy
-for that prompt. `build_transcript` is the one place it is made (by `invbench submit`, from the
+attack's recovered tokens (ids and their text), with the attack's exact match, token accuracy,
+character similarity and search-failure flag for that prompt (the last two since entry schema 5). `build_transcript` is the one place it is made (by `invbench submit`, from the
 run's records.jsonl and the model's tokenizer); `Transcript.from_dict` the one place it is read
 back (the entry page). The schema is `$defs/transcript` of `bench/schemas/entry.schema.json`; what
 follows from the ids (exact match, token accuracy, the wrong positions) is recomputed on read
-(`problems`), so a page never marks a token the ids do not say is wrong.
+(`problems`), so a page never marks a token the ids do not say is wrong, and the per-prompt values
+must average to the summary's means (`problems` too): a summary cannot claim what its prompts do not
+show. `invbench verify` then compares a random subset of these prompts with a rerun, one by one.
 
 Token text is any text a tokenizer gives back: markup, quotes, control characters. It is data: the
 page escapes it (autoescape) and shows control characters as escapes (`visible`).
@@ -29,6 +31,8 @@ class Recovered:
     recovered_tokens: list[str]
     exact_match: bool
     token_accuracy: float
+    similarity: float | None = None  # None: an entry of schema 4, which did not record it
+    search_failure: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ def build_transcript(records: list[dict], *, attacks: list[str], prompt_indices:
         target = list(next(iter(mine.values()))["target_ids"])
         prompts.append(PromptText(index, target, [token_text(t) for t in target], {
             a: Recovered(list(r["recovered_ids"]), [token_text(t) for t in r["recovered_ids"]], r["exact_match"],
-                         r["token_accuracy"]) for a, r in mine.items()}))
+                         r["token_accuracy"], r["similarity"], r.get("search_failure"))
+            for a, r in mine.items()}))
     return Transcript(prompts)
 
 
@@ -102,15 +107,27 @@ def visible(text: str) -> str:
 
 # --- checked on read ------------------------------------------------------------------------------
 
-def problems(data: dict[str, Any], *, attacks: list[str], n: Any, prefix: str) -> list[tuple[str, str]]:
+# The per-prompt values whose mean over prompts is an attack's summary figure (transcript key, summary key).
+MEANS = (("exact_match", "exact_match"), ("token_accuracy", "token_accuracy"), ("similarity", "similarity"),
+         ("search_failure", "search_failure_rate"))
+MEAN_TOLERANCE = 1e-9  # float rounding of a mean of at most a few thousand values
+
+
+def problems(data: dict[str, Any], *, attacks: dict[str, Any], n: Any, prefix: str,
+             complete: bool = False) -> list[tuple[str, str]]:
     """(field, message) where a transcript that fits the schema disagrees with itself or with its
-    summary (`attacks`: the summary's attack names, `n` its number of prompts): one text per id, each
-    prompt's exact match and token accuracy as its ids give them, the summary's n prompts, each with
-    the summary's attacks. (Not compared: the means with the summary's, which verify's rerun checks.)"""
+    summary (`attacks`: the summary's attacks, name -> their figures; `n` its number of prompts): one
+    text per id, each prompt's exact match and token accuracy as its ids give them, the summary's n
+    prompts (each once), each with the summary's attacks, and each attack's per-prompt values averaging
+    to the summary's figure (`MEANS`). `complete` (entry schema 5 on): every answer records its
+    similarity and search-failure flag, so that every mean can be checked."""
     found = []
     prompts = data["prompts"]
     if isinstance(n, int) and len(prompts) != n:
         found.append((f"{prefix}prompts", f"{len(prompts)} prompts, the summary's n is {n}"))
+    indices = [p["prompt_index"] for p in prompts]
+    if len(set(indices)) != len(indices) or indices != sorted(indices):
+        found.append((f"{prefix}prompts", "prompt indices must be distinct and in increasing order"))
     for i, prompt in enumerate(prompts):
         where = f"{prefix}prompts[{i}]"
         if len(prompt["target_tokens"]) != len(prompt["target_ids"]):
@@ -118,7 +135,31 @@ def problems(data: dict[str, Any], *, attacks: list[str], n: Any, prefix: str) -
         if sorted(prompt["attacks"]) != sorted(attacks):
             found.append((f"{where}.attacks", f"expected the summary's attacks {sorted(attacks)}"))
         for name, answer in prompt["attacks"].items():
+            missing = [key for key in ("similarity", "search_failure") if key not in answer] if complete else []
+            if missing:
+                found.append((f"{where}.attacks.{name}", f"missing {' and '.join(missing)} (entry schema 5 records them "
+                              "per prompt)"))
             found += _answer_problems(prompt["target_ids"], answer, where=f"{where}.attacks.{name}")
+    if not found:
+        found += _mean_problems(prompts, attacks, prefix=prefix)
+    return found
+
+
+def _mean_problems(prompts: list[dict], attacks: dict[str, Any], *, prefix: str) -> list[tuple[str, str]]:
+    """(field, message) for each summary figure that is not the mean of the transcript's per-prompt values."""
+    found = []
+    for name, figures in attacks.items():
+        if not isinstance(figures, dict):
+            continue
+        for key, summary_key in MEANS:
+            values = [p["attacks"][name].get(key) for p in prompts]
+            stated = figures.get(summary_key)
+            if any(v is None for v in values) or not isinstance(stated, (int, float)) or isinstance(stated, bool):
+                continue  # not recorded per prompt (schema 4), or not measured
+            mean = sum(float(v) for v in values) / len(values)
+            if abs(mean - stated) > MEAN_TOLERANCE:
+                found.append((f"summary.attacks.{name}.{summary_key}", f"{stated!r} is not the mean of the transcript's "
+                              f"per-prompt {key} ({mean!r}): the summary must be what its prompts show"))
     return found
 
 
@@ -130,4 +171,6 @@ def _answer_problems(target: list[int], answer: dict[str, Any], *, where: str) -
         return [(f"{where}.exact_match", "does not follow from the ids")]
     if abs(answer["token_accuracy"] - metrics.token_accuracy(target=target, recovered=ids)) > 1e-9:
         return [(f"{where}.token_accuracy", "does not follow from the ids")]
+    if answer.get("search_failure") and answer["exact_match"]:
+        return [(f"{where}.search_failure", "an exact answer cannot be a search failure")]
     return []

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+import re
+import unicodedata
+from typing import Any, Iterator
 
 import torch
 
@@ -63,13 +65,36 @@ def described(defense: Defense, *, tokens: int | None = None) -> dict[str, Any]:
     for key, ok in checks.items():
         if not ok(guarantee.get(key)):
             raise DefenseError(f"{label}: guarantee gives {key} {guarantee[key]!r}; expected {wanted[key]}")
+    if not NAME.fullmatch(description["name"]):
+        raise DefenseError(f"{label}: its name {description['name'][:80]!r} is not a name of letters, digits, '_', '.' "
+                           "or '-' (at most 64)")
     record = {**description, **guarantee}
+    bad_text = next((text for text in _strings(record) if any(unicodedata.category(ch)[0] == "C" for ch in text)), None)
+    if bad_text is not None:
+        raise DefenseError(f"{label}: describe or guarantee holds text with control or format characters "
+                           f"({ascii(bad_text[:80])}); records and pages need plain one-line text")
     try:
         json.dumps(record)  # inf is allowed here: the summary stores it as null ("no meaningful guarantee")
     except (TypeError, ValueError) as exc:
         raise DefenseError(f"{label}: describe or guarantee returned what JSON cannot hold "
                            f"({type(exc).__name__}: {one_line(exc)})") from None
     return record
+
+
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")  # as the entry schema's names
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON-like value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
 
 
 def check_output(label: str, what: str, out: object, like: torch.Tensor) -> None:

@@ -139,6 +139,9 @@ class DP(Defense):
 
 _REASONS = {
     "gdp": "Gaussian mechanism, exact GDP conversion (opacus gdp.eps_from_mu)",
+    "gdp-root": ("Gaussian mechanism, exact GDP conversion solved past Opacus's search range (epsilon <= 500) by "
+                 "brentq on the dual's log delta(epsilon) (invbench.defenses.dp_accounting); an epsilon this large "
+                 "bounds nothing in practice"),
     "rdp": "Gaussian mechanism, RDP at q=1 (opacus rdp.compute_rdp + get_privacy_spent); exact GDP search failed",
-    "none": "no meaningful guarantee (noise too small: epsilon beyond 500)",
+    "none": "no meaningful guarantee (epsilon is infinite)",
 }

@@ -1,13 +1,21 @@
 """Named defences: built-ins register with `@register_defense`; outside ones come from the
-entry-point group `invbench.defenses` or from `path/to/file.py:ClassName`."""
+entry-point group `invbench.defenses` or from `path/to/file.py:ClassName`.
+
+An outside defence may not take a registered defence's name (its records would read as that
+defence's, with its citation and recomputed guarantee), and its code is part of what identifies a
+run (`code_identity`: the configuration hash covers it, so a plug-in edited after a run began is a
+different run, not a resumed one). Its import and constructor run under `refuse_exits`: a plug-in
+that calls sys.exit or os._exit gets one error line, never a silent exit 0."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import inspect
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from invbench.errors import one_line
+from invbench.errors import one_line, refuse_exits
 from invbench.registry import Registry, is_file_spec
 
 from .base import Defense, DefenseError
@@ -33,8 +41,13 @@ def available_defenses() -> dict[str, type[Defense]]:
             except Exception as exc:  # an installed plug-in's own code: name it, in one line
                 raise DefenseError(f"could not load the defence entry point {ep.name!r} ({ep.value}): "
                                    f"{type(exc).__name__}: {one_line(exc, limit=300) or '(no message)'}") from exc
-            found[ep.name] = _checked(loaded, f"entry point {ep.name!r}")
+            cls = _checked(loaded, f"entry point {ep.name!r}")
+            if cls.name != ep.name:
+                raise DefenseError(f"the defence entry point {ep.name!r} ({ep.value}) loads a class named {cls.name!r}: "
+                                   "an entry point's class must carry the entry point's name")
+            found[ep.name] = cls
     return found
+
 
 
 def _checked(obj: Any, where: str) -> type[Defense]:
@@ -59,7 +72,11 @@ def load_defense_class(spec: str) -> type[Defense]:
             raise DefenseError(f"could not import defence file {path_str}: {type(exc).__name__}: {message}") from exc
         if not hasattr(module, cls_name):
             raise DefenseError(f"{path_str} has no class {cls_name!r}")
-        return _checked(getattr(module, cls_name), f"{spec}")
+        cls = _checked(getattr(module, cls_name), f"{spec}")
+        if cls.name in available_defenses():
+            raise DefenseError(f"{spec} names itself {cls.name!r}, a registered defence's name; a plug-in must take a "
+                               "name of its own (set the class's `name`)")
+        return cls
     known = available_defenses()
     if spec not in known:
         raise DefenseError(f"unknown defence {spec!r}; choose one of {', '.join(sorted(known))} or give FILE.py:Class")
@@ -79,8 +96,35 @@ def _convert(kind: type, text: str) -> Any:
     return kind(text)
 
 
+def code_identity(spec: str) -> dict[str, Any] | None:
+    """What identifies an outside defence's code, for a run's configuration hash: a plug-in file's
+    name and the SHA-256 of its source, or an entry point's distribution, version and the SHA-256 of
+    its module's source. None for invbench's own defences (their code is pinned by invbench's
+    version and git commit, which every result records)."""
+    if is_file_spec(spec):
+        path = Path(spec.rsplit(":", 1)[0])
+        return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if spec in DEFENSES:
+        return None
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == spec:
+            dist = ep.dist.name if ep.dist is not None else None
+            if dist == "invbench":
+                return None
+            source = inspect.getsourcefile(load_defense_class(spec))
+            digest = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None
+            return {"package": dist, "version": ep.dist.version if ep.dist is not None else None, "sha256": digest}
+    return None
+
+
 def make_defense(spec: str, params: dict[str, Any] | None = None) -> Defense:
-    """Instantiate a defence, converting string parameters with the class's `param_types`."""
+    """Instantiate a defence, converting string parameters with the class's `param_types`. Outside
+    code (import and constructor) may not end the process (`refuse_exits`)."""
+    with refuse_exits(f"the defence {spec}"):
+        return _make_defense(spec, params)
+
+
+def _make_defense(spec: str, params: dict[str, Any] | None) -> Defense:
     cls = load_defense_class(spec)
     converted = {}
     for key, value in (params or {}).items():

@@ -17,7 +17,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from invbench.leaderboard import render
-from test_leaderboard import HOSTILE_TOKEN, XSS_DEFENCE, XSS_NAME, hostile_transcript, make_entry, write_entry
+from test_leaderboard import (HOSTILE_FIGURES, HOSTILE_TOKEN, XSS_DEFENCE, XSS_NAME, hostile_transcript, make_entry,
+                              write_entry)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -52,12 +53,12 @@ def browser():
 @pytest.fixture(scope="module")
 def page(tmp_path_factory) -> Path:
     board = tmp_path_factory.mktemp("board")
-    for entry in [make_entry("Alpha", em={"guided": 0.1, "continuous": 0.1, "projection": 0.4, "scan": 0.2}, top1=0.9),
-                  make_entry("beta", em=0.2, top1=0.95, auroc=None),
-                  make_entry("Gamma", em=0.7, top1=1.0),
-                  make_entry(XSS_NAME, entry_id="xss", em=0.3, top1=0.8, defense=XSS_DEFENCE,
-                             params={"note": "<svg onload=alert(2)>"}, authors="<img src=x onerror=alert(3)>",
-                             transcript=hostile_transcript()),
+    for entry in [make_entry("Alpha", em={"guided": 0.25, "continuous": 0.25, "projection": 0.5, "scan": 0.25}, top1=0.9),
+                  make_entry("beta", em=0.25, top1=0.95, auroc=None),
+                  make_entry("Gamma", em=0.75, top1=1.0),
+                  make_entry(XSS_NAME, entry_id="xss", top1=0.8, defense="xss-plugin",
+                             params={"note": "<svg onload=alert(2)>", "defence": XSS_DEFENCE},
+                             authors="<img src=x onerror=alert(3)>", transcript=hostile_transcript(), **HOSTILE_FIGURES),
                   make_entry("Under the floor", em=0.0, top1=0.2)]:
         write_entry(board, entry)
     return render(board / "quick").html
@@ -87,17 +88,19 @@ def test_the_table_sorts_on_click(browser, page):
     def ranked() -> list[str]:
         return [r.get_attribute("data-entry-id") for r in browser.find_elements(By.CSS_SELECTOR, "#ranked tbody tr")]
 
-    assert ranked() == ["beta", "xss", "alpha", "gamma"]  # the ranking: worst-case EM 0.2, 0.3, 0.4, 0.7
-    click_header(browser, "ranked", "Worst-case EM")
-    values = [float(v) for v in column_values(browser, "ranked", "Worst-case EM")]
+    assert ranked() == ["beta", "alpha", "xss", "gamma"]  # the ranking: worst-case token accuracy 0.25, 0.5, 0.67, 0.75
+    click_header(browser, "ranked", "Worst-case EM [95% CI]")
+    values = [float(v) for v in column_values(browser, "ranked", "Worst-case EM [95% CI]")]
     assert values == sorted(values)
-    click_header(browser, "ranked", "Worst-case EM")
-    assert [float(v) for v in column_values(browser, "ranked", "Worst-case EM")] == sorted(values, reverse=True)
+    click_header(browser, "ranked", "Worst-case EM [95% CI]")
+    assert [float(v) for v in column_values(browser, "ranked", "Worst-case EM [95% CI]")] == sorted(values, reverse=True)
     click_header(browser, "ranked", "Entry")
     names = column_values(browser, "ranked", "Entry")
     assert names == sorted(names)
-    click_header(browser, "ranked", "Top-1 agr.")
+    click_header(browser, "ranked", "Top-1 agr. [95% CI]")
     assert ranked() == ["xss", "alpha", "beta", "gamma"]
+    assert not browser.find_element(By.XPATH, "//th[text()='AUROC scan']").is_displayed()  # a detail: hidden at first
+    browser.find_element(By.ID, "every-column").click()
     for _ in range(2):  # missing values (beta has no AUROC) stay last in both directions
         click_header(browser, "ranked", "AUROC scan")
         assert column_values(browser, "ranked", "AUROC scan")[-1] == ""
@@ -114,9 +117,9 @@ def test_the_plot_loads(browser, page):
 def test_no_script_runs_from_entry_data(browser, page):
     browser.get(page.as_uri())
     assert_nothing_ran(browser)
-    texts = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#ranked tbody td")]
+    texts = [td.get_attribute("textContent") for td in browser.find_elements(By.CSS_SELECTOR, "#ranked tbody td")]
     assert XSS_NAME in texts  # shown as text
-    assert any(t.startswith(XSS_DEFENCE) for t in texts)
+    assert any(XSS_DEFENCE in t for t in texts)
     assert browser.execute_script("return document.querySelectorAll('tbody img, tbody script, tbody svg').length") == 0
     assert browser.execute_script("return window.__violations") == []  # nothing was even attempted
 

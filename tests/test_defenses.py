@@ -58,14 +58,21 @@ def test_dp_guarantee_without_tokens_has_base_keys_only():
     assert "epsilon_per_prompt" not in g and "tokens" not in g
 
 
-def test_dp_tiny_noise_is_inf_without_warnings():
-    d = make_defense("dp", {"clip": 1, "noise_multiplier": 0.01})
+def test_dp_tiny_noise_gives_the_finite_epsilon_past_opacus_search_without_warnings():
+    """Opacus's eps_from_mu searches epsilon <= 500; past it the same exact GDP dual is solved in log
+    space. Pinned: Z 0.1 per vector (mu 20) is inside Opacus's range, 284.39; per 10-token prompt
+    (mu 20 sqrt 10) 2268.77; Z 0.03 (mu 66.7) 2505.58; Z 0.01 (mu 200) 20851.99."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        g = d.guarantee(tokens=10)
+        z01 = make_defense("dp", {"clip": 45, "noise_multiplier": 0.1}).guarantee(tokens=10)
+        z003 = make_defense("dp", {"clip": 45, "noise_multiplier": 0.03}).guarantee(tokens=10)
+        z001 = make_defense("dp", {"clip": 1, "noise_multiplier": 0.01}).guarantee(tokens=10)
     assert caught == []
-    assert g["epsilon"] == math.inf and g["epsilon_per_prompt"] == math.inf
-    assert "no meaningful guarantee" in g["reason"]
+    assert z01["epsilon"] == pytest.approx(284.391849, rel=1e-6) and "opacus gdp.eps_from_mu" in z01["reason"]
+    assert z01["epsilon_per_prompt"] == pytest.approx(2268.767722, rel=1e-6)
+    assert "past Opacus's search range" in z01["reason_per_prompt"]
+    assert z003["epsilon"] == pytest.approx(2505.579024, rel=1e-6)
+    assert z001["epsilon"] == pytest.approx(20851.98868, rel=1e-6) and math.isfinite(z001["epsilon_per_prompt"])
 
 
 @pytest.mark.parametrize("eps, delta", [(0.5, 1e-5), (3.0, 1e-5), (8.0, 1e-6), (50.0, 1e-3)])

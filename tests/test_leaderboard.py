@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
 from invbench.entries import (NAME, SCALAR, EntryError, Problem, check_value, load_entries, read_entry, slugify,
                               validate_entry_id)
+from invbench.leaks.models import load_model
+from invbench.leaks.prompts import load_prompts
 from invbench.leaderboard import build_board, escape_md, pareto_frontier, rank_entries, render, render_markdown
 from invbench.protocols import get_protocol
 from invbench.metrics import worst_case
@@ -24,49 +28,111 @@ XSS_NAME = "<img src=x onerror=alert(1)>"
 XSS_DEFENCE = "<script>window.pwned=1</script>"
 
 
+@lru_cache(maxsize=None)
+def quick_targets() -> tuple[tuple[int, ...], ...]:
+    """The quick protocol's real prompts (its entries must carry exactly them: protocols pin their prompts)."""
+    tokenizer = load_model("tiny-gpt2", seed=0).tokenizer
+    prompts, _ = load_prompts("c4", tokenizer=tokenizer, n=QUICK.n, tokens=QUICK.tokens, seed=QUICK.seed,
+                              notify=lambda line: None)
+    return tuple(p.ids for p in prompts)
+
+
+def fake_answers(em: float, tok: float | None, search_failure: float = 0.0) -> list[dict]:
+    """One attack's answers to the quick prompts with exact match `em` and token accuracy `tok` (rounded to
+    what 4 prompts of 3 tokens can give; default: `em`, every miss wholly wrong), similarity
+    1 for an exact prompt and 0.5 otherwise, and `search_failure` of the prompts flagged (misses only)."""
+    targets = quick_targets()
+    n, length = len(targets), len(targets[0])
+    exact = round(em * n)
+    misses = n - exact
+    correct = round((tok if tok is not None else exact / n) * n * length)
+    spare = min(max(correct - exact * length, 0), misses * (length - 1))
+    flagged = min(round(search_failure * n), misses)
+    answers = []
+    for i, target in enumerate(targets):
+        right = length if i < exact else min(length - 1, spare)
+        if i >= exact:
+            spare -= right
+        ids = list(target[:right]) + [(t + 1) % 1000 for t in target[right:]]
+        answers.append({"ids": ids, "exact": right == length, "token_accuracy": right / length,
+                        "similarity": 1.0 if right == length else 0.5,
+                        "search_failure": i >= exact and i - exact < flagged})
+    return answers
+
+
+def fake_defense(name: str, params: dict) -> dict:
+    """What a run records of the defence: the real record where the defence is registered and takes the
+    parameters (as an entry must say), else a record without a guarantee."""
+    from invbench.defenses import DefenseError, make_defense
+    from invbench.defenses.checks import described
+    from invbench.metrics import json_safe
+
+    try:
+        return json_safe(described(make_defense(name, dict(params)), tokens=QUICK.tokens))
+    except DefenseError:
+        return {"name": name, "params": params, "epsilon": None, "delta": None, "neighbouring": None,
+                "reason": "no formal guarantee"}
+
+
 def fake_summary(*, em: dict[str, float], top1: float | None, auroc: float | None = 0.8,
                  defense: str = "gaussian", params: dict | None = None, search_failure: float = 0.0,
                  tok: dict[str, float] | None = None) -> RunSummary:
-    """What `invbench.runner.run` returns, with the given per-attack exact match (and token accuracy:
-    exact match + 0.1 unless `tok` says), top-1 agreement and search-failure rate (verdicts by the real rule)."""
-    tok = {a: (tok or {}).get(a, min(1.0, v + 0.1)) for a, v in em.items()}
-    attacks = {a: {"n": QUICK.n, "exact_match": v, "token_accuracy": tok[a], "similarity": min(1.0, v + 0.2),
-                   "detector_auroc": auroc, "detector_note": None, "detector_tpr_at_1pct_fpr": None,
-                   "detector_threshold": 1e-6, "detector_flag_rate": 0.0, "seconds_per_token": 0.5,
-                   "tokens_per_second": 2.0, "config": {"preset": "fast"}, "search_failure_rate": search_failure,
-                   "verdict": attack_verdict(Evidence(v, tok[a], search_failure), blind_token_accuracy=0.1),
-                   "diagnostics": {}} for a, v in em.items()}
+    """What `invbench.runner.run` returns for the answers `fake_answers` gives each attack (exact match,
+    token accuracy, similarity and search-failure rate their means), with top-1 agreement `top1` on every
+    prompt (verdicts by the real rule)."""
+    answers = {a: fake_answers(v, (tok or {}).get(a), search_failure) for a, v in em.items()}
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    attacks = {}
+    for a, rows in answers.items():
+        figures = {"exact_match": mean([r["exact"] for r in rows]), "token_accuracy": mean([r["token_accuracy"] for r in rows]),
+                   "similarity": mean([r["similarity"] for r in rows]),
+                   "search_failure_rate": mean([r["search_failure"] for r in rows])}
+        attacks[a] = {"n": QUICK.n, **figures, "detector_auroc": auroc, "detector_note": None,
+                      "detector_tpr_at_1pct_fpr": None, "detector_threshold": 1e-6, "detector_flag_rate": 0.0,
+                      "seconds_per_token": 0.5, "tokens_per_second": 2.0, "config": {"preset": "fast"},
+                      "verdict": attack_verdict(Evidence(figures["exact_match"], figures["token_accuracy"],
+                                                         figures["search_failure_rate"]), blind_token_accuracy=0.1),
+                      "diagnostics": {}}
     verdict, attack = run_verdict({a: m["verdict"] for a, m in attacks.items()})
+    per_prompt = [{"prompt_index": i, "top1_agreement": top1, "kl_clean_defended": 0.1, "nll_clean": 1.0,
+                   "nll_defended": 1.0 + math.log(1.1), "cosine": 0.9} for i in range(QUICK.n)]
     return RunSummary.from_dict({
         "schema_version": 1, "model": QUICK.model, "model_source": "test", "dataset": QUICK.dataset,
         "dataset_source": "test", "n": QUICK.n, "tokens": QUICK.tokens, "layer": -1, "seed": QUICK.seed,
-        "defense": {"name": defense, "params": params if params is not None else {"sigma": 0.01}, "epsilon": None,
-                    "delta": None, "neighbouring": None, "reason": "no formal guarantee"},
-        "utility": {"top1_agreement": top1, "kl_clean_defended": 0.1, "perplexity_ratio": 1.1, "cosine": 0.9},
+        "defense": fake_defense(defense, params if params is not None else {"sigma": 0.01}),
+        "utility": {"top1_agreement": top1, "kl_clean_defended": 0.1, "nll_clean": 1.0, "nll_defended": 1.0 + math.log(1.1),
+                    "perplexity_ratio": 1.1, "cosine": 0.9, **({"per_prompt": per_prompt} if top1 is not None else {})},
         "attacks": attacks, "worst_case": worst_case(attacks), "config_hash": "0123456789abcdef",
         "device": "cpu (test)", "versions": {"invbench": "0.1.0", "torch": "2.13.0"}, "wall_seconds": 1.0,
         "verdict": {"verdict": verdict, "attack": attack, "says": "test", "blind_token_accuracy": 0.1,
                     "thresholds": {}}, "radius": None})
 
 
-def fake_transcript(attacks, *, n: int = QUICK.n, text: str = " tok") -> Transcript:
-    """What each attack recovered of n prompts of 3 tokens: all but the last token ("x" instead); the
-    text of token t is `text` followed by t."""
-    def tokens(ids: list[int]) -> list[str]:
-        return [f"{text}{t}" if t != 99 else "x" for t in ids]
+def fake_transcript(em, *, tok: dict[str, float] | None = None, search_failure: float = 0.0,
+                    text: str = " tok") -> Transcript:
+    """What each attack recovered of the quick prompts, as `fake_answers` gives it (`em`: per attack, or the
+    attack names for exact match 0.5); the text of token t is `text` followed by t."""
+    em = em if isinstance(em, dict) else {a: 0.5 for a in em}
 
-    return Transcript([PromptText(i, [10 + i, 20, 30], tokens([10 + i, 20, 30]),
-                                  {a: Recovered([10 + i, 20, 99], tokens([10 + i, 20, 99]), False, 2 / 3)
-                                   for a in attacks}) for i in range(n)])
+    def tokens(ids: list[int]) -> list[str]:
+        return [f"{text}{t}" for t in ids]
+
+    answers = {a: fake_answers(v, (tok or {}).get(a), search_failure) for a, v in em.items()}
+    return Transcript([PromptText(i, list(target), tokens(list(target)),
+                                  {a: Recovered(rows[i]["ids"], tokens(rows[i]["ids"]), rows[i]["exact"],
+                                                rows[i]["token_accuracy"], rows[i]["similarity"], rows[i]["search_failure"])
+                                   for a, rows in answers.items()})
+                       for i, target in enumerate(quick_targets())])
 
 
 def make_entry(name: str, *, em: float | dict[str, float] = 0.5, top1: float | None = 0.9, entry_id: str | None = None,
                defense: str = "gaussian", url: str = "", authors: str = "A. Author",
                transcript: Transcript | None = None, **kw) -> dict:
     em = em if isinstance(em, dict) else {a: em for a in QUICK.attacks}
+    transcript = transcript or fake_transcript(em, tok=kw.get("tok"), search_failure=kw.get("search_failure", 0.0))
     return build_entry(fake_summary(em=em, top1=top1, defense=defense, **kw), protocol=QUICK,
                        entry_id=entry_id or slugify(name), name=name, authors=authors, url=url, spec=defense,
-                       transcript=transcript or fake_transcript(em), day="2025-01-02")
+                       transcript=transcript, day="2025-01-02")
 
 
 def write_entry(board: Path, entry: dict, *, file_id: str | None = None) -> Path:
@@ -140,7 +206,8 @@ DELETE = object()
     ("summary.verdict.verdict", "protected", "summary.verdict.verdict", "does not follow from the attacks' verdicts"),
     ("summary.defense.params", {"k": [1, 2]}, "summary.defense.params.k", "expected a number, a boolean, null or a string"),
     ("summary.defense.epsilon", -1, "summary.defense.epsilon", "expected a number in [0, inf) or null"),
-    ("summary.defense.name", "two\nlines", "summary.defense.name", "without control characters"),
+    ("summary.defense.name", "two\nlines", "summary.defense.name", "a name of letters, digits"),
+    ("summary.defense.name", "<script>x</script>", "summary.defense.name", "a name of letters, digits"),
     ("entry_id", "../evil", "entry_id", "looks like a path"),
     ("name", "", "name", "non-empty"),
     ("url", "javascript:alert(1)", "url", "an http(s) URL"),
@@ -263,20 +330,38 @@ def board_of(tmp_path: Path, *entries: dict, floor: float = 0.5):
 
 def test_ranked_by_worst_case_token_accuracy_then_exact_match(tmp_path):
     """Before: ranked by exact match alone, so a defence whose strongest attack recovers 80% of the
-    tokens (but never a whole prompt) ranked first."""
+    tokens (but never a whole prompt) ranked first. (4 prompts of 3 tokens: every interval overlaps, so
+    the three share rank 1; the order is the rule's.)"""
     everywhere = lambda v: {a: v for a in QUICK.attacks}  # noqa: E731
     board = board_of(tmp_path,
-                     make_entry("Most tokens", em=everywhere(0.0), tok={"scan": 0.8}),
-                     make_entry("Whole prompts", em=everywhere(0.3), tok=everywhere(0.4)),
-                     make_entry("Fewer prompts", em={**everywhere(0.0), "guided": 0.1}, tok={"guided": 0.4, "scan": 0.4}))
-    assert [(r.rank, r.entry.entry_id) for r in board.ranked] == [(1, "fewer-prompts"), (2, "whole-prompts"),
-                                                                  (3, "most-tokens")]
+                     make_entry("Most tokens", em=everywhere(0.0), tok={"scan": 8 / 12}),
+                     make_entry("Whole prompts", em=everywhere(0.5), tok=everywhere(0.5)),
+                     make_entry("Fewer prompts", em={**everywhere(0.0), "guided": 0.25}, tok={"guided": 0.5, "scan": 0.5}))
+    assert [r.entry.entry_id for r in board.ranked] == ["fewer-prompts", "whole-prompts", "most-tokens"]
     assert [r.entry.verdict for r in board.ranked] == ["leaks"] * 3  # all conclusive: the metrics decide
     markdown = render_markdown(board)
     row = next(line for line in markdown.splitlines() if "Most tokens" in line)
-    assert "| scan |" in row  # the strongest attack is the one the ranking rests on (token accuracy)
+    assert "0.667 \\[" in row  # the worst case (scan's), with its interval
+    assert board.ranked[2].entry.worst_attack == "scan" or board.ranked[2].entry.summary.worst_case["token_accuracy"].attack == "scan"
     ranked, _ = rank_entries([r.entry for r in board.ranked], floor=0.5, ranking="worst-case-exact-match")
     assert [r.entry.entry_id for r in ranked] == ["most-tokens", "fewer-prompts", "whole-prompts"]  # the rule before
+
+
+def test_entries_whose_intervals_overlap_share_a_rank_and_the_board_says_so(tmp_path):
+    """0.988 against 0.992 on 25 prompts is one token in 250: the board cannot tell them apart. Here,
+    on 4 prompts: nothing recovered and everything recovered are told apart; two entries a prompt apart
+    are not."""
+    board = board_of(tmp_path, make_entry("Nothing", em=0.0), make_entry("Everything", em=1.0),
+                     make_entry("Three quarters", em=0.75))
+    assert [(r.rank_text, r.entry.entry_id) for r in board.ranked] == [("1", "nothing"), ("=2", "three-quarters"),
+                                                                        ("=2", "everything")]
+    nothing, three, every = (r.entry.intervals for r in board.ranked)
+    assert nothing.worst_token_accuracy == (0.0, 0.0) and every.worst_token_accuracy == (1.0, 1.0)
+    assert three.worst_token_accuracy == (0.25, 1.0)  # percentile bootstrap of 4 prompts: 1, 1, 1, 0
+    assert three.worst_exact_match == pytest.approx((0.1941204497, 0.9936905368), abs=1e-9)  # Clopper-Pearson, 3 of 4
+    markdown = render_markdown(board)
+    assert "| =2 | [Three quarters]" in markdown and "share a rank" in markdown
+    assert "0.750 \\[0.250, 1.000\\]" in markdown
 
 
 def test_every_protocol_ranks_by_what_leaks_and_quick_is_version_2():
@@ -284,7 +369,7 @@ def test_every_protocol_ranks_by_what_leaks_and_quick_is_version_2():
     from invbench.protocols import PROTOCOLS
 
     assert {PROTOCOLS[name].ranking for name in PROTOCOLS} == {"worst-case-token-accuracy"} <= set(RANKINGS)
-    assert QUICK.version == 2 and QUICK.to_dict()["version"] == 2
+    assert QUICK.version == 3 and QUICK.to_dict()["version"] == 3
     assert "worst-case-exact-match" in RANKINGS  # the archived boards' rule
 
 
@@ -304,19 +389,19 @@ def test_the_board_says_its_rule_and_marks_the_pareto_frontier_of_token_accuracy
 
 def test_ranked_by_worst_case_over_attacks(tmp_path):
     board = board_of(tmp_path,
-                     make_entry("Strong on average", em={"guided": 0.0, "continuous": 0.0, "projection": 0.0, "scan": 0.9}),
-                     make_entry("Even", em={"guided": 0.3, "continuous": 0.3, "projection": 0.3, "scan": 0.3}),
-                     make_entry("Weak", em=0.6))
-    assert [(r.rank, r.entry.entry_id) for r in board.ranked] == [(1, "even"), (2, "weak"), (3, "strong-on-average")]
+                     make_entry("Strong on average", em={"guided": 0.0, "continuous": 0.0, "projection": 0.0, "scan": 1.0}),
+                     make_entry("Even", em={"guided": 0.25, "continuous": 0.25, "projection": 0.25, "scan": 0.25}),
+                     make_entry("Weak", em=0.5))
+    assert [r.entry.entry_id for r in board.ranked] == ["even", "weak", "strong-on-average"]
     assert board.ranked[2].entry.worst_attack == "scan"
 
 
 def test_an_inconclusive_entry_never_outranks_a_conclusive_one(tmp_path):
     """No attack recovers anything from "Masked", but its misses are search failures: its zero is no
     evidence, so it ranks below a defence that leaks a little, conclusively."""
-    masked = make_entry("Masked", em=0.0, search_failure=0.8)
+    masked = make_entry("Masked", em=0.0, search_failure=0.75)
     assert masked["summary"]["verdict"]["verdict"] == "inconclusive"
-    board = board_of(tmp_path, masked, make_entry("Leaky", em=0.2), make_entry("Private", em=0.0))
+    board = board_of(tmp_path, masked, make_entry("Leaky", em=0.25), make_entry("Private", em=0.0))
     assert [r.entry.entry_id for r in board.ranked] == ["private", "leaky", "masked"]
     assert [r.entry.verdict for r in board.ranked] == ["protected", "leaks", "inconclusive"]
     markdown = render_markdown(board)
@@ -366,7 +451,7 @@ def test_pareto_frontier_is_marked(tmp_path):
 # --- escaping -----------------------------------------------------------------------------------
 
 def hostile_entries() -> list[dict]:
-    return [make_entry(XSS_NAME, entry_id="xss-name", defense=XSS_DEFENCE, params={"p": "a|b`c`<i>"},
+    return [make_entry(XSS_NAME, entry_id="xss-name", defense="my-plugin", params={"p": "a|b`c`<i>", "q": XSS_DEFENCE},
                        url="https://example.org/x?a=1&b=2"),
             make_entry("pipe | name [link](javascript:alert(1)) *bold*", entry_id="md-name", em=0.1)]
 
@@ -385,9 +470,7 @@ def test_markdown_escapes_every_submitted_value(tmp_path):
         write_entry(tmp_path, entry)
     markdown = render(tmp_path / "quick").markdown.read_text()
     assert "<" not in markdown and ">" not in markdown.replace("&gt;", "")
-    assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in markdown
-    assert "&lt;script&gt;window.pwned=1&lt;/script&gt;" in markdown
-    assert "p=a\\|b\\`c\\`&lt;i&gt;" in markdown
+    assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in markdown  # the defence's parameters are on the page
     assert "pipe \\| name \\[link\\]\\(javascript:alert\\(1\\)\\) \\*bold\\*" in markdown
     header = next(line for line in markdown.splitlines() if line.startswith("| \\#"))
     rows = [line for line in markdown.splitlines() if line.startswith("| ") and line != header]
@@ -530,11 +613,17 @@ HOSTILE_TOKEN = "<script>window.pwned=1</script>"
 def hostile_transcript() -> Transcript:
     """Prompt 0's tokens hold markup, quotes, an ampersand and control characters; the attacks get
     the second token wrong ('<b>bold</b>' instead of the quote)."""
-    texts = {1: HOSTILE_TOKEN, 2: ' "q" & \'a\'', 3: "\x00\n\u202e", 4: "<b>bold</b>"}
-    target, recovered = [1, 2, 3], [1, 4, 3]
-    return Transcript([PromptText(i, target, [texts[t] for t in target],
-                                  {a: Recovered(recovered, [texts[t] for t in recovered], False, 2 / 3)
-                                   for a in QUICK.attacks}) for i in range(QUICK.n)])
+    texts = [HOSTILE_TOKEN, ' "q" & \'a\'', "\x00\n\u202e"]
+    prompts = []
+    for i, target in enumerate(quick_targets()):
+        recovered = [target[0], target[1] + 1, target[2]]
+        shown = [texts[0], "<b>bold</b>", texts[2]]
+        prompts.append(PromptText(i, list(target), texts, {a: Recovered(recovered, shown, False, 2 / 3, 0.5, False)
+                                                            for a in QUICK.attacks}))
+    return Transcript(prompts)
+
+
+HOSTILE_FIGURES = dict(em=0.0, tok={a: 2 / 3 for a in QUICK.attacks})  # what hostile_transcript's prompts show
 
 
 def test_each_entry_gets_a_page_linked_from_the_board(tmp_path):
@@ -550,8 +639,11 @@ def test_each_entry_gets_a_page_linked_from_the_board(tmp_path):
     for shown in ("Submitted by", "Guarantee", "Verdict", "Verified", "not verified", "gaussian (sigma=0.01)",
                   'href="../index.html"'):
         assert shown in html, shown
-    assert html.count('<mark class="tok">x</mark>') == QUICK.n * len(QUICK.attacks)  # the last token, wrong
-    assert '<span class="tok"> tok20</span>' in html
+    wrong = sum(len(p["target_ids"]) - round(a["token_accuracy"] * len(p["target_ids"]))
+                for p in make_entry("Page one")["transcript"]["prompts"] for a in p["attacks"].values())
+    assert html.split("What leaked")[1].count('<mark class="tok">') == wrong + 1 > 1  # each wrong one, and the legend
+    first = make_entry("Page one")["transcript"]["prompts"][0]["target_ids"][0]
+    assert f'<span class="tok"> tok{first}</span>' in html
     assert "script-src" not in html and "<script" not in html  # the page has no script at all
 
 
@@ -577,7 +669,7 @@ def test_a_page_of_an_entry_that_left_the_board_is_removed(tmp_path):
 
 
 def test_the_entry_page_escapes_token_text(tmp_path):
-    write_entry(tmp_path, make_entry(XSS_NAME, entry_id="xss", transcript=hostile_transcript()))
+    write_entry(tmp_path, make_entry(XSS_NAME, entry_id="xss", transcript=hostile_transcript(), **HOSTILE_FIGURES))
     html = render(tmp_path / "quick").pages[0].read_text()
     assert HOSTILE_TOKEN not in html and "<b>bold" not in html and XSS_NAME not in html
     assert '<span class="tok">&lt;script&gt;window.pwned=1&lt;/script&gt;</span>' in html
@@ -598,10 +690,10 @@ def test_an_entry_without_its_records_still_gets_a_page_that_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("tamper, field, message", [
-    (lambda t: t["prompts"][0]["attacks"]["scan"].update(exact_match=True), "transcript.prompts[0].attacks.scan.exact_match",
+    (lambda t: t["prompts"][3]["attacks"]["scan"].update(exact_match=True), "transcript.prompts[3].attacks.scan.exact_match",
      "does not follow from the ids"),
-    (lambda t: t["prompts"][1]["attacks"]["guided"].update(token_accuracy=1.0),
-     "transcript.prompts[1].attacks.guided.token_accuracy", "does not follow from the ids"),
+    (lambda t: t["prompts"][3]["attacks"]["guided"].update(token_accuracy=1.0),
+     "transcript.prompts[3].attacks.guided.token_accuracy", "does not follow from the ids"),
     (lambda t: t["prompts"][0]["target_tokens"].pop(), "transcript.prompts[0].target_tokens", "one text per target id"),
     (lambda t: t["prompts"][0]["attacks"].pop("scan"), "transcript.prompts[0].attacks", "the summary's attacks"),
     (lambda t: t["prompts"].pop(), "transcript.prompts", "the summary's n is 4"),
@@ -631,7 +723,7 @@ def test_a_curve_is_drawn_from_a_boards_entries_one_point_per_entry_of_the_defen
     from invbench.cli import cli
     from invbench.curves import CurveError, curve_from_entries, load_curve
 
-    for sigma, em in ((10, 0.0), (0.3, 0.2), (3, 0.1), (0.01, 0.9)):
+    for sigma, em in ((10, 0.0), (0.3, 0.5), (3, 0.25), (0.01, 1.0)):
         write_entry(tmp_path, make_entry(f"Gaussian {sigma}", em=em, top1=max(0.0, 1 - sigma), params={"sigma": sigma}))
     write_entry(tmp_path, make_entry("Quantize", em=1.0, defense="quantize", params={"bits": 8}))
     entries, problems = load_entries(tmp_path / "quick")
@@ -640,8 +732,9 @@ def test_a_curve_is_drawn_from_a_boards_entries_one_point_per_entry_of_the_defen
     curve = curve_from_entries(entries, "gaussian")
     # by value, not by text ("10" sorts before "3"); the quantize entry is not on it
     assert [p.params for p in curve.points] == [{"sigma": 0.01}, {"sigma": 0.3}, {"sigma": 3}, {"sigma": 10}]
-    assert [p.worst_case_exact_match for p in curve.points] == [0.9, 0.2, 0.1, 0.0]
-    assert [p.worst_case_token_accuracy for p in curve.points][:2] == [1.0, pytest.approx(0.3)]  # em + 0.1 (fake_summary)
+    assert [p.worst_case_exact_match for p in curve.points] == [1.0, 0.5, 0.25, 0.0]
+    assert curve.points[1].worst_case_exact_match_interval == pytest.approx([0.0675859865, 0.9324140135], abs=1e-9)
+    assert [p.worst_case_token_accuracy for p in curve.points][:2] == [1.0, 0.5]  # misses wholly wrong (fake_answers)
     assert [p.top1_agreement for p in curve.points] == [0.99, 0.7, 0.0, 0.0]
     assert curve.grid == {"sigma": [0.01, 0.3, 3, 10]} and curve.protocol == "quick"
     with pytest.raises(CurveError, match="no entry of defence 'dp'"):

@@ -15,12 +15,23 @@ from invbench.entries import check_entry, load_entries
 from invbench.protocols import PROTOCOLS
 from invbench.submit import (FULL_PRIVACY_TOL, UTILITY_ABS_TOL, MetricCheck, build_entry, compare, recorded_spec,
                              sampling_margin)
-from invbench.summary import RunSummary
+from invbench.metrics import worst_case
+from invbench.summary import RunSummary, WorstCase
 from test_leaderboard import fake_summary, fake_transcript, make_entry
 
 
 def by_metric(checks: list[MetricCheck]) -> dict[str, MetricCheck]:
     return {c.metric: c for c in checks}
+
+
+def rerun_of(em: dict[str, float], *, top1: float = 0.9, **kw) -> RunSummary:
+    """A rerun's summary with exactly these exact-match rates (not rounded to what 4 prompts can give: a
+    rerun is compared by its figures), its worst case following from them."""
+    summary = fake_summary(em={a: 0.5 for a in em}, top1=top1, **kw)
+    for attack, value in em.items():
+        summary.attacks[attack].exact_match = value
+    summary.worst_case = {m: WorstCase(**w) for m, w in worst_case({n: vars(a) for n, a in summary.attacks.items()}).items()}
+    return summary
 
 
 def checks_of(entry: dict, rerun: RunSummary, *, subset: int | None = None) -> dict[str, MetricCheck]:
@@ -41,8 +52,7 @@ def test_identical_rerun_passes_every_check():
 
 def test_a_difference_beyond_the_tolerance_fails_and_names_the_metric():
     entry = make_entry("Tampered", em=0.5)
-    rerun = fake_summary(em={"guided": 0.5, "continuous": 0.5, "projection": 0.5, "scan": 0.5 + FULL_PRIVACY_TOL + 0.01},
-                         top1=0.9)
+    rerun = rerun_of({"guided": 0.5, "continuous": 0.5, "projection": 0.5, "scan": 0.5 + FULL_PRIVACY_TOL + 0.01})
     checks = checks_of(entry, rerun)
     assert checks["attacks.scan.exact_match"].ok is False
     assert checks["worst_case.exact_match.value"].ok is False
@@ -51,8 +61,8 @@ def test_a_difference_beyond_the_tolerance_fails_and_names_the_metric():
 
 def test_within_tolerance_passes():
     entry = make_entry("Close", em=0.5)
-    rerun = fake_summary(em={a: 0.5 + FULL_PRIVACY_TOL - 0.001 for a in entry["summary"]["attacks"]},
-                         top1=0.9 + UTILITY_ABS_TOL / 2)
+    rerun = rerun_of({a: 0.5 + FULL_PRIVACY_TOL - 0.001 for a in entry["summary"]["attacks"]},
+                     top1=0.9 + UTILITY_ABS_TOL / 2)
     assert all(c.ok is not False for c in checks_of(entry, rerun).values())
 
 
@@ -65,16 +75,24 @@ def test_utility_kl_is_relative_and_full_runs_only():
     assert subset_check.ok is None and "subset" in subset_check.note
 
 
-def test_subset_tolerance_widens_with_sampling_error_and_skips_the_hash():
+def test_subset_tolerance_comes_from_the_rerun_never_from_the_claim():
+    """Before: the sampling margin was computed from the entry's claimed value, so an entry of a defence
+    where every token leaks, edited to claim worst-case token accuracy 0.25, passed on a subset."""
+    forged = make_entry("Forged", em=0.25)
+    honest_rerun = rerun_of({a: 1.0 for a in forged["summary"]["attacks"]})
+    honest_rerun.n, honest_rerun.config_hash = 2, "fedcba9876543210"
+    for attack in honest_rerun.attacks.values():
+        attack.n = 2
+    checks = checks_of(forged, honest_rerun, subset=2)
+    assert checks["attacks.scan.exact_match"].tolerance == pytest.approx(FULL_PRIVACY_TOL)  # p = 1: no margin
+    assert checks["attacks.scan.exact_match"].ok is False and checks["worst_case.exact_match.value"].ok is False
     entry = make_entry("Subset", em=0.5)
-    rerun = fake_summary(em={a: 1.0 for a in entry["summary"]["attacks"]}, top1=0.9)
+    rerun = rerun_of({a: 0.5 for a in entry["summary"]["attacks"]})
     rerun.n, rerun.config_hash = 2, "fedcba9876543210"
     for attack in rerun.attacks.values():
         attack.n = 2
     checks = checks_of(entry, rerun, subset=2)
-    margin = sampling_margin(0.5, subset=2, n=4)
-    assert checks["attacks.scan.exact_match"].tolerance == pytest.approx(FULL_PRIVACY_TOL + margin)
-    assert checks["attacks.scan.exact_match"].ok is True  # 0.5 off, within 0.05 + 3 standard errors
+    assert checks["attacks.scan.exact_match"].tolerance == pytest.approx(FULL_PRIVACY_TOL + sampling_margin(0.5, subset=2, n=4))
     assert checks["config_hash"].ok is None and checks["attacks.scan.detector_auroc"].ok is None
     assert checks["attacks.scan.verdict"].ok is None  # a verdict of fewer prompts may differ: shown
     assert checks["n"].ok is True and checks["attacks.scan.n"].ok is True
@@ -166,7 +184,7 @@ def small_quick(monkeypatch):
     """The quick protocol cut to one attack of 30 steps on 2 prompts x 2 tokens, so the test takes
     seconds rather than minutes: the machinery is the same for the full protocol."""
     small = dataclasses.replace(PROTOCOLS["quick"], attacks=("continuous",), n=2, tokens=2,
-                                attack_options={"steps": 30})
+                                attack_options={"steps": 30}, prompts_sha256=None)
     with PROTOCOLS.override("quick", small):
         yield small
 
@@ -193,7 +211,7 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     assert (tmp_path / "runs" / "quick" / "top-k-32" / "records.jsonl").exists()
     records = [json.loads(line) for line in (tmp_path / "runs" / "quick" / "top-k-32" / "records.jsonl").open()]
     transcript = entry["transcript"]  # what the attack recovered of each prompt, with the tokens' text
-    assert entry["schema_version"] == 4 and [p["prompt_index"] for p in transcript["prompts"]] == [0, 1]
+    assert entry["schema_version"] == 5 and [p["prompt_index"] for p in transcript["prompts"]] == [0, 1]
     for prompt, rec in zip(transcript["prompts"], sorted(records, key=lambda r: r["prompt_index"])):
         answer = prompt["attacks"]["continuous"]
         assert prompt["target_ids"] == rec["target_ids"] and answer["recovered_ids"] == rec["recovered_ids"]
@@ -210,7 +228,7 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     assert code == 0, err
     assert "quick: 1 ranked" in out
     board = (path.parent / "LEADERBOARD.md").read_text()
-    assert "| 1 | [Top-k 32](entries/top-k-32.html) | topk \\(k=32, sigma=0.0\\)" in board
+    assert "| 1 | [Top-k 32](entries/top-k-32.html) | " in board
     assert 'data-entry-id="top-k-32"' in (path.parent / "index.html").read_text()
     page = (path.parent / "entries" / "top-k-32.html").read_text()
     assert "Test Author" in page and 'href="https://example.org/topk"' in page and 'id="prompt-1"' in page
@@ -227,20 +245,20 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     code, out, err = invoke(["leaderboard", "--board-dir", str(tmp_path / "leaderboards")], capsys)
     assert code == 0 and "quick: 1 ranked" in out and "problem" in out and "0 problem(s)" in out  # not an entry
     board = (path.parent / "LEADERBOARD.md").read_text()
-    assert "| verified \\(2 of 2 prompts, " in board and "Verified: 1 of 1 entries." in board
-    assert "verified (2 of 2 prompts, " in (path.parent / "index.html").read_text()
+    assert "| yes \\(2/2\\) |" in board and "Verified: 1 of 1 entries." in board
+    assert "yes (2/2)" in (path.parent / "index.html").read_text()
+    assert "verified (2 of 2 prompts, " in (path.parent / "entries" / "top-k-32.html").read_text()
     path.write_text(json.dumps(entry, indent=1))  # the same data, another file: no longer the file verified
     assert invoke(["leaderboard", "--board-dir", str(tmp_path / "leaderboards")], capsys)[0] == 0
-    assert "| changed since verified \\(" in (path.parent / "LEADERBOARD.md").read_text()
+    assert "| changed since |" in (path.parent / "LEADERBOARD.md").read_text()
 
-    tampered = copy.deepcopy(entry)  # claims an exact match the run does not give
+    tampered = copy.deepcopy(entry)  # claims an exact match its own prompts do not show: refused on read
     claimed = summary["attacks"]["continuous"]["exact_match"]
     tampered["summary"]["attacks"]["continuous"]["exact_match"] = 0.0 if claimed >= 0.5 else 1.0
     tampered["summary"]["worst_case"]["exact_match"]["value"] = 0.0 if claimed >= 0.5 else 1.0
     path.write_text(json.dumps(tampered))
-    code, out, _ = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
-    assert code == 1
-    assert "verification FAILED: attacks.continuous.exact_match, worst_case.exact_match.value" in out
+    code, out, err = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
+    assert code == 2 and "is not the mean of the transcript's per-prompt exact_match" in err
 
     tampered = copy.deepcopy(entry)  # a verdict the run does not give, consistent with the run's verdict
     other = {"leaks": "protected", "protected": "leaks", "inconclusive": "protected"}[summary["verdict"]["verdict"]]
@@ -252,7 +270,11 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
     path.write_text(json.dumps(entry))
     code, out, _ = invoke(["verify", str(path), "--subset", "1", "--device", "cpu",
                            "--runs-dir", str(tmp_path / "runs")], capsys)
-    assert "first 1 of 2 prompts" in out and code in (0, 1)
+    assert "random 1 of 2 prompts, seed " in out and code == 0
+    record = json.loads((path.parent / "top-k-32.verification.json").read_text())
+    assert record["prompts"] == 1 and record["required"] == 2 and isinstance(record["seed"], int)
+    code, _, _ = invoke(["leaderboard", "--board-dir", str(tmp_path / "leaderboards")], capsys)
+    assert "| partly \\(1/2\\) |" in (path.parent / "LEADERBOARD.md").read_text()  # fewer than the rule needs
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -298,7 +320,7 @@ def test_verify_refuses_a_malformed_entry_and_a_bad_subset(tmp_path, capsys):
 
 
 def test_plug_in_file_entries_need_the_file_to_verify(tmp_path, capsys):
-    entry = make_entry("From a file", em=0.5)
+    entry = make_entry("From a file", em=0.5, defense="my-defence", params={"strength": 0.5})
     entry["defense_spec"] = "my_def.py:MyDefense"
     path = tmp_path / "quick" / "from-a-file.json"
     path.parent.mkdir()
@@ -411,11 +433,13 @@ def test_parameters_the_defence_refuses_are_refused_on_read():
 
 def test_a_plug_in_files_guarantee_is_shown_as_submitted_and_said_so():
     """Plug-in files are not run when an entry is read: the guarantee cannot be recomputed, and the
-    board says so rather than pretend."""
+    board says so rather than pretend. A plug-in file may not borrow a built-in's name (and with it the
+    built-in's citation and recomputed guarantee)."""
     from invbench.derived import guarantee_note
 
     entry = entry_of_defense("gaussian", {"sigma": 0.5}, spec="my_defense.py:MyDefense")
-    entry["summary"]["defense"].update(epsilon=1.0, delta=1e-5)
+    assert "a plug-in cannot take a built-in's name" in problems_of(entry)["summary.defense.name"]
+    entry["summary"]["defense"].update(name="my-scale", epsilon=1.0, delta=1e-5)
     assert problems_of(entry) == {}
     assert "plug-in file (my_defense.py:MyDefense)" in guarantee_note(entry["summary"]["defense"], entry["defense_spec"])
 
@@ -515,14 +539,19 @@ def test_a_failed_verification_is_recorded_and_shown(tmp_path, capsys, small_qui
     assert invoke(submit_args(tmp_path), capsys)[0] == 0
     path = tmp_path / "leaderboards" / "quick" / "top-k-32.json"
     entry = json.loads(path.read_text())
-    entry["summary"]["utility"]["top1_agreement"] = 0.5 if entry["summary"]["utility"]["top1_agreement"] > 0.7 else 0.9
+    claim = 0.5 if entry["summary"]["utility"]["top1_agreement"] > 0.7 else 1.0  # consistent: every prompt says it
+    entry["summary"]["utility"]["top1_agreement"] = claim
+    for prompt in entry["summary"]["utility"]["per_prompt"]:
+        prompt["top1_agreement"] = claim
     path.write_text(json.dumps(entry))
     code, out, _ = invoke(["verify", str(path), "--device", "cpu", "--runs-dir", str(tmp_path / "runs")], capsys)
     assert code == 1 and "verification FAILED: utility.top1_agreement" in out
     record = json.loads((path.parent / "top-k-32.verification.json").read_text())
-    assert record["result"] == "failed" and record["failed"] == ["utility.top1_agreement"]
+    assert record["result"] == "failed" and record["failed"][0] == "utility.top1_agreement"
+    assert any("top-1 agreement" in failure for failure in record["failed"]), record["failed"]
     assert invoke(["leaderboard", "--board-dir", str(tmp_path / "leaderboards")], capsys)[0] == 0
-    assert "verification failed" in (path.parent / "LEADERBOARD.md").read_text()
+    assert "| FAILED |" in (path.parent / "LEADERBOARD.md").read_text()
+    assert "verification failed" in (path.parent / "entries" / "top-k-32.html").read_text()
     code, out, _ = invoke(["verify", str(path), "--no-record", "--device", "cpu", "--runs-dir", str(tmp_path / "runs")],
                           capsys)
     assert code == 1 and "verification record" not in out
@@ -540,7 +569,7 @@ def test_a_malformed_verification_record_is_reported_and_its_entry_not_verified(
     record.write_text(json.dumps({"format": "invbench-verification/1", "result": "passed"}))
     code, out, err = invoke(["leaderboard", "--board-dir", str(tmp_path)], capsys)
     assert "claimed.verification.json: field entry: expected" in err
-    assert "| not verified |" in (path.parent / "LEADERBOARD.md").read_text()
+    assert "| no |" in (path.parent / "LEADERBOARD.md").read_text()
 
 
 def test_a_derived_figure_is_compared_where_both_versions_give_it():

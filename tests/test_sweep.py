@@ -18,7 +18,7 @@ from invbench.sweep import SweepError, grid_points, parse_param_lists, sweep
 
 # `quick`, made cheaper still: 2 prompts x 2 tokens, one attack, 50 Adam steps.
 CHEAP = dataclasses.replace(PROTOCOLS["quick"], n=2, tokens=2, attacks=("continuous",), preset="fast",
-                            attack_options={"steps": 50})
+                            attack_options={"steps": 50}, prompts_sha256=None)  # not quick's prompts
 # On tiny-gpt2 (unit-scale hidden states after ln_f) sigma 1 still leaks everything: these three
 # span the curve, exact match 1.0 -> 0.5 -> 0.0.
 SIGMAS = [0.0, 1.5, 3.0]

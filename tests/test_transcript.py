@@ -34,7 +34,8 @@ def test_visible_escapes_control_and_format_characters_only(raw, shown):
 def record(attack: str, index: int, target: list[int], recovered: list[int]) -> dict:
     return {"attack": attack, "prompt_index": index, "target_ids": target, "recovered_ids": recovered,
             "exact_match": target == recovered,
-            "token_accuracy": sum(a == b for a, b in zip(target, recovered)) / len(target)}
+            "token_accuracy": sum(a == b for a, b in zip(target, recovered)) / len(target),
+            "similarity": 1.0 if target == recovered else 0.5, "search_failure": False}
 
 
 def test_built_from_the_last_record_of_each_prompt_and_attack():
@@ -46,6 +47,6 @@ def test_built_from_the_last_record_of_each_prompt_and_attack():
     assert [p.prompt_index for p in transcript.prompts] == [0, 1]
     first = transcript.prompts[0]
     assert first.target_tokens == ["<1>", "<2>"] and list(first.attacks) == ["scan", "guided"]
-    assert first.attacks["scan"] == Recovered([1, 2], ["<1>", "<2>"], True, 1.0)
+    assert first.attacks["scan"] == Recovered([1, 2], ["<1>", "<2>"], True, 1.0, 1.0, False)
     assert first.attacks["guided"].recovered_tokens == ["<4>", "<2>"]
     assert Transcript.from_dict(transcript.to_dict()) == transcript
