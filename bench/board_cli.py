@@ -15,10 +15,10 @@ import click
 
 from .cli_options import (BOARD_DIR, DEVICE, RUNS_DIR, FiniteFloatRange, defense_flags, defense_params,
                           existing_board_dir)
-from .entries import NAME, EntryError, check_value
-from .leaderboard import DEFAULT_UTILITY_FLOOR
-from .protocols import PROTOCOLS, Protocol, ProtocolError, get_protocol
-from .submit import SubmitError
+from .protocols import PROTOCOLS, UTILITY_FLOOR, Protocol, ProtocolError, get_protocol
+
+# Entries, boards and runs are imported when a command runs: listing the protocols or a command's help
+# must not wait for torch (this module is imported for `invbench protocols` and each command's --help).
 
 
 class BoardUsageError(click.ClickException):
@@ -36,6 +36,9 @@ def one_line_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .entries import EntryError
+        from .submit import SubmitError
+
         try:
             return func(*args, **kwargs)
         except (EntryError, SubmitError, ProtocolError) as exc:
@@ -96,8 +99,9 @@ def submit(defense: str, protocol: Protocol, name: str, authors: str, url: str, 
 def verify(entry: Path, subset: int | None, seed: int | None, defense: str | None, record: bool, device: str,
            runs_dir: Path) -> None:
     """Rerun a random subset of an entry's prompts in a new folder and compare each with the entry's record of
-    it, and every checked figure; exit 1 on a mismatch. The result is recorded beside the entry, with the
-    entry file's SHA-256 (--no-record: not)."""
+    it, and every checked figure; exit 1 on a mismatch.
+
+    The result is recorded beside the entry, with the entry file's SHA-256 (--no-record: not)."""
     from .submit import verify as run_verification
 
     report = run_verification(entry, subset=subset, seed=seed, device=device, defense=defense, runs_dir=runs_dir,
@@ -109,13 +113,14 @@ def verify(entry: Path, subset: int | None, seed: int | None, defense: str | Non
 
 @click.command()
 @click.option("--protocol", default=None, help="One protocol's board [default: every protocol with a folder].")
-@click.option("--utility-floor", type=FiniteFloatRange(0, 1), default=DEFAULT_UTILITY_FLOOR, show_default=True,
+@click.option("--utility-floor", type=FiniteFloatRange(0, 1), default=UTILITY_FLOOR, show_default=True,
               help="Minimum top-1 agreement to be ranked.")
 @click.option("--strict", is_flag=True, help="Exit 1 when an entry was skipped as malformed.")
 @BOARD_DIR
 @one_line_errors
 def leaderboard(protocol: str | None, utility_floor: float, strict: bool, board_dir: Path) -> None:
     """Render LEADERBOARD.md and index.html for each protocol's entries."""
+    from .entries import NAME, check_value
     from .leaderboard import protocol_dirs, render
 
     if protocol is not None:

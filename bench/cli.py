@@ -1,33 +1,57 @@
 """The `invbench` command line."""
 from __future__ import annotations
 
-import shlex
+import importlib
 import signal
 import sys
-import textwrap
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import click
 
 from . import __version__
-from .board_cli import leaderboard, protocols, submit, verify
-from .cli_options import (DEVICE, LAYER, SEED_OPTION, NamedPath, attack_options, defense_options, defense_params,
-                          given_attack_options, model_option)
-from .config import BATCH_SIZE, DEVICE_DEFAULTS, RunConfig
 from .errors import InvbenchError, one_line
-from .formats import cell
-from .summary import Guarantee
-from .sweep_cli import curve, sweep
-from invbench.attacks.base import PRESET_NAMES
-from invbench.attacks.ranker import Recipe as _RankerRecipe
 
-RANKER_DOCUMENTS, RANKER_HELD_OUT, RANKER_TOKENS = (_RankerRecipe.documents, _RankerRecipe.held_out,
-                                                    _RankerRecipe.tokens_per_document)
+# Every command, where it lives and its one-line help: `invbench --help` lists them without importing any of
+# them (the modules behind `run` import torch and transformers: seconds), and a command's module is imported
+# when that command runs or shows its own help. tests/test_structure.py checks each line against the command.
+COMMANDS = {
+    "run": ("invbench.run_cli", "Leak, defend, attack, score: write results to --out and print a table with a verdict."),
+    "defenses": ("invbench.run_cli", "List every registered defence (built-in and plug-in) with its parameters."),
+    "attacks": ("invbench.run_cli", "List every registered attack with its presets and options."),
+    "utility": ("invbench.run_cli", "The defence's cost alone (no attack): LM-head agreement, KL, perplexity ratio, cosine."),
+    "fit-ranker": ("invbench.run_cli", "Fit the `guided` attack's learned ranker on the model's states of public text "
+                   "(resumable)."),
+    "submit": ("invbench.board_cli", "Run a protocol for one defence and write its leaderboard entry (rerun to resume)."),
+    "verify": ("invbench.board_cli", "Rerun a random subset of an entry's prompts in a new folder and compare each "
+               "with the entry's record of it, and every checked figure; exit 1 on a mismatch."),
+    "leaderboard": ("invbench.board_cli", "Render LEADERBOARD.md and index.html for each protocol's entries."),
+    "protocols": ("invbench.board_cli", "List the protocols an entry can be submitted to."),
+    "sweep": ("invbench.sweep_cli", "Run a protocol once per grid point of a defence's parameters; write the curve and "
+              "its plot."),
+    "curve": ("invbench.sweep_cli", "Plot stored curves: the latest of each defence on one figure, or --compare one "
+              "defence's history (or, with several --protocol, its latest curve under each)."),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose commands are imported when used (`COMMANDS`), so listing them costs nothing."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(COMMANDS[name][0])
+        return getattr(module, name.replace("-", "_"))
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_line) for name, (_, help_line) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="invbench")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.pass_context
@@ -37,199 +61,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
     `invbench run` captures hidden states of real text, applies a defence, runs inversion attacks
     and scores what they recover."""
     ctx.obj = {"debug": debug}
-
-
-def _device_default(key: str) -> str:
-    values = {device: getattr(d, key) for device, d in DEVICE_DEFAULTS.items()}
-    shown = {device: ",".join(v) if isinstance(v, tuple) else v for device, v in values.items()}
-    return f"[GPU: {shown['cuda']}; CPU: {shown['cpu']}]"
-
-
-@cli.command()
-@model_option()
-@click.option("--dataset", default="c4", show_default=True,
-              help="c4, wikipedia, random (uniformly random token ids), or a file of your own texts (.txt one per line, "
-                   ".jsonl with 'text', .parquet).")
-@click.option("--n", type=click.IntRange(min=1), default=None, help=f"Number of prompts {_device_default('n')}.")
-@click.option("--tokens", type=click.IntRange(min=1), default=None, help=f"Tokens per prompt {_device_default('tokens')}.")
-@LAYER
-@SEED_OPTION
-@DEVICE
-@click.option("--attack", "attack_spec", default=None,
-              help=f"Attack name, comma-separated names, or 'all' {_device_default('attacks')}.")
-@click.option("--preset", type=click.Choice(PRESET_NAMES), default=None,
-              help=f"Attack preset (continuous; the other attacks have one setting) {_device_default('preset')}; "
-              "on a CPU the preset left out also caps continuous at "
-              f"{DEVICE_DEFAULTS['cpu'].capped.get('steps')} steps.")
-@attack_options
-@defense_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=BATCH_SIZE, show_default=True,
-              help="Prompts attacked together.")
-@click.option("--out", type=NamedPath(), default="runs/latest", show_default=True,
-              help="Results folder (config.json, records.jsonl, summary.json); rerunning resumes.")
-def run(**opts: Any) -> None:
-    """Leak, defend, attack, score: write results to --out and print a table with a verdict."""
-    from invbench.attacks import parse_attack_list
-
-    from .runner import run as run_benchmark
-
-    cfg = RunConfig(model=opts["model"], dataset=opts["dataset"], n=opts["n"], tokens=opts["tokens"], layer=opts["layer"],
-                    seed=opts["seed"], device=opts["device"],
-                    attacks=parse_attack_list(opts["attack_spec"]) if opts["attack_spec"] is not None else None,
-                    preset=opts["preset"], attack_options=given_attack_options(opts), defense=opts["defense"],
-                    defense_params=defense_params(opts), batch_size=opts["batch_size"], out=opts["out"])
-    summary = run_benchmark(cfg, echo=lambda line: click.echo(line, err=True))
-    click.echo(format_summary(summary))
-    click.echo(f"results: {cfg.out}/summary.json (per prompt: {cfg.out}/records.jsonl)")
-
-
-@cli.command()
-def defenses() -> None:
-    """List every registered defence (built-in and plug-in) with its parameters."""
-    from invbench.defenses import available_defenses
-
-    for name, cls in sorted(available_defenses().items()):
-        params = ", ".join(f"{p}: {t.__name__}" for p, t in cls.param_types.items()) or "no parameters"
-        click.echo(f"{name:<10} {params}")
-        for line in textwrap.wrap(first_paragraph(cls.__doc__), width=100):  # whole sentences, never cut
-            click.echo(f"{'':<10} {line}")
-
-
-@cli.command()
-def attacks() -> None:
-    """List every registered attack with its presets and options."""
-    from invbench.attacks import available_attacks
-
-    for name, cls in available_attacks().items():
-        click.echo(f"{name:<11} {first_line(sys.modules[cls.__module__].__doc__)}")
-        options = ", ".join(f"--{o.replace('_', '-')}" for o in sorted(cls.option_names)) or "none"
-        presets = ", ".join(cls.presets) or "none (one setting, whatever --preset says)"
-        click.echo(f"{'':<11} presets {presets}; options {options}")
-
-
-def first_line(doc: str | None) -> str:
-    """The first non-blank line of a docstring ('' for none or a blank one)."""
-    return next((line.strip() for line in (doc or "").splitlines() if line.strip()), "")
-
-
-def first_paragraph(doc: str | None) -> str:
-    """The first paragraph of a docstring as one line ('' for none or a blank one): a docstring's
-    first line is often half a sentence."""
-    paragraph = []
-    for line in (doc or "").strip().splitlines():
-        if not line.strip():
-            break
-        paragraph.append(line.strip())
-    return " ".join(paragraph)
-
-
-@cli.command()
-@model_option()
-@click.option("--dataset", default="c4", show_default=True, help="As for `invbench run`.")
-@click.option("--n", type=click.IntRange(min=1), default=64, show_default=True, help="Number of texts.")
-@click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens per text.")
-@LAYER
-@SEED_OPTION
-@DEVICE
-@defense_options
-@click.option("--out", type=NamedPath(dir_okay=False), default=None, help="Also write the result as JSON to this file.")
-def utility(**opts: Any) -> None:
-    """The defence's cost alone (no attack): LM-head agreement, KL, perplexity ratio, cosine."""
-    from .results import write_json_atomic
-    from .runner import utility_only
-
-    cfg = RunConfig(model=opts["model"], dataset=opts["dataset"], n=opts["n"], tokens=opts["tokens"],
-                    layer=opts["layer"], seed=opts["seed"], device=opts["device"], defense=opts["defense"],
-                    defense_params=defense_params(opts))
-    result = utility_only(cfg, echo=lambda line: click.echo(line, err=True))
-    click.echo(format_utility(result))
-    if opts["out"]:
-        write_json_atomic(Path(opts["out"]), result)
-
-
-@cli.command("fit-ranker")
-@model_option("smollm2-135m")
-@LAYER
-@click.option("--documents", type=click.IntRange(min=RANKER_HELD_OUT + 1), default=None,
-              help=f"Training documents, more than the {RANKER_HELD_OUT} held out; those shorter than "
-                   f"{RANKER_TOKENS} tokens are skipped [the recipe's: {RANKER_DOCUMENTS}].")
-@SEED_OPTION
-@DEVICE
-@click.option("--out", type=NamedPath(dir_okay=False), default=None,
-              help="Ranker file to write [the invbench cache, where `guided` finds it].")
-def fit_ranker(model: str, layer: int, documents: int | None, seed: int, device: str, out: str | None) -> None:
-    """Fit the `guided` attack's learned ranker on the model's states of public text (resumable)."""
-    from dataclasses import replace
-
-    from invbench.attacks.ranker import Recipe, cache_path, fit_ranker as fit
-    from invbench.leaks.models import load_model
-    from invbench.leaks.prompts import ranker_training_texts
-
-    from .runner import resolve_device, white_box
-
-    echo = lambda line: click.echo(line, err=True)  # noqa: E731
-    loaded = load_model(model, seed=seed, notify=echo)
-    oracle = white_box(loaded, layer=layer, device=resolve_device(device))
-    recipe = Recipe() if documents is None else replace(Recipe(), documents=documents)
-    texts, data = ranker_training_texts(notify=echo, limit=recipe.documents)
-    if len(texts) < recipe.documents:  # the recipe records what was used, not what was asked for
-        echo(f"note: only {len(texts)} training documents are available ({data}); using {len(texts)}, "
-             f"not --documents {recipe.documents}")
-        recipe = replace(recipe, documents=len(texts))
-    path = Path(out) if out else cache_path(oracle, data, recipe)
-    fit(oracle, texts=texts, data=data, out=path, recipe=recipe, notify=echo, model_name=loaded.name,
-        command="invbench " + shlex.join(["fit-ranker", *sys.argv[2:]]) if sys.argv[1:2] == ["fit-ranker"]
-        else "invbench fit-ranker")
-    click.echo(f"ranker: {path}")
-
-
-# --- output ---------------------------------------------------------------------------------------
-
-def format_defense(defense: dict[str, Any]) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in defense["params"].items())
-    text = f"defence {defense['name']}{f' ({params})' if params else ''}"
-    guarantee = Guarantee.of(defense)
-    if guarantee.epsilon is not None:
-        text += f", {guarantee.sentence()}"
-    elif defense.get("reason"):
-        text += f" (epsilon: {defense['reason']})"
-    return text
-
-
-def format_utility(result: dict[str, Any]) -> str:
-    u = result["utility"]
-    lines = [f"{result['model']} | {result['dataset']} | {result['n']} texts x {result['tokens']} tokens | "
-             f"{format_defense(result['defense'])}"]
-    lines += [f"  {key:<18} {cell(value, '.4f')}" for key, value in u.items() if key != "note"]
-    if u.get("note"):
-        lines.append(f"  note: {u['note']}")
-    return "\n".join(lines)
-
-
-def format_summary(summary) -> str:
-    """The result table printed at the end of a run (`summary`: a RunSummary), its verdict in words."""
-    lines = [f"{summary.model} | {summary.dataset} | {summary.n} prompts x {summary.tokens} tokens | "
-             f"{format_defense(summary.defense)}",
-             f"{'attack':<12} {'exact':>6} {'tok acc':>8} {'similar':>8} {'search fail':>11} {'det AUROC':>10} "
-             f"{'s/token':>9} {'verdict':>13}"]
-    for name, m in summary.attacks.items():
-        lines.append(f"{name:<12} {cell(m.exact_match):>6} {cell(m.token_accuracy):>8} {cell(m.similarity):>8} "
-                     f"{cell(m.search_failure_rate):>11} {cell(m.detector_auroc):>10} {cell(m.seconds_per_token, '.4f'):>9} "
-                     f"{cell(m.verdict):>13}")
-    lines.append("utility: " + ", ".join(f"{k} {cell(v, '.4f')}" for k, v in summary.utility.items() if k != "note"))
-    if len(summary.attacks) > 1:
-        lines.append("worst case: " + ", ".join(f"{k} {cell(w.value)} ({w.attack})" for k, w in summary.worst_case.items()))
-    for name, m in summary.attacks.items():
-        if "candidates_per_token" in m.diagnostics and m.diagnostics["candidates_per_token"]:
-            c = m.diagnostics["candidates_per_token"]
-            lines.append(f"{name}: {c['mean']:.1f} candidates verified per token (median {c['median']:.0f}, "
-                         f"p99 {c['p99']:.0f}); scoring {m.diagnostics['scoring']}")
-    if summary.radius:
-        r = summary.radius
-        lines.append(f"certified radius ({r['scope']}): median {r['median_radius']:.3g}; {r['note']}")
-    if summary.verdict:
-        lines.append(f"verdict: {summary.verdict.says}")
-    return "\n".join(lines)
 
 
 DEBUG_HINT = "rerun with `invbench --debug ...` (before the command) for the traceback"
@@ -322,7 +153,3 @@ def usage_message(exc: click.UsageError, args: list[str]) -> str:
     hint = f" (see: invbench {path.split(' ', 1)[1]} --help)" if " " in path else ""
     return f"{one_line(exc.format_message())}{hint}"
 
-
-# Commands defined in their own modules (leaderboard and sweeps), registered on the one group.
-for command in (submit, verify, leaderboard, protocols, sweep, curve):
-    cli.add_command(command)

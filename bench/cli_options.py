@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from .config import SEED, SEED_MAX
+from .config import DEVICE_DEFAULTS, SEED, SEED_MAX
 
 class NamedPath(click.Path):
     """click.Path refusing an empty name: `--out ""` would write into the working directory (and
@@ -116,16 +115,16 @@ def defense_params(opts: dict[str, Any]) -> dict[str, Any]:
 # --- attack options: one flag per option field of the registered attacks ---------------------------
 
 def attack_option_specs() -> dict[str, dict[str, Any]]:
-    """option name -> {help, type, metadata, defaults per attack}, from every attack's config."""
-    from invbench.attacks import available_attacks
-    from invbench.attacks.base import command_line_options
+    """option name -> {help, kind, metadata, defaults per attack}, from every attack's config as the listing
+    holds it (`invbench.listing`: no attack code is imported to build the flags)."""
+    from .listing import KINDS, load_listing
 
     specs: dict[str, dict[str, Any]] = {}
-    for name, cls in available_attacks().items():
-        for option_name, f in command_line_options(cls.config_class).items():
-            spec = specs.setdefault(option_name, {"help": f.metadata["help"], "metadata": f.metadata,
-                                                  "kind": type(f.default), "defaults": {}})
-            spec["defaults"][name] = f.default if f.default is not MISSING else None
+    for name, attack in load_listing()["attacks"].items():
+        for option_name, option in attack["options"].items():
+            spec = specs.setdefault(option_name, {"help": option["help"], "metadata": option["metadata"],
+                                                  "kind": KINDS[option["kind"]], "defaults": {}})
+            spec["defaults"][name] = option["default"]
     return specs
 
 
@@ -143,12 +142,15 @@ class FiniteFloatRange(click.FloatRange):
 
 def _click_type(kind: type, metadata: dict[str, Any]) -> Any:
     """The flag's type from the option's declaration: the bounds `attacks.base.check_options` applies."""
-    from invbench.attacks.base import OPTION_INT_MAX
+    from .listing import load_listing
 
+    int_max = load_listing()["option_int_max"]
     if "choices" in metadata:
         return click.Choice(list(metadata["choices"]))
+    if kind is bool:
+        return click.BOOL
     if kind is int:
-        return click.IntRange(min=metadata.get("min"), max=metadata.get("max", OPTION_INT_MAX))
+        return click.IntRange(min=metadata.get("min"), max=metadata.get("max", int_max))
     if kind is float:
         return FiniteFloatRange(min=metadata.get("min"), min_open=metadata.get("min_open", False),
                                 max=metadata.get("max"))
@@ -161,6 +163,10 @@ def attack_options(func: Callable) -> Callable:
     for option_name, spec in sorted(attack_option_specs().items(), reverse=True):
         owners = ", ".join(spec["defaults"])
         defaults = ", ".join(f"{a}: {d}" for a, d in spec["defaults"].items())
+        cpu = DEVICE_DEFAULTS["cpu"]
+        on_cpu = {a: o[option_name] for a, o in (*cpu.capped.items(), *cpu.unasked.items()) if option_name in o}
+        if on_cpu:
+            defaults += "; a CPU run without --preset: " + ", ".join(f"{a}: {v}" for a, v in on_cpu.items())
         func = click.option(f"--{option_name.replace('_', '-')}", option_name, type=_click_type(spec["kind"], spec["metadata"]),
                             default=None, help=f"{owners}: {spec['help']} [{defaults}]")(func)
     return func

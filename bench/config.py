@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import re
 import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import __version__
+
+if TYPE_CHECKING:
+    import torch  # imported where used: the command line reads this module without loading torch
 
 RECORDED_PACKAGES = ("torch", "transformers", "datasets", "opacus", "numpy", "scipy", "gguf")
 SEED = 42  # prompts, noise, attacks and seeded random models, wherever a seed is not given
@@ -57,6 +60,17 @@ class RunConfig:
         return asdict(self)
 
 
+def default_out(cfg: RunConfig) -> str:
+    """Where `invbench run` writes when --out is not given: runs/<defence and its parameters>-<8 hex digits of
+    the command>, so that two commands never share a folder (before: every example wrote runs/latest, and the
+    second was refused) and the same command resumes its own."""
+    command = {k: v for k, v in cfg.to_dict().items() if k != "out"}
+    defence = Path(cfg.defense.split(":")[0]).stem if ":" in cfg.defense else cfg.defense
+    words = [defence] + [f"{k}-{v}" for k, v in sorted(cfg.defense_params.items())]
+    name = re.sub(r"[^a-z0-9.]+", "-", "-".join(map(str, words)).lower()).strip("-.")[:60] or "run"
+    return f"runs/{name}-{config_hash(command)[:8]}"
+
+
 def prompts_digest(ids: list[list[int]] | list[tuple[int, ...]]) -> str:
     """SHA-256 of prompts' token ids, in order: what identifies a protocol's prompts."""
     blob = json.dumps([list(map(int, p)) for p in ids], separators=(",", ":"))
@@ -71,15 +85,25 @@ class DeviceDefaults:
     tokens: int
     attacks: tuple[str, ...]
     preset: str
-    capped: dict[str, Any] = field(default_factory=dict)  # attack options set when the preset is not given
+    # attack -> options set when the preset is not given and that attack runs (a preset given keeps its budget)
+    capped: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # attack -> options set only when the attacks themselves are the defaults (the main job): what a first run
+    # should skip, but a user who names the attack may want (guided's codebook: the radius comes from it)
+    unasked: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-# A GPU runs the paper's setting with every attack. A CPU has minutes: the exact attack (guided, which
-# needs ~0.2 s per token there) on 10-token prompts, and the paper's continuous attack at STEP_CAP
-# for comparison (SmolLM2's Adam steps cost ~0.1 s each on 2 cores).
+# A GPU runs the paper's setting with every attack. A CPU has a minute or two: the exact attack (guided,
+# ~0.1 s per token there, position 1 verified in ranked order rather than by a codebook that costs about a
+# minute to build) on 10-token prompts, and the paper's continuous attack at CPU_STEPS Adam steps and
+# CPU_CANDIDATES commit candidates, a few seconds, for comparison (it recovers nothing on a trained model at
+# any CPU budget: bench/studies/STUDY-published-attacks.md).
+CPU_STEPS, CPU_CANDIDATES = 5, 20
 DEVICE_DEFAULTS = {
-    "cuda": DeviceDefaults(n=100, tokens=10, attacks=("guided", "continuous", "projection", "scan"), preset="baseline"),
-    "cpu": DeviceDefaults(n=5, tokens=10, attacks=("guided", "continuous"), preset="fast", capped={"steps": STEP_CAP}),
+    "cuda": DeviceDefaults(n=100, tokens=10, attacks=("guided", "sequence", "continuous", "projection", "scan"),
+                           preset="baseline"),
+    "cpu": DeviceDefaults(n=5, tokens=10, attacks=("guided", "continuous"), preset="fast",
+                          capped={"continuous": {"steps": CPU_STEPS, "candidates": CPU_CANDIDATES}},
+                          unasked={"guided": {"codebook": False}}),
 }
 
 
@@ -95,14 +119,43 @@ def with_device_defaults(cfg: RunConfig, device_type: str) -> tuple[RunConfig, l
     if cfg.attacks is None:
         changes["attacks"] = list(defaults.attacks)
         filled.append(f"attacks={','.join(defaults.attacks)}")
-    if cfg.preset is None and defaults.capped:
+    if cfg.preset is None and (defaults.capped or defaults.unasked):
         options = dict(cfg.attack_options)
-        for key, value in defaults.capped.items():
-            if key not in options and "continuous" in changes.get("attacks", cfg.attacks):
-                options[key] = value
-                filled.append(f"{key}={value}")
+        attacks = changes.get("attacks", cfg.attacks)
+        settings = [defaults.capped] + ([defaults.unasked] if cfg.attacks is None else [])
+        for attack, capped in (item for setting in settings for item in setting.items()):
+            for key, value in capped.items():
+                if key not in options and attack in attacks:
+                    options[key] = value
+                    filled.append(f"{key}={value}")
         changes["attack_options"] = options
     return replace(cfg, **changes), filled
+
+
+def cpu_threads(*, cores: int, busy: float) -> int:
+    """Torch threads for a CPU run: the cores no other process keeps busy (`busy`: the load average), one at
+    least. A BLAS thread that has to wait for a busy core stalls its siblings at every barrier: on this
+    2-core machine with another CPU-bound job running, two threads made the main job 8.3x slower than one
+    (551 s against 66 s, 2026-12-06)."""
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def choose_cpu_threads(*, echo: Callable[[str], None] = lambda line: None) -> int | None:
+    """Set torch's threads for this machine's free cores (`cpu_threads`), unless the user chose
+    (OMP_NUM_THREADS or MKL_NUM_THREADS set): returns the number set, or None when left alone."""
+    import torch
+
+    if any(os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = cpu_threads(cores=cores, busy=busy)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+        if threads < cores:
+            echo(f"note: {threads} CPU thread(s) of {cores}: the others are busy (load {busy:.1f}); set "
+                 "OMP_NUM_THREADS to choose")
+    return threads
 
 
 def config_hash(defining: dict[str, Any]) -> str:
@@ -132,6 +185,8 @@ def git_commit() -> str | None:
 
 
 def device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

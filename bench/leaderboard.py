@@ -41,13 +41,13 @@ from .formats import cell
 from .summary import epsilon_number
 from .uncertainty import tied_ranks
 from .plotting import PointLabel, label_points
-from .protocols import RANKING
+from .protocols import RANKING, UTILITY_FLOOR
 from .lock import board_lock
 from .results import write_set_atomic
 from .verification import (Status, VerificationError, is_record, read_record, record_path,
                            status as verification_status)
 
-DEFAULT_UTILITY_FLOOR = 0.5
+DEFAULT_UTILITY_FLOOR = UTILITY_FLOOR
 
 
 class LeaderboardError(InvbenchError, ValueError):

@@ -26,6 +26,7 @@ DESCRIPTIVE = ("description",)  # what a protocol says about itself, not what it
 # worst-case exact match, conclusive verdicts first, ties by utility. Exact match alone ranked first a
 # defence whose strongest attack recovers 82% of the tokens.
 RANKING = "worst-case-token-accuracy"
+UTILITY_FLOOR = 0.5  # the board's default utility floor: the top-1 agreement an entry must keep to be ranked
 
 
 def defining(protocol: dict[str, Any]) -> dict[str, Any]:

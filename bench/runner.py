@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import radius, scoring
-from .config import (SEED_MAX, RunConfig, config_hash, device_name, git_commit, package_versions, prompts_digest,
-                     with_device_defaults)
+from .config import (SEED_MAX, RunConfig, choose_cpu_threads, config_hash, device_name, git_commit, package_versions,
+                     prompts_digest, with_device_defaults)
 from .errors import InvbenchError, refuse_exits
 from .folder import ResultsFolder, read_summary
 from .metrics import json_safe
@@ -74,14 +74,17 @@ class Leak:
     defended: torch.Tensor
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, *, echo: Callable[[str], None] = lambda line: None) -> torch.device:
+    """The device a run uses; on a CPU, torch's threads are set to the cores other processes leave free
+    (`config.choose_cpu_threads`), unless OMP_NUM_THREADS says otherwise."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise RunError(f"unknown --device {name!r}; choose auto, cuda or cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise RunError(f"unknown --device {name!r}; choose auto, cuda or cpu")
-    return torch.device(name)
+    device = torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    if device.type == "cpu":
+        choose_cpu_threads(echo=echo)
+    return device
 
 
 def build_attacks(cfg: RunConfig) -> list[Attack]:
@@ -212,13 +215,13 @@ def attack_pending(attack: Attack, leak: Leak, oracle: WhiteBox, defense: Defens
 def score(source: Source, leak: Leak, attacks: list[Attack], defense: Defense, records: list[dict], *,
           cfg: RunConfig, recorded: dict[str, Any], wall_seconds: float) -> RunSummary:
     """The run's RunSummary from its records and what they cannot hold: the defence's utility, the
-    blind guess, the position-1 gaps (from the codebook, when guided or sequence ran: the radius then
-    does not depend on what a machine happens to have cached), and the provenance `recorded` in
+    blind guess, the position-1 gaps (from the codebook, when guided or sequence ran with it: the radius
+    then does not depend on what a machine happens to have cached), and the provenance `recorded` in
     config.json when the run began."""
     oracle, prompts = source.oracle, source.prompts
     guess = scoring.blind_guess(oracle, tokens=cfg.tokens)
     first = None
-    if any(a.name in ("guided", "sequence") for a in attacks):  # both load the codebook
+    if any(getattr(a.config, "codebook", False) for a in attacks):  # guided or sequence, which loaded the codebook
         codebook = Codebook(oracle, notify=lambda line: None)
         first = radius.first_gaps(codebook.states(), torch.tensor([p.ids[0] for p in prompts]))
     context = RunContext(
@@ -255,7 +258,7 @@ def check_config(cfg: RunConfig) -> None:
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed <= SEED_MAX:
         raise RunError(f"--seed must be an integer in 0..{SEED_MAX}, got {cfg.seed!r}")
     if not str(cfg.out).strip():
-        raise RunError("--out is empty; name a results folder (default runs/latest)")
+        raise RunError("--out is empty; name a results folder, or leave --out out for one named after the command")
 
 
 def prepare(cfg: RunConfig, *, echo: Callable[[str], None]) -> tuple[RunConfig, torch.device, Defense, list[Attack]]:
@@ -263,7 +266,7 @@ def prepare(cfg: RunConfig, *, echo: Callable[[str], None]) -> tuple[RunConfig, 
     (said in one line when they reduce a CPU run), the defence and the attacks. Bad options
     fail here, before anything loads."""
     check_config(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, echo=echo)
     cfg, filled = with_device_defaults(cfg, device.type)
     defense = make_defense(cfg.defense, cfg.defense_params)
     described(defense, tokens=cfg.tokens)  # a plug-in's description or guarantee that cannot be recorded fails now
@@ -300,6 +303,10 @@ def _run(cfg: RunConfig, *, echo: Callable[[str], None]) -> RunSummary:
             "config_hash": chash, "command": cfg.to_dict(), "defining": defining, "model_source": source.loaded.source,
             "dataset_source": source.dataset_source, "versions": package_versions(), "git_commit": git_commit(),
             "device": device_name(device)}, targets={p.index: list(p.ids) for p in source.prompts})
+        resumed = {i for _, i in done}
+        if resumed:
+            echo(f"note: resuming {folder.path}: {len(done)} of {len(source.prompts) * len(attacks)} prompt results are "
+                 f"already recorded ({len(resumed)} of {len(source.prompts)} prompts); the rest is attacked now")
         if folder.repaired:
             echo(f"note: {folder.repaired} damaged, repeated or foreign line(s) of {folder.records_path} were dropped "
                  "(the file is rewritten without them); their prompts are attacked again")

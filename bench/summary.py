@@ -250,7 +250,8 @@ def build_summary(records: list[dict], context: RunContext) -> RunSummary:
         n=len(ctx.prompt_indices), tokens=ctx.tokens, layer=ctx.layer, seed=ctx.seed,
         defense=described(ctx.defense, tokens=ctx.tokens), utility=ctx.utility,
         attacks=attacks, worst_case=worst, config_hash=ctx.config_hash, device=ctx.device, versions=ctx.versions,
-        wall_seconds=ctx.wall_seconds, verdict=run_verdict(attacks, worst, ctx.blind_token_accuracy, ctx.blind_guess),
+        wall_seconds=ctx.wall_seconds, verdict=run_verdict(attacks, worst, ctx.blind_token_accuracy, ctx.blind_guess,
+                                                           top1_agreement=ctx.utility.get("top1_agreement")),
         radius=radius.of_run(latest, clean=ctx.defense.name == "none", prompt_indices=ctx.prompt_indices,
                              first_gaps=ctx.first_gaps, dim=ctx.dim, tokens=ctx.tokens))
 
@@ -293,7 +294,8 @@ def summarise_attack(records: list[dict], *, flag_threshold: float, config: dict
 
 
 def run_verdict(attacks: dict[str, AttackSummary], worst: dict[str, WorstCase],
-                blind_token_accuracy: float | None, blind_guess: list[int] | None = None) -> Verdict:
+                blind_token_accuracy: float | None, blind_guess: list[int] | None = None, *,
+                top1_agreement: float | None = None) -> Verdict:
     """The run's verdict from its attacks' verdicts, named after the attack it rests on, in words."""
     # the strongest attack first, so that a leak is named after the attack that recovers the most
     order = dict.fromkeys([worst["exact_match"].attack, worst["token_accuracy"].attack, *attacks])
@@ -302,5 +304,6 @@ def run_verdict(attacks: dict[str, AttackSummary], worst: dict[str, WorstCase],
     says = verdicts.explain(verdict, resting_on, exact_match=on.exact_match if on else 0.0,
                             token_accuracy=on.token_accuracy if on else None,
                             blind_token_accuracy=blind_token_accuracy,
-                            search_failure_rate=on.search_failure_rate if on else None, attacks=list(attacks))
+                            search_failure_rate=on.search_failure_rate if on else None, attacks=list(attacks),
+                            top1_agreement=top1_agreement)
     return Verdict(verdict, resting_on, says, blind_token_accuracy, dict(verdicts.THRESHOLDS), blind_guess)

@@ -123,12 +123,12 @@ def test_plain_invbench_prints_its_help_as_help(capsys):
 
 def test_an_unforeseen_error_is_one_line_and_debug_shows_its_traceback(capsys, monkeypatch):
     """Before: any error that was not an InvbenchError printed a traceback."""
-    from invbench import cli
+    from invbench import board_cli, cli
 
     def broken(**_):
         raise RuntimeError("an invbench bug\nwith a second line")
 
-    monkeypatch.setattr(cli.protocols, "callback", broken)
+    monkeypatch.setattr(board_cli.protocols, "callback", broken)
     code, out, err = invoke(["protocols"], capsys)
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith("error: unexpected RuntimeError: an invbench bug with a second line;")
@@ -144,3 +144,32 @@ def test_defenses_lists_whole_descriptions(capsys):
     assert code == 0
     assert "Give noise_multiplier, or epsilon (and delta) to solve for it." in text
     assert "Hidden states have unbounded sensitivity, so there is no formal guarantee." in text
+
+
+def test_the_listing_is_the_registries_and_every_command_help_line_its_commands(capsys):
+    """The command line reads the defences, attacks and their options from bench/listing.json (so that
+    help and listings need no torch); it must be what the live registries say: after adding a defence,
+    attack or option, run `python -m invbench.listing`."""
+    import importlib
+
+    from invbench.cli import COMMANDS
+    from invbench.listing import build_listing, load_listing
+
+    assert load_listing() == json.loads(json.dumps(build_listing())), "stale bench/listing.json: python -m invbench.listing"
+    for name, (module, line) in COMMANDS.items():
+        command = getattr(importlib.import_module(module), name.replace("-", "_"))
+        assert command.name == name and " ".join(command.help.split("\n\n")[0].split()) == line, name
+
+
+def test_help_and_listings_do_not_import_torch():
+    """`invbench --help`, `defenses`, `attacks`, `protocols` and a command's --help answer without loading
+    torch (5 s and more on a busy 2-core machine, issue 37); timings are in docs/PERFORMANCE.md."""
+    import subprocess
+    import sys
+
+    for args in (["--help"], ["defenses"], ["attacks"], ["protocols"], ["run", "--help"], ["verify", "--help"]):
+        code = ("import sys; from invbench.cli import main\n"
+                f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+                "assert 'torch' not in sys.modules, 'torch was imported'")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, (args, done.stderr[-500:])

@@ -581,7 +581,7 @@ def test_a_tampered_version_2_entry_is_refused_like_a_version_3_one(tmp_path):
 ])
 def test_the_guarantee_says_its_kind_on_the_board_and_in_the_cli(name, params, cell, sentence):
     """Before: the CLI printed every epsilon as 'per vector at delta D', which is wrong for dchi's metric DP."""
-    from invbench.cli import format_defense
+    from invbench.run_cli import format_defense
     from invbench.defenses import make_defense
     from invbench.defenses.checks import described
     from invbench.metrics import json_safe

@@ -249,6 +249,6 @@ def test_runner_from_python_takes_the_cli_defaults(tmp_path):
                   echo=lambda line: None)
     cpu = DEVICE_DEFAULTS["cpu"]
     assert (summary.n, summary.tokens) == (cpu.n, cpu.tokens)
-    assert summary.attacks["continuous"].config["steps"] == cpu.capped["steps"]
+    assert summary.attacks["continuous"].config["steps"] == cpu.capped["continuous"]["steps"]
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["command"]["attack_options"] == {"steps": cpu.capped["steps"]}
+    assert config["command"]["attack_options"] == cpu.capped["continuous"]  # guided did not run: its cap is not set
