@@ -20,7 +20,7 @@ from invbench.registry import Registry, is_file_spec
 
 from .base import Defense, DefenseError
 
-ENTRY_POINT_GROUP = "invbench.defenses"
+ENTRY_POINT_GROUP = "invbench.defenses"  # bench/listing.py names it too, for the command line
 DEFENSES: Registry[type[Defense]] = Registry("defence", base=Defense, error=DefenseError)
 
 
