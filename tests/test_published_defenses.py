@@ -159,3 +159,141 @@ def test_new_laws_keep_the_interface(index):
     draw = law.sample(torch.Size([4, d]), generator=gen(3), dtype=torch.float32)
     assert draw.shape == (4, d) and draw.dtype == torch.float32
     json.dumps(law.describe())
+
+
+# --- dchi as SplitLLM runs it ------------------------------------------------------------------------------
+def test_shared_radius_matches_splitllm_sampler():
+    # per call: T vectors with one radius; compare the radius and a coordinate over 3000 calls
+    T, d, rel = 4, 16, 0.5
+    law = SharedRadiusDChiNoise(epsilon=rel * d)
+    g = gen(0)
+    ours = torch.stack([law.sample((T, d), generator=g, dtype=torch.float64) for _ in range(3000)])
+    torch.manual_seed(0)
+    theirs = torch.stack([splitllm_dxp_noise((T, d), rel) for _ in range(3000)]).double()
+    radii = ours.norm(dim=-1)
+    assert torch.allclose(radii, radii[:, :1].expand(-1, T), rtol=1e-12)  # one radius per call
+    assert stats.ks_2samp(radii[:, 0].numpy(), theirs.norm(dim=-1)[:, 0].numpy()).pvalue > P_MIN
+    assert stats.ks_2samp(ours[:, :, 0].reshape(-1).numpy(), theirs[:, :, 0].reshape(-1).numpy()).pvalue > P_MIN
+    # and each vector's radius is Gamma(d, 1/eps): the marginal the per-vector scoring uses (closed form)
+    assert stats.kstest(radii[:, 0].numpy(), stats.gamma(d, scale=1 / (rel * d)).cdf).pvalue > P_MIN
+
+
+def test_shared_radius_per_vector_scoring_is_dchi_and_sequence_nll_sees_the_coupling():
+    law = SharedRadiusDChiNoise(epsilon=2.0)
+    assert law.threshold(dim=8, miss_probability=0.05) == DChiNoise(epsilon=2.0).threshold(dim=8, miss_probability=0.05)
+    states = torch.randn(6, 8, generator=gen(0), dtype=torch.float64) * 3
+    observed = law.observe(states, generator=gen(1))
+    assert law.radius_spread(observed, states).item() < 1e-12
+    truth = law.sequence_nll(observed, states)
+    assert math.isfinite(truth.item())
+    wrong = states.clone()
+    wrong[3] += torch.randn(8, generator=gen(2), dtype=torch.float64)
+    assert law.sequence_nll(observed, wrong).item() == math.inf  # a residual of another norm: impossible
+    # on the set of equal residual norms: eps r + (T - 1)(d - 1) log r
+    r = (observed - states).norm(dim=-1).mean().item()
+    assert truth.item() == pytest.approx(2.0 * r + 5 * 7 * math.log(r), rel=1e-12)
+    # several prompts at once: positions on dim -2
+    assert law.sequence_nll(observed[None].expand(2, 6, 8), states[None].expand(2, 6, 8)).shape == (2,)
+
+
+def test_dchi_shared_radius_defence():
+    d = make_defense("dchi", {"relative_epsilon": "0.2", "dim": "16", "shared_radius": "true"})
+    assert d.noise_law == SharedRadiusDChiNoise(epsilon=3.2) and d.noise_law != DChiNoise(epsilon=3.2)
+    h = torch.randn(5, 16, generator=gen(0)) * 3
+    out = d.apply(h, generator=gen(1))
+    norms = (out - h).double().norm(dim=-1)
+    assert torch.allclose(norms, norms[:1].expand(5), rtol=1e-5)
+    g = d.guarantee(tokens=5)
+    assert (g["kind"], g["epsilon"], g["epsilon_per_prompt"]) == ("metric DP", 3.2, None)
+    assert "no per-prompt bound" in g["reason_per_prompt"]
+    assert d.describe()["params"] == {"relative_epsilon": 0.2, "dim": 16, "shared_radius": True}
+    # shared_radius=false, given, is recorded as given and behaves as plain dchi
+    plain = make_defense("dchi", {"epsilon": 3.2, "shared_radius": False})
+    assert plain.noise_law == DChiNoise(epsilon=3.2)
+    assert torch.equal(plain.apply(h, generator=gen(1)), make_defense("dchi", {"epsilon": 3.2}).apply(h, generator=gen(1)))
+
+
+def _table(v: int = 12, d: int = 6, seed: int = 4) -> torch.Tensor:
+    return torch.randn(v, d, generator=gen(seed))
+
+
+def test_snap_matches_splitllm_forward():
+    # which tokens come out for a fixed input: ours against the reimplemented peer, 4000 calls each
+    table, rel = _table(), 0.6
+    d = make_defense("dchi", {"relative_epsilon": rel, "dim": 6, "snap": True, "shared_radius": True})
+    d.bind(embedding=table)
+    h = table[[2, 5]]
+    g = gen(0)
+    ours = torch.stack([d.noise_law.token_of(d.apply(h, generator=g)) for _ in range(4000)])
+    torch.manual_seed(0)
+    theirs = torch.stack([d.noise_law.token_of(splitllm_dxp(h, table, rel)) for _ in range(4000)])
+    for position in range(2):
+        counts = np.stack([np.bincount(ours[:, position].numpy(), minlength=12),
+                           np.bincount(theirs[:, position].numpy(), minlength=12)])
+        counts = counts[:, counts.sum(0) > 0]
+        assert stats.chi2_contingency(counts).pvalue > P_MIN
+    assert (ours[:, 0] == 2).float().mean() > 0.1  # the true token is often what comes out
+    out = d.apply(h, generator=gen(5))
+    assert all(any(torch.equal(row, t) for t in table) for row in out)  # every output is a token's embedding
+
+
+@pytest.mark.parametrize("metric", ["dot", "cosine", "l2"])
+def test_snap_metrics_are_brute_force(metric):
+    table = _table(20, 5)
+    law = SnappedDChiNoise(epsilon=1.0, embedding=table, metric=metric)
+    q = torch.randn(40, 5, generator=gen(1))
+    if metric == "dot":
+        expected = (q @ table.T).argmax(-1)
+    elif metric == "cosine":
+        expected = torch.nn.functional.cosine_similarity(q[:, None], table[None], dim=-1).argmax(-1)
+    else:
+        expected = torch.cdist(q, table).argmin(-1)
+    assert torch.equal(law.snap(q), expected)
+
+
+def test_snap_estimate_is_the_snapping_probability():
+    # the estimator's P(snap = j | s) against the frequency of observe() (per-vector radius), 20000 draws
+    table = _table()
+    law = SnappedDChiNoise(epsilon=3.0, embedding=table, samples=2048)
+    s = table[[2]]
+    outputs = law.token_of(law.observe(s.expand(20000, 6), generator=gen(0)))
+    freq = torch.bincount(outputs, minlength=12).double() / 20000
+    counts = law.counts(torch.arange(12), s.expand(12, 6))
+    estimate = counts.double() / 2048
+    assert torch.allclose(estimate, freq, atol=4 * math.sqrt(0.25 / 2048))
+    # the statistic is -log((count + 1/2) / (samples + 1)) and ranks the state that snaps to j most often first
+    stat = law.pairwise_statistic(table[[2]], table)
+    assert stat[0].tolist() == pytest.approx((-torch.log((law.counts(torch.full((12,), 2), table).double() + 0.5)
+                                                         / 2049)).tolist())
+    assert stat.argmin().item() == 2
+    assert law.threshold(dim=6, miss_probability=0.1) < stat.min().item()  # no certified stop
+
+
+def test_dchi_snap_needs_the_embedding_table():
+    d = make_defense("dchi", {"relative_epsilon": 0.1, "dim": 6, "snap": True})
+    assert d.needs == ("embedding",) and d.missing() == ["embedding"]
+    with pytest.raises(DefenseError, match="snap needs the model's input embedding table"):
+        d.noise_law
+    json.dumps(described(d, tokens=4))  # what the runner records before it binds
+    with pytest.raises(DefenseError, match="was given fisher but needs embedding"):
+        d.bind(fisher=torch.ones(6))
+    with pytest.raises(DefenseError, match=r"shape \(12, 5\); expected \(V, d\) with d = 6"):
+        d.bind(embedding=torch.randn(12, 5))
+    with pytest.raises(DefenseError, match="finite float tensor"):
+        d.bind(embedding=torch.full((12, 6), math.nan))
+    d.bind(embedding=_table())
+    assert d.missing() == [] and d.noise_law.describe()["vocab"] == 12
+    check_defense(d, _table()[:3])
+    assert make_defense("dchi", {"epsilon": 1}).needs == ()
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"epsilon": 1, "snap_metric": "dot"}, "apply only with --param snap=true"),
+    ({"epsilon": 1, "snap": True, "snap_metric": "manhattan"}, "snap_metric must be one of dot, cosine, l2"),
+    ({"epsilon": 1, "snap": True, "snap_samples": 0}, "snap_samples must be an integer >= 1"),
+    ({"epsilon": 1, "snap": "maybe"}, "not a valid bool"),
+])
+def test_dchi_new_invalid_params(params, fragment):
+    with pytest.raises(DefenseError) as info:
+        make_defense("dchi", params)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
