@@ -297,3 +297,133 @@ def test_dchi_new_invalid_params(params, fragment):
     with pytest.raises(DefenseError) as info:
         make_defense("dchi", params)
     assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+# --- Split-N-Denoise ----------------------------------------------------------------------------------------
+def test_snd_sampler_matches_eaas_privacy():
+    d, eta = 16, 5.0
+    ours = SnDNoise(eta=eta).sample((3000, d), generator=gen(0), dtype=torch.float64)
+    torch.manual_seed(0)
+    theirs = eaas_snd_noise((3000, d), eta).double()
+    assert stats.ks_2samp(ours.reshape(-1).numpy(), theirs.reshape(-1).numpy()).pvalue > P_MIN
+    assert stats.ks_2samp(ours.norm(dim=-1).numpy(), theirs.norm(dim=-1).numpy()).pvalue > P_MIN
+    # a different mechanism from dchi at the same parameter: the norms fail a KS test against dchi's
+    dchi = DChiNoise(epsilon=eta).sample((3000, d), generator=gen(1), dtype=torch.float64)
+    assert stats.ks_2samp(ours.norm(dim=-1).numpy(), dchi.norm(dim=-1).numpy()).pvalue < 1e-10
+    assert ours.std().item() == pytest.approx(SnDNoise(eta=eta).std(dim=d), rel=0.02)
+
+
+def snd_coordinate_density(x: float, d: int, eta: float) -> float:
+    """E_l[1{|x| < l} / (2 l)], l ~ Gamma(d, rate eta), by numerical integration (independent of the law)."""
+    pdf = stats.gamma(d, scale=1 / eta).pdf
+    value, _ = integrate.quad(lambda l: pdf(l) / (2 * l), abs(x), np.inf, limit=200)
+    return value
+
+
+@pytest.mark.parametrize("d", [2, 5, 12])
+def test_snd_nll_is_the_density_up_to_a_constant(d):
+    eta = 3.0
+    law = SnDNoise(eta=eta)
+    y = torch.randn(6, d, generator=gen(0), dtype=torch.float64) * d / eta
+    s1 = y + torch.randn(6, d, generator=gen(1), dtype=torch.float64) * 0.5 * d / eta
+    s2 = y + torch.randn(6, d, generator=gen(2), dtype=torch.float64) * d / eta
+    ours = law.nll(law.statistic(y, s1), dim=d) - law.nll(law.statistic(y, s2), dim=d)
+    log_density = [[sum(math.log(snd_coordinate_density(v, d, eta)) for v in (y[i] - s)[:].tolist())
+                    for s in (s1[i], s2[i])] for i in range(6)]
+    theirs = torch.tensor([-(a - b) for a, b in log_density], dtype=torch.float64)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_snd_density_has_slope_at_most_eta():
+    # the metric-DP claim: |d/dx log p(x)| <= eta, so log p(y | h) - log p(y | h') <= eta |h - h'|_1
+    for d, eta in ((2, 1.0), (8, 3.0), (64, 50.0)):
+        law = SnDNoise(eta=eta)
+        x = torch.linspace(0, 4 * d / eta, 4001, dtype=torch.float64)
+        log_f = -law.statistic(x[:, None].expand(-1, d), torch.zeros(4001, d, dtype=torch.float64)) * d / d
+        slope = (log_f[1:] - log_f[:-1]).abs() / (x[1] - x[0])
+        assert slope.max().item() <= eta * (1 + 1e-6)
+        assert slope[-1].item() > 0.5 * eta  # and it approaches eta: the bound is not loose
+
+
+def test_snd_clipped_statistic_is_the_radial_integral():
+    law = SnDNoise(eta=2.0, clip=1.5)
+    d = 6
+    s = torch.randn(4, d, generator=gen(1), dtype=torch.float64)
+    y = law.observe(s, generator=gen(2))
+    assert torch.allclose(y.norm(dim=-1), torch.full((4,), 1.5, dtype=torch.float64))
+    ours = law.statistic(y, s)
+    for i in range(4):
+        u, si = (y[i] / y[i].norm()).numpy(), s[i].numpy()
+
+        def integrand(t):
+            if t * np.abs(u).max() > 350:  # far past the mode: gammaincc underflows to 0
+                return 0.0
+            return math.exp((d - 1) * math.log(t) + np.sum(np.log(special.gammaincc(d - 1, 2.0 * np.abs(t * u - si)))))
+
+        value, _ = integrate.quad(integrand, 1.5, np.inf, limit=200)
+        assert ours[i].item() == pytest.approx(-math.log(value) / d, abs=0.01)  # Laplace's method at d = 6
+
+
+@pytest.mark.parametrize("d", [4, 32])
+def test_snd_threshold_is_a_true_quantile(d):
+    law, n, miss = SnDNoise(eta=3.0), 20000, 0.05
+    states = torch.randn(n, d, generator=gen(1), dtype=torch.float64) * 5
+    observed = law.observe(states, generator=gen(2))
+    above = (law.statistic(observed, states) > law.threshold(dim=d, miss_probability=miss)).double().mean().item()
+    assert above == pytest.approx(miss, abs=4 * math.sqrt(miss * (1 - miss) / n) + 0.005)
+
+
+def test_snd_clipped_threshold_holds_for_states_inside_the_clip():
+    law, n, miss, d = SnDNoise(eta=1.0, clip=2.0), 4000, 0.05, 8
+    threshold = law.threshold(dim=d, miss_probability=miss)
+    directions = torch.randn(n, d, generator=gen(1), dtype=torch.float64)
+    directions /= directions.norm(dim=-1, keepdim=True)
+    for norm_, expected in ((0.0, None), (1.0, None), (2.0, miss)):  # the tail grows with the state's norm
+        states = directions * norm_
+        observed = law.observe(states, generator=gen(2))
+        above = (law.statistic(observed, states) > threshold).double().mean().item()
+        tolerance = 4 * math.sqrt(miss * (1 - miss) / n) + 0.01
+        assert above <= miss + tolerance
+        if expected is not None:
+            assert above == pytest.approx(expected, abs=tolerance)
+
+
+def test_snd_defence():
+    d = make_defense("snd", {"eta": "100", "dim": "16", "clip": "4"})
+    assert d.noise_law == SnDNoise(eta=100.0, clip=4.0)
+    h = torch.randn(3, 16, generator=gen(0))
+    out = d.apply(h, generator=gen(1))
+    assert torch.equal(out, clip_rows(h + SnDNoise(eta=100.0).sample(h.shape, generator=gen(1), dtype=h.dtype), 4.0))
+    assert (out.norm(dim=-1) <= 4 * (1 + 1e-6)).all()
+    g = d.guarantee(tokens=7)
+    assert (g["epsilon"], g["kind"], g["distance"], g["epsilon_per_prompt"]) == (100.0, "metric DP", "L1", 100.0)
+    assert "L1 distance" in g["neighbouring"] and "denoiser is not run" in g["utility_note"]
+    assert "lower bound" in g["utility_note"]
+    assert d.describe() == {"name": "snd", "params": {"eta": 100.0, "clip": 4.0, "dim": 16},
+                            "derived": {"noise": {"law": "snd", "eta": 100.0, "clip": 4.0},
+                                        "noise_std": min(math.sqrt(16 * 17 / 3) / 100, 4 * math.sqrt(2 / 16))}}
+    check_defense(d, h)
+    unclipped = make_defense("snd", {"eta": 50, "dim": 576})
+    assert unclipped.noise_std == pytest.approx(math.sqrt(576 * 577 / 3) / 50)
+    # at eta 100, d 576, its noise norm is about sqrt(d / 3) = 13.9 times dchi's at epsilon 100
+    assert math.sqrt(576 * 577 / 3) / 100 * math.sqrt(576) / (576 / 100) == pytest.approx(13.9, abs=0.05)
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({}, "--param eta=E is required"),
+    ({"eta": 0}, "eta must be a finite number > 0"),
+    ({"eta": 1, "clip": -1}, "--clip"),
+    ({"eta": 1, "dim": 1}, "dim must be an integer >= 2"),
+    ({"eta": 1, "epsilon": 1}, "no parameter 'epsilon'"),
+])
+def test_snd_invalid_params(params, fragment):
+    with pytest.raises(DefenseError) as info:
+        make_defense("snd", params)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_snd_refuses_states_of_another_size():
+    with pytest.raises(DefenseError, match="dim is 16 but the states have d = 8"):
+        make_defense("snd", {"eta": 1, "dim": 16}).apply(torch.zeros(2, 8), generator=gen(0))
+    with pytest.raises(DefenseError, match="d >= 2"):
+        make_defense("snd", {"eta": 1}).apply(torch.zeros(2, 1), generator=gen(0))
