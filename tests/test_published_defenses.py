@@ -427,3 +427,81 @@ def test_snd_refuses_states_of_another_size():
         make_defense("snd", {"eta": 1, "dim": 16}).apply(torch.zeros(2, 8), generator=gen(0))
     with pytest.raises(DefenseError, match="d >= 2"):
         make_defense("snd", {"eta": 1}).apply(torch.zeros(2, 1), generator=gen(0))
+
+
+# --- DP-Forward ---------------------------------------------------------------------------------------------
+def test_dp_forward_sigma_at_epsilon_8_is_0_600229():
+    d = make_defense("dp-forward", {"epsilon": 8, "delta": 1e-5, "clip": 1})
+    assert d.sigma == pytest.approx(0.600229, abs=5e-7)
+    assert make_defense("dp-forward", {"epsilon": 8}).sigma == d.sigma  # delta 1e-5 and norm_c 1 by default
+
+
+@pytest.mark.parametrize("epsilon, delta", [(0.5, 1e-5), (1.0, 1e-6), (8.0, 1e-5), (20.0, 1e-3)])
+def test_dp_forward_sigma_is_their_calibration(epsilon, delta):
+    # DP-Forward's own bisection (matrix_gaussian_noise, reimplemented) at sensitivity = norm_c
+    for clip in (1.0, 2.5):
+        ours = make_defense("dp-forward", {"epsilon": epsilon, "delta": delta, "clip": clip}).sigma
+        assert ours == pytest.approx(dpforward_sigma(epsilon, delta, clip), rel=1e-6)
+
+
+def test_dp_forward_clips_the_whole_sequence_like_the_peer():
+    d = make_defense("dp-forward", {"epsilon": 8, "clip": 2.0})
+    h = torch.randn(6, 8, generator=gen(0)) * torch.linspace(0.1, 3, 6)[:, None]
+    noise = d.noise_law.sample(h.shape, generator=gen(1), dtype=h.dtype)
+    expected = h * (2.0 / h.double().norm().item()) + noise
+    assert torch.allclose(d.apply(h, generator=gen(1)), expected, atol=1e-6)  # one scale for every position
+    small = h / h.norm() * 1.5  # already inside: unscaled
+    assert torch.allclose(d.apply(small, generator=gen(1)), small + noise, atol=1e-6)
+    # the distribution of a coordinate of a batch of prompts, ours against the reimplemented peer
+    batch = torch.randn(3, 5, 8, generator=gen(2)) * 2
+    g = gen(3)
+    ours = torch.stack([d.apply(batch, generator=g) for _ in range(800)])
+    torch.manual_seed(3)
+    theirs = torch.stack([dpforward_add_noise(batch, d.sigma, 2.0) for _ in range(800)])
+    for index in [(0, 0, 0), (1, 4, 7), (2, 2, 3)]:
+        a, b = ours[(slice(None), *index)].numpy(), theirs[(slice(None), *index)].numpy()
+        assert stats.ks_2samp(a, b, method="asymp").pvalue > P_MIN
+    assert ours.mean(0).sub(clip_seq_reference(batch, 2.0)).abs().max().item() < 5 * d.sigma / math.sqrt(800)
+
+
+def clip_seq_reference(batch: torch.Tensor, c: float) -> torch.Tensor:
+    flat = batch.reshape(batch.shape[0], -1)
+    return (flat * (c / flat.norm(dim=-1)).clamp(max=1)[:, None]).reshape(batch.shape)
+
+
+def test_dp_forward_guarantee_is_per_sequence():
+    d = make_defense("dp-forward", {"epsilon": 8, "delta": 1e-5})
+    g = d.guarantee(tokens=10)
+    assert g["epsilon"] == pytest.approx(8, rel=1e-9) and g["epsilon_per_prompt"] == pytest.approx(8, rel=1e-9)
+    assert (g["delta"], g["kind"], g["scope"]) == (1e-5, "(epsilon, delta)-DP", "sequence")
+    assert "add/remove" in g["neighbouring"] and len(g["neighbouring"]) <= 300
+    assert g["epsilon_replace_one"] == epsilon_from_mu(mu=2 * d.mu, delta=1e-5)[0] > 8
+    assert d.describe()["derived"]["sigma"] == d.sigma == d.noise_std
+    json.dumps(described(d, tokens=10))
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({}, "--epsilon is required"), ({"epsilon": 8, "delta": 1.5}, "--delta must be in (0, 1)"),
+    ({"epsilon": 600}, "--epsilon must be <= 500"), ({"epsilon": 8, "clip": 0}, "--clip"),
+    ({"epsilon": 8, "noise_multiplier": 1}, "no parameter 'noise_multiplier'"),
+])
+def test_dp_forward_invalid_params(params, fragment):
+    with pytest.raises(DefenseError) as info:
+        make_defense("dp-forward", params)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_scaled_gaussian_statistic_is_the_profile_over_the_scale():
+    law = ScaledGaussianNoise(sigma=0.4)
+    y = torch.randn(5, 8, generator=gen(0), dtype=torch.float64)
+    s = torch.randn(5, 8, generator=gen(1), dtype=torch.float64) * 2
+    grid = torch.linspace(0, 1, 100001, dtype=torch.float64)
+    brute = ((y[:, None, :] - grid[None, :, None] * s[:, None, :]) ** 2).mean(-1).amin(dim=1)
+    assert torch.allclose(law.statistic(y, s), brute, atol=1e-9)
+    # the true state's statistic is below the Gaussian chi2 threshold at least 1 - miss of the time
+    n, miss, d = 20000, 0.05, 8
+    h = torch.randn(n, d, generator=gen(2), dtype=torch.float64)
+    c = torch.rand(n, 1, generator=gen(3), dtype=torch.float64)
+    observed = c * h + law.sample((n, d), generator=gen(4), dtype=torch.float64)
+    above = (law.statistic(observed, h) > law.threshold(dim=d, miss_probability=miss)).double().mean().item()
+    assert above <= miss + 4 * math.sqrt(miss * (1 - miss) / n)
