@@ -505,3 +505,33 @@ def test_scaled_gaussian_statistic_is_the_profile_over_the_scale():
     observed = c * h + law.sample((n, d), generator=gen(4), dtype=torch.float64)
     above = (law.statistic(observed, h) > law.threshold(dim=d, miss_probability=miss)).double().mean().item()
     assert above <= miss + 4 * math.sqrt(miss * (1 - miss) / n)
+
+
+# --- VFLAIR-LLM's Laplace --------------------------------------------------------------------------------
+def test_vflair_laplace_is_unclipped_with_deltaf_over_epsilon():
+    d = make_defense("laplace", {"sensitivity": "10", "epsilon": "50"})
+    assert d.scale == 0.2 and d.noise_law == LaplaceNoise(scale=0.2)
+    h = torch.randn(4, 16, generator=gen(0)) * 100
+    assert torch.equal(d.simulate(h), h)  # no clipping
+    g = d.guarantee(tokens=10)
+    assert (g["epsilon"], g["delta"], g["kind"]) == (None, None, None)
+    assert g["reason"].startswith("no formal guarantee") and "unbounded sensitivity" in g["reason"]
+    assert "epsilon_per_prompt" not in g
+    assert d.describe() == {"name": "laplace", "params": {"sensitivity": 10.0, "epsilon": 50.0},
+                            "derived": {"scale": 0.2, "noise_std": 0.2 * math.sqrt(2),
+                                        "noise": {"law": "laplace", "scale": 0.2}}}
+    ours = (d.apply(h.expand(500, 4, 16), generator=gen(1)) - h).reshape(-1)
+    torch.manual_seed(1)
+    theirs = torch.distributions.laplace.Laplace(0.0, 10 / 50).sample((500 * 4 * 16,))  # VFLAIR's draw
+    assert stats.ks_2samp(ours.numpy(), theirs.numpy()).pvalue > P_MIN
+    # the clipped form is unchanged
+    assert make_defense("laplace", {"clip": 4, "epsilon": 2}).describe()["params"] == {"clip": 4.0, "epsilon": 2.0}
+
+
+def test_laplace_clip_and_sensitivity_exclude_each_other():
+    with pytest.raises(DefenseError, match="not both"):
+        make_defense("laplace", {"clip": 1, "sensitivity": 10, "epsilon": 1})
+    with pytest.raises(DefenseError, match="--clip is required.*sensitivity=DELTAF"):
+        make_defense("laplace", {"epsilon": 1})
+    with pytest.raises(DefenseError, match="sensitivity must be a finite number > 0"):
+        make_defense("laplace", {"sensitivity": 0, "epsilon": 1})
