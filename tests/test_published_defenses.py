@@ -535,3 +535,88 @@ def test_laplace_clip_and_sensitivity_exclude_each_other():
         make_defense("laplace", {"epsilon": 1})
     with pytest.raises(DefenseError, match="sensitivity must be a finite number > 0"):
         make_defense("laplace", {"sensitivity": 0, "epsilon": 1})
+
+
+# --- Bell's anisotropic Gaussian ------------------------------------------------------------------------
+def _write(tmp_path, name: str, vector: np.ndarray):
+    path = tmp_path / name
+    if name.endswith(".npy"):
+        np.save(path, vector)
+    elif name.endswith(".json"):
+        path.write_text(json.dumps({"std": vector.tolist()} if "dict" in name else vector.tolist()))
+    else:
+        from safetensors.numpy import save_file
+        save_file({"fisher": vector}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["std.npy", "std.json", "std-dict.json", "std.safetensors"])
+def test_aniso_std_file(tmp_path, name):
+    std = np.linspace(0.1, 2.0, 8)
+    d = make_defense("aniso-gaussian", {"std_file": _write(tmp_path, name, std)})
+    assert torch.allclose(d.noise_law.std_vector, torch.tensor(std))
+    assert d.needs == () and d.guarantee(tokens=3)["epsilon"] is None
+    # the sampler against its closed form: standardised coordinates are N(0, 1)
+    noise = d.apply(torch.zeros(5000, 8, dtype=torch.float64), generator=gen(0))
+    z = (noise / torch.tensor(std)).reshape(-1).numpy()
+    assert stats.kstest(z, stats.norm.cdf).pvalue > P_MIN
+    described_ = d.describe()
+    assert described_["derived"]["noise"]["sha256"] == d.noise_law.describe()["sha256"]
+    assert described_["derived"]["noise_std"] == pytest.approx(math.sqrt((std ** 2).mean()))
+
+
+def test_aniso_inverse_fisher_by_file_and_by_bind(tmp_path):
+    fisher = np.linspace(0.5, 4.0, 6)
+    by_file = make_defense("aniso-gaussian", {"kl_budget": 0.3, "fisher_file": _write(tmp_path, "f.safetensors", fisher)})
+    expected = torch.sqrt(2 * 0.3 / (6 * torch.tensor(fisher)))  # Sigma_diag(K) = (2K/d) diag(1/F_ii)
+    assert torch.allclose(by_file.noise_law.std_vector, expected)
+    by_bind = make_defense("aniso-gaussian", {"kl_budget": 0.3})
+    assert by_bind.needs == ("fisher",)
+    with pytest.raises(DefenseError, match="needs the Fisher diagonal"):
+        by_bind.noise_law
+    by_bind.bind(fisher=torch.tensor(fisher))
+    assert torch.allclose(by_bind.noise_law.std_vector, expected, rtol=1e-6)  # bound as float32
+    check_defense(by_bind, torch.zeros(2, 6))
+    with pytest.raises(DefenseError, match="6 coordinates but the states have d = 4"):
+        by_bind.apply(torch.zeros(2, 4), generator=gen(0))
+
+
+def test_aniso_law_is_the_mahalanobis_score():
+    std = torch.linspace(0.2, 1.5, 5, dtype=torch.float64)
+    law = DiagonalGaussianNoise(std_vector=std)
+    y = torch.randn(50, 5, generator=gen(0), dtype=torch.float64)
+    s1, s2 = y + torch.randn(50, 5, generator=gen(1), dtype=torch.float64), torch.randn(50, 5, generator=gen(2), dtype=torch.float64)
+    ours = law.nll(law.statistic(y, s1), dim=5) - law.nll(law.statistic(y, s2), dim=5)
+    density = torch.distributions.Normal(torch.zeros(5, dtype=torch.float64), std)
+    theirs = -(density.log_prob(y - s1).sum(-1) - density.log_prob(y - s2).sum(-1))
+    assert torch.allclose(ours, theirs, rtol=1e-9, atol=1e-9)
+    n, miss = 40000, 0.05
+    states = torch.randn(n, 5, generator=gen(3), dtype=torch.float64) * 3
+    observed = law.observe(states, generator=gen(4))
+    above = (law.statistic(observed, states) > law.threshold(dim=5, miss_probability=miss)).double().mean().item()
+    assert above == pytest.approx(miss, abs=4 * math.sqrt(miss * (1 - miss) / n))
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({}, "exactly one of --param std_file=PATH or --param kl_budget=K"),
+    ({"kl_budget": 1, "std_file": "x.npy"}, "exactly one"),
+    ({"std_file": "x.npy", "fisher_file": "f.npy"}, "fisher_file goes with kl_budget"),
+    ({"kl_budget": -1}, "kl_budget must be a finite number > 0"),
+    ({"std_file": "missing.npy"}, "std_file not found: missing.npy"),
+    ({"std_file": "std.txt"}, "must end in .npy, .json, .safetensors"),
+])
+def test_aniso_invalid_params(params, fragment):
+    with pytest.raises(DefenseError) as info:
+        make_defense("aniso-gaussian", params)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_aniso_bad_vectors(tmp_path):
+    for vector, fragment in ((np.array([1.0, 0.0, 2.0]), "1 of 3 entries that are not finite numbers > 0"),
+                             (np.ones((2, 2)), "must be a 1-D vector")):
+        with pytest.raises(DefenseError, match=fragment):
+            make_defense("aniso-gaussian", {"std_file": _write(tmp_path, "v.npy", vector)})
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(DefenseError, match="could not read std_file .*JSONDecodeError"):
+        make_defense("aniso-gaussian", {"std_file": str(broken)})
