@@ -620,3 +620,50 @@ def test_aniso_bad_vectors(tmp_path):
     broken.write_text("{not json")
     with pytest.raises(DefenseError, match="could not read std_file .*JSONDecodeError"):
         make_defense("aniso-gaussian", {"std_file": str(broken)})
+
+
+# --- records: what a run writes, and what an entry recomputes --------------------------------------------
+NEW = [("dchi", {"relative_epsilon": 0.1, "dim": 6, "shared_radius": True}),
+       ("dchi", {"relative_epsilon": 0.2, "dim": 6, "snap": True, "shared_radius": True}),
+       ("snd", {"eta": 100, "dim": 6, "clip": 4}), ("dp-forward", {"epsilon": 8, "delta": 1e-5}),
+       ("laplace", {"sensitivity": 10, "epsilon": 50}), ("aniso-gaussian", {"kl_budget": 0.5})]
+
+
+@pytest.mark.parametrize("name, params", NEW)
+def test_new_defences_record_and_recompute(name, params):
+    from invbench.derived import recomputed_defense
+
+    d = make_defense(name, params)
+    record = described(d, tokens=10)
+    json.dumps(record)
+    assert recomputed_defense(json.loads(json.dumps(record, default=str)), tokens=10)["epsilon"] == record["epsilon"]
+    assert d.citation and ("/" in d.citation or "arXiv" in d.citation)  # the paper and the peer file it follows
+    available = {"embedding": torch.randn(12, 6, generator=gen(5)), "fisher": torch.rand(6, generator=gen(6)) + 0.1}
+    d.bind(**{key: available[key] for key in d.needs})
+    h = torch.randn(4, 6, generator=gen(0))
+    check_defense(d, h)
+    out = d.apply(h, generator=gen(1))
+    assert out.shape == h.shape and torch.isfinite(out).all() and torch.equal(out, d.apply(h, generator=gen(1)))
+
+
+def test_runner_binds_what_a_defence_needs():
+    from types import SimpleNamespace
+
+    from invbench.runner import RunError, bind_needs
+
+    table = torch.randn(12, 6)
+    loaded = SimpleNamespace(model=torch.nn.Module())
+    loaded.model.get_input_embeddings = lambda: torch.nn.Embedding.from_pretrained(table)
+    d = make_defense("dchi", {"relative_epsilon": 0.2, "dim": 6, "snap": True})
+    bind_needs(d, loaded)
+    assert torch.equal(d.noise_law.embedding, table)
+    plain = make_defense("dchi", {"epsilon": 1})
+    bind_needs(plain, loaded)  # needs nothing: untouched
+    assert not getattr(plain, "bound", {})
+    with pytest.raises(RunError, match="needs 'fisher', which the runner does not compute yet"):
+        bind_needs(make_defense("aniso-gaussian", {"kl_budget": 0.5}), loaded)
+
+
+def test_a_plugin_binds_nothing_by_default():
+    with pytest.raises(DefenseError, match="was given embedding but needs nothing"):
+        Defense().bind(embedding=torch.zeros(2, 2))
