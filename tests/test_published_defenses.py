@@ -80,58 +80,6 @@ def dpforward_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
     return sensitivity / (math.sqrt(2 * epsilon) / alpha)
 
 
-# --- the peers' samplers, reimplemented from their published descriptions ---------------------------
-def splitllm_dxp_noise(shape: tuple[int, ...], relative_epsilon: float) -> torch.Tensor:
-    """SplitLLM DxPrivacy: a standard normal direction per token, normalised; ONE Gamma(d, rate
-    relative_epsilon * d) radius per call (torch's global generator)."""
-    d = shape[-1]
-    direction = torch.distributions.MultivariateNormal(torch.zeros(d), torch.eye(d)).sample(shape[:-1])
-    direction = direction / direction.norm(dim=-1, keepdim=True)
-    radius = torch.distributions.Gamma(torch.tensor([float(d)]), torch.tensor([relative_epsilon * d])).sample()
-    return radius * direction
-
-
-def splitllm_dxp(embeds: torch.Tensor, table: torch.Tensor, relative_epsilon: float) -> torch.Tensor:
-    """... then the row of the table with the largest inner product (the code's "cosine")."""
-    noisy = embeds + splitllm_dxp_noise(tuple(embeds.shape), relative_epsilon)
-    return table[(noisy @ table.T).argmax(dim=-1)]
-
-
-def eaas_snd_noise(shape: tuple[int, ...], eta: float) -> torch.Tensor:
-    """Split-N-Denoise (eaas-privacy sample_noise_Chi): per coordinate Gamma(d, rate eta) times U(-1, 1)."""
-    magnitude = torch.distributions.Gamma(torch.full(shape, float(shape[-1])), torch.full(shape, float(eta))).sample()
-    return magnitude * (1 - 2 * torch.rand(shape))
-
-
-def dpforward_add_noise(batch: torch.Tensor, noise_factor: float, norm_c: float) -> torch.Tensor:
-    """DP-Forward add_noise: each example's whole matrix clipped to norm_c, plus noise_factor * N(0, 1)."""
-    flat = batch.reshape(batch.shape[0], -1)
-    coef = (norm_c / (flat.norm(dim=-1) + 1e-6)).clamp(max=1.0)
-    return (flat * coef[:, None]).reshape(batch.shape) + noise_factor * torch.randn(batch.shape)
-
-
-def dpforward_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
-    """DP-Forward's matrix_gaussian_noise: Balle and Wang's Algorithm 1 (analytic Gaussian mechanism) by
-    bisection on B+ or B-, then sigma = sensitivity / R with R = sqrt(2 eps) / alpha."""
-    phi = stats.norm.cdf
-
-    def b_plus(v):
-        return phi(math.sqrt(epsilon * v)) - math.exp(epsilon) * phi(-math.sqrt(epsilon * (v + 2)))
-
-    def b_minus(u):
-        return phi(-math.sqrt(epsilon * u)) - math.exp(epsilon) * phi(-math.sqrt(epsilon * (u + 2)))
-
-    delta_0 = phi(0) - math.exp(epsilon) * phi(-math.sqrt(2 * epsilon))
-    b = b_plus if delta >= delta_0 else b_minus
-    lo, hi = 0.0, 1e5
-    for _ in range(2000):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if b(mid) < delta else (mid, hi)
-    u = hi
-    alpha = math.sqrt(1 + u / 2) - math.sqrt(u / 2) if delta >= delta_0 else math.sqrt(1 + u / 2) + math.sqrt(u / 2)
-    return sensitivity / (math.sqrt(2 * epsilon) / alpha)
-
-
 # --- every new law keeps the NoiseLaw interface ----------------------------------------------------------
 def _laws(d: int):
     table = torch.randn(30, d, generator=gen(9))
@@ -667,3 +615,20 @@ def test_runner_binds_what_a_defence_needs():
 def test_a_plugin_binds_nothing_by_default():
     with pytest.raises(DefenseError, match="was given embedding but needs nothing"):
         Defense().bind(embedding=torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("name, params, cell, sentence", [
+    ("snd", {"eta": 100}, "100 per unit L1 (metric DP)",
+     "epsilon 100 per unit of L1 distance between states (metric DP), 100 per unit of a prompt's summed L1 distance"),
+    ("dp-forward", {"epsilon": 8}, "8 ((ε, δ)-DP per sequence, δ 1e-05)",
+     "epsilon 8 per sequence at delta 1e-05 ((epsilon, delta)-DP), 8 per prompt"),
+    ("dchi", {"epsilon": 20, "shared_radius": True}, "20 per unit L2 (metric DP)",
+     "epsilon 20 per unit of L2 distance between states (metric DP)"),
+    ("laplace", {"sensitivity": 10, "epsilon": 50}, "-", ""),
+])
+def test_board_words_for_the_new_guarantees(name, params, cell, sentence):
+    from invbench.metrics import json_safe
+    from invbench.summary import Guarantee
+
+    guarantee = Guarantee.of(json_safe(described(make_defense(name, params), tokens=10)))
+    assert (guarantee.cell(), guarantee.sentence()) == (cell, sentence)
