@@ -42,7 +42,7 @@ REL_TOL = 1e-6  # library versions may move a guarantee's last digits (Opacus's 
 # The guarantee fields the board and the CLI show: compared whether or not the entry states them (a
 # version-2 entry, which did not record "kind", is compared on what it has).
 CORE_GUARANTEE = ("epsilon", "delta", "kind", "epsilon_per_prompt")
-PROSE = ("reason", "neighbouring", "reason_per_prompt")  # compared too, except for schema-2 entries (older wording)
+PROSE = ("reason", "neighbouring", "reason_per_prompt", "utility_note")  # compared too, but for schema-2 entries
 DESCRIPTION = ("name", "params", "spec")  # what the guarantee is recomputed from (spec: version 2's source)
 RADIUS_NUMBERS = ("min_radius", "median_radius", "min_sigma_certified", "median_sigma_certified",
                   "min_sigma_expected", "median_sigma_expected")

@@ -154,6 +154,22 @@ def capture(oracle: WhiteBox, prompts: list[Prompt], *, batch_size: int) -> torc
 
 # --- 2. defend -----------------------------------------------------------------------------------
 
+def bind_needs(defense: Defense, loaded: LoadedModel) -> None:
+    """Hand the defence the model tensors it names in `needs` (invbench.defenses.RESOURCES), before
+    anything records or applies it. "embedding": the model's whole input embedding table (V, d).
+    "fisher" (the Fisher diagonal at the leak point) is not computed here yet: a defence that needs it
+    is refused with a line that says how to give it instead."""
+    given = {}
+    for name in defense.needs:
+        if name == "embedding":
+            given[name] = loaded.model.get_input_embeddings().weight.detach().float().cpu()
+        else:
+            raise RunError(f"defence {defense.name!r} needs {name!r}, which the runner does not compute yet "
+                           "(aniso-gaussian: give --param fisher_file=PATH or --param std_file=PATH)")
+    if given:
+        defense.bind(**given)
+
+
 def defend(defense: Defense, prompts: list[Prompt], clean: torch.Tensor, *, seed: int) -> Leak:
     """Noise from one generator per prompt, so a prompt's defended states do not depend on
     batching, device or resumption. A plug-in's output is checked (defenses/checks.py)."""
@@ -289,6 +305,7 @@ def _run(cfg: RunConfig, *, echo: Callable[[str], None]) -> RunSummary:
     cfg, device, defense, attacks = prepare(cfg, echo=echo)
     with ResultsFolder(cfg.out) as folder:  # locked, and a foreign or damaged folder refused, before the model loads
         source = load_source(cfg, device, echo=echo)
+        bind_needs(defense, source.loaded)
         defining = {"model": source.loaded.name, "model_recipe": source.loaded.recipe, "dataset": cfg.dataset,
                     "n": cfg.n, "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
                     "prompt_ids": [list(p.ids) for p in source.prompts], "defense": defense.describe(),
@@ -367,6 +384,8 @@ def _utility_only(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, A
     defense = make_defense(cfg.defense, cfg.defense_params)
     record = described(defense, tokens=cfg.tokens)
     source = load_source(cfg, device, echo=echo)
+    bind_needs(defense, source.loaded)
+    record = described(defense, tokens=cfg.tokens)  # again: a bound defence may describe more (its table's size)
     leak = defend(defense, source.prompts, capture(source.oracle, source.prompts, batch_size=cfg.batch_size),
                   seed=cfg.seed)
     return json_safe({

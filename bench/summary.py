@@ -85,10 +85,13 @@ class Guarantee:
     delta: float | None
     kind: str | None
     epsilon_per_prompt: float | None = None
+    scope: str | None = None  # what one epsilon covers: "vector" (None) or "sequence" (DP-Forward)
+    distance: str | None = None  # metric DP's distance: "L2" (None) or "L1" (Split-N-Denoise)
 
     @classmethod
     def of(cls, defense: dict[str, Any]) -> "Guarantee":
-        return cls(defense.get("epsilon"), defense.get("delta"), defense.get("kind"), defense.get("epsilon_per_prompt"))
+        return cls(defense.get("epsilon"), defense.get("delta"), defense.get("kind"), defense.get("epsilon_per_prompt"),
+                   defense.get("scope"), defense.get("distance"))
 
     def cell(self) -> str:
         """The board's epsilon cell: "8 (ε-DP per vector)", "24.4 ((ε, δ)-DP per vector, δ 1e-05)",
@@ -96,13 +99,14 @@ class Guarantee:
         if self.epsilon is None:
             return "-"
         eps = epsilon_number(self.epsilon)
+        per = self.scope or "vector"
         if self.kind == "metric DP":
-            return f"{eps} per unit L2 (metric DP)"
+            return f"{eps} per unit {self.distance or 'L2'} (metric DP)"
         if self.kind == "epsilon-DP":
-            return f"{eps} (ε-DP per vector)"
+            return f"{eps} (ε-DP per {per})"
         delta = f"δ {self.delta:g}" if self.delta is not None else ""
         if self.kind == "(epsilon, delta)-DP":
-            return f"{eps} ((ε, δ)-DP per vector{', ' + delta if delta else ''})"
+            return f"{eps} ((ε, δ)-DP per {per}{', ' + delta if delta else ''})"
         return f"{eps} ({delta})" if delta else eps  # an entry that did not record its kind (schema 2)
 
     def sentence(self) -> str:
@@ -111,14 +115,16 @@ class Guarantee:
         if self.epsilon is None:
             return ""
         eps = epsilon_number(self.epsilon)
+        per = self.scope or "vector"
         if self.kind == "metric DP":
-            text = f"epsilon {eps} per unit of L2 distance between states (metric DP)"
-            per_prompt = " per unit of a prompt's summed L2 distance"
+            distance = self.distance or "L2"
+            text = f"epsilon {eps} per unit of {distance} distance between states (metric DP)"
+            per_prompt = f" per unit of a prompt's summed {distance} distance"
         elif self.kind == "epsilon-DP":
-            text, per_prompt = f"epsilon {eps} per vector (epsilon-DP, delta 0)", " per prompt"
+            text, per_prompt = f"epsilon {eps} per {per} (epsilon-DP, delta 0)", " per prompt"
         else:
             at = f" at delta {self.delta:g}" if self.delta is not None else ""
-            text, per_prompt = f"epsilon {eps} per vector{at}" + (f" ({self.kind})" if self.kind else ""), " per prompt"
+            text, per_prompt = f"epsilon {eps} per {per}{at}" + (f" ({self.kind})" if self.kind else ""), " per prompt"
         if self.epsilon_per_prompt is not None:
             text += f", {epsilon_number(self.epsilon_per_prompt)}{per_prompt}"
         return text

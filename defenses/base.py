@@ -8,6 +8,10 @@ of the additive noise, defenses/noise.py) and `noise_std` (that law's std per co
 A defence declares its noise one of two ways: `noise_std` alone (the law is then Gaussian with
 that sigma, what every defence meant before laws existed), or `noise_law` (then `noise_std` and
 `noise` follow from the law).
+
+Some defences need what the model knows (a snap to the nearest token needs the input embedding
+table): they name it in `needs`, and whoever runs them (the runner, a test) hands it over with
+`bind(name=tensor)` before `apply` (see RESOURCES and defenses/README.md).
 """
 from __future__ import annotations
 
@@ -36,6 +40,13 @@ def positive_param(value: Any, what: str) -> float:
     return number
 
 
+#: What a defence may name in `needs`, and what the runner hands it under that name with `bind`.
+RESOURCES = {
+    "embedding": "the model's input embedding table (V, d), every token of the vocabulary",
+    "fisher": "the diagonal of the Fisher information (d,) of the model's next-token distribution with respect to "
+              "the state at the leak point",
+}
+
 #: What a guarantee's epsilon means: pure DP, approximate DP, or metric DP (epsilon per unit of
 #: distance between two inputs). A defence without a guarantee has kind None.
 GUARANTEE_KINDS = ("epsilon-DP", "(epsilon, delta)-DP", "metric DP")
@@ -55,6 +66,10 @@ class Defense:
     #: invbench's own. Not part of describe(): a reworded citation must not change any run's configuration.
     citation: ClassVar[str | None] = None
 
+    #: Names (keys of RESOURCES) of the model tensors this defence needs before it can run; an instance may
+    #: set its own (a dchi defence needs the embedding table only when it snaps).
+    needs: tuple[str, ...] = ()
+
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.param_types)
         if unknown:
@@ -63,6 +78,27 @@ class Defense:
                 f"defence {self.name!r} got unknown parameter(s) {', '.join(sorted(unknown))}; allowed: {allowed}"
             )
         self.params = dict(params)
+
+    # --- what the model hands it ----------------------------------------------------------
+    def bind(self, **tensors: torch.Tensor) -> None:
+        """Receive the model tensors named in `needs` (e.g. `bind(embedding=E)`), before `apply`. This
+        checks the names and keeps detached float32 CPU copies in `self.bound`; a subclass checks shapes
+        and builds what it needs from them (calling this first). Binding is not part of `describe()`'s
+        parameters: what a bound tensor adds to a record comes from the model, which the run records."""
+        unknown = sorted(set(tensors) - set(self.needs))
+        if unknown:
+            wanted = ", ".join(self.needs) or "nothing"
+            raise DefenseError(f"defence {self.name!r} was given {', '.join(unknown)} but needs {wanted}")
+        bound = dict(getattr(self, "bound", {}))
+        for key, value in tensors.items():
+            if not isinstance(value, torch.Tensor) or not torch.is_floating_point(value) or not bool(torch.isfinite(value).all()):
+                raise DefenseError(f"defence {self.name!r}: {key} must be a finite float tensor")
+            bound[key] = value.detach().to(device="cpu", dtype=torch.float32)
+        self.bound = bound
+
+    def missing(self) -> list[str]:
+        """The names in `needs` not bound yet."""
+        return [key for key in self.needs if key not in getattr(self, "bound", {})]
 
     # --- what an attacker may reproduce -------------------------------------------------
     def simulate(self, hidden: torch.Tensor) -> torch.Tensor:

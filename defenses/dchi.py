@@ -21,6 +21,20 @@ Parameters:
 
 Noise per coordinate: E r^2 = d (d + 1) / epsilon^2, so std sqrt(d + 1) / epsilon: it depends on
 d, so `noise_std` is defined only when `dim` is given; attacks use `noise_law.std(dim=d)`.
+
+As SplitLLM runs it (StupidTrees/SplitLLM `sfl/model/noise/dxp.py`, `DxPrivacy`, on the input
+embeddings, relative epsilon 0.1-0.4 in its scripts):
+- `shared_radius` (bool): one radius per call shared by every vector of the call (the runner calls
+  a defence once per prompt: one radius per prompt), directions per vector. Each vector's noise has
+  the same law as without it, so the per-vector guarantee stands; the prompt's does not compose
+  (every residual has the same norm: two prompts that differ in one vector give outputs with
+  disjoint supports), so no per-prompt bound is claimed. Law `SharedRadiusDChiNoise`: attacks score
+  each vector by the exact marginal, and its `sequence_nll` scores the coupling.
+- `snap` (bool): the noisy vector is replaced by the embedding of the token it snaps to (`snap_metric`
+  "dot", what SplitLLM's code computes though it says cosine; "cosine"; "l2"). Needs the model's input
+  embedding table: `needs` ("embedding",), handed over with `bind(embedding=E)`. Post-processing, so
+  the guarantee is the unsnapped one. Law `SnappedDChiNoise`: -log P(snap = observed token | state),
+  estimated with `snap_samples` fixed draws (defenses/laws.py says what that assumes).
 """
 from __future__ import annotations
 
@@ -30,7 +44,8 @@ import torch
 
 from .base import Defense, DefenseError, positive_param
 from .dp import clip_rows
-from .noise import DChiNoise
+from .laws import SNAP_METRICS, SharedRadiusDChiNoise, SnappedDChiNoise
+from .noise import DChiNoise, NoiseLaw
 from .registry import register_defense
 
 # SmolLM2-135M's last-layer states (d = 576), measured on 1280 states of 40 C4 validation prompts:
@@ -46,8 +61,10 @@ class DChi(Defense):
 
     name = "dchi"
     citation = ("Feyisetan, Balle, Drake and Diethe, \"Privacy- and Utility-Preserving Textual Analysis via Calibrated "
-                "Multivariate Perturbations\", WSDM 2020 (dchi metric DP)")
-    param_types = {"epsilon": float, "relative_epsilon": float, "dim": int, "clip": float}
+                "Multivariate Perturbations\", WSDM 2020 (dchi metric DP); relative_epsilon, shared_radius and snap as "
+                "SplitLLM's DxPrivacy (StupidTrees/SplitLLM sfl/model/noise/dxp.py)")
+    param_types = {"epsilon": float, "relative_epsilon": float, "dim": int, "clip": float,
+                   "shared_radius": bool, "snap": bool, "snap_metric": str, "snap_samples": int}
 
     def __init__(
         self,
@@ -56,8 +73,14 @@ class DChi(Defense):
         relative_epsilon: float | None = None,
         dim: int | None = None,
         clip: float | None = None,
+        shared_radius: bool | None = None,
+        snap: bool | None = None,
+        snap_metric: str | None = None,
+        snap_samples: int | None = None,
     ) -> None:
-        given = {k: v for k, v in dict(epsilon=epsilon, relative_epsilon=relative_epsilon, dim=dim, clip=clip).items()
+        given = {k: v for k, v in dict(epsilon=epsilon, relative_epsilon=relative_epsilon, dim=dim, clip=clip,
+                                       shared_radius=shared_radius, snap=snap, snap_metric=snap_metric,
+                                       snap_samples=snap_samples).items()
                  if v is not None}
         super().__init__(**given)
         if (epsilon is None) == (relative_epsilon is None):
@@ -77,8 +100,23 @@ class DChi(Defense):
             self.relative_epsilon = None
             self.epsilon = positive_param(epsilon, "dchi: --epsilon")
         self.clip = None if clip is None else positive_param(clip, "dchi: --clip")
+        for key, value in (("shared_radius", shared_radius), ("snap", snap)):
+            if value is not None and not isinstance(value, bool):
+                raise DefenseError(f"dchi: {key} must be true or false, got {value!r}")
+        self.shared_radius, self.snap = bool(shared_radius), bool(snap)
+        if not self.snap and (snap_metric is not None or snap_samples is not None):
+            raise DefenseError("dchi: snap_metric and snap_samples apply only with --param snap=true")
+        self.snap_metric = "dot" if snap_metric is None else snap_metric
+        if self.snap_metric not in SNAP_METRICS:
+            raise DefenseError(f"dchi: snap_metric must be one of {', '.join(SNAP_METRICS)}, got {snap_metric!r}")
+        self.snap_samples = 256 if snap_samples is None else snap_samples
+        if isinstance(self.snap_samples, bool) or not isinstance(self.snap_samples, int) or self.snap_samples < 1:
+            raise DefenseError(f"dchi: snap_samples must be an integer >= 1, got {snap_samples!r}")
+        self.needs = ("embedding",) if self.snap else ()
         self.params = {k: v for k, v in dict(epsilon=None if epsilon is None else self.epsilon,
-                                            relative_epsilon=self.relative_epsilon, dim=dim, clip=self.clip).items()
+                                            relative_epsilon=self.relative_epsilon, dim=dim, clip=self.clip,
+                                            shared_radius=shared_radius, snap=snap, snap_metric=snap_metric,
+                                            snap_samples=snap_samples).items()
                        if v is not None}
 
     def _check_dim(self, hidden: torch.Tensor) -> None:
@@ -89,16 +127,39 @@ class DChi(Defense):
         self._check_dim(hidden)
         return hidden if self.clip is None else clip_rows(hidden, self.clip)
 
+    def bind(self, **tensors: torch.Tensor) -> None:
+        super().bind(**tensors)
+        if "embedding" not in tensors:
+            return
+        table = self.bound["embedding"]
+        if table.dim() != 2 or (self.dim is not None and table.shape[1] != self.dim):
+            raise DefenseError(f"dchi: the embedding table has shape {tuple(table.shape)}; expected (V, d)"
+                               + (f" with d = {self.dim}" if self.dim is not None else ""))
+        self._snapped = SnappedDChiNoise(epsilon=self.epsilon, embedding=table, metric=self.snap_metric,
+                                         samples=self.snap_samples, shared_radius=self.shared_radius)
+
     @property
-    def noise_law(self) -> DChiNoise:
+    def noise_law(self) -> NoiseLaw:
+        if self.snap:
+            if self.missing():
+                raise DefenseError("dchi: snap needs the model's input embedding table; the runner hands it over "
+                                   "with bind(embedding=E) (defenses/README.md)")
+            return self._snapped
+        if self.shared_radius:
+            return SharedRadiusDChiNoise(epsilon=self.epsilon)
         return DChiNoise(epsilon=self.epsilon)
+
+    def apply(self, hidden: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+        if not self.snap:
+            return super().apply(hidden, generator=generator)  # bit for bit what dchi always did
+        return self.noise_law.observe(self.simulate(hidden), generator=generator)
 
     @property
     def noise_std(self) -> float:
         if self.dim is None:
             raise DefenseError("dchi: the per-coordinate noise std sqrt(d + 1)/epsilon depends on the hidden size d: "
                                "give --param dim=D, or use noise_law.std(dim=d)")
-        return self.noise_law.std(dim=self.dim)
+        return DChiNoise(epsilon=self.epsilon).std(dim=self.dim)  # the noise before any snap
 
     def guarantee(self, tokens: int | None = None) -> dict[str, Any]:
         """Unclipped: metric DP, epsilon per unit of L2 distance. Clipped to C: pure (2 C epsilon)-DP
@@ -118,11 +179,18 @@ class DChi(Defense):
                    "reason": "dchi after clipping to L2 norm C: metric DP with any two vectors at most 2C apart, "
                              "so pure (2 C epsilon)-DP per vector",
                    "metric_epsilon": eps}
+        if self.snap:
+            out["reason"] += "; snapping to a token is post-processing and keeps it"
         if tokens is not None:
             if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
                 raise DefenseError(f"dchi: tokens must be an int >= 1, got {tokens!r}")
             out["tokens"] = tokens
-            if self.clip is None:
+            if self.shared_radius:
+                out["epsilon_per_prompt"] = None
+                out["reason_per_prompt"] = ("no per-prompt bound: one radius is shared by the prompt's vectors, so "
+                                            "their bounds do not compose (unsnapped, two prompts that differ in one "
+                                            "vector give outputs with disjoint supports)")
+            elif self.clip is None:
                 out["epsilon_per_prompt"] = eps
                 out["reason_per_prompt"] = "metric DP per prompt for the sum of its vectors' L2 distances (same epsilon)"
             else:
@@ -131,7 +199,12 @@ class DChi(Defense):
         return out
 
     def describe(self) -> dict[str, Any]:
-        derived = {"epsilon": self.epsilon, "noise": self.noise_law.describe()}
+        if self.snap and self.missing():  # what the law says of itself before the table is bound
+            law = {"law": SnappedDChiNoise.name, "epsilon": self.epsilon, "metric": self.snap_metric,
+                   "samples": self.snap_samples, "seed": 0, **({"shared_radius": True} if self.shared_radius else {})}
+        else:
+            law = self.noise_law.describe()
+        derived = {"epsilon": self.epsilon, "noise": law}
         if self.dim is not None:
             derived["noise_std"] = self.noise_std
         return {**super().describe(), "derived": derived}

@@ -13,6 +13,8 @@ candidate's simulated state s with the observation y uses, per vector (last dim 
   depends on d; Gaussian and Laplace ignore it (and accept dim=None);
 - `sample(shape, generator=g, dtype=dt)`: the noise itself, on g's device, a function of g's
   state only;
+- `observe(simulated, generator=g)`: the observation, simulated + sample (laws with a clip or a snap
+  after the noise, defenses/laws.py, do more);
 - `describe()`: {"law": name, parameters} for records.
 
 The laws (Gaussian is what every defence meant before laws existed, bit for bit):
@@ -90,6 +92,12 @@ class NoiseLaw:
 
     def sample(self, shape: torch.Size, *, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
+
+    def observe(self, simulated: torch.Tensor, *, generator: torch.Generator) -> torch.Tensor:
+        """The observation a state gives: simulated + a draw of the law (drawn on the generator's device).
+        Laws whose channel is more than adding the noise (a clip after it, a snap to a token: see
+        defenses/laws.py) override this; a defence built on such a law applies it in `apply`."""
+        return simulated + self.sample(simulated.shape, generator=generator, dtype=simulated.dtype).to(simulated.device)
 
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
