@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -277,15 +277,38 @@ def check_config(cfg: RunConfig) -> None:
         raise RunError("--out is empty; name a results folder, or leave --out out for one named after the command")
 
 
-def prepare(cfg: RunConfig, *, echo: Callable[[str], None]) -> tuple[RunConfig, torch.device, Defense, list[Attack]]:
+def unsized(cfg: RunConfig) -> list[str]:
+    """The defence's parameters that are the states' width and were left out (`Defense.hidden_size_params`)."""
+    from invbench.defenses import load_defense_class
+
+    return [p for p in load_defense_class(cfg.defense).hidden_size_params if p not in cfg.defense_params]
+
+
+def sized(cfg: RunConfig, defense: Defense | None, loaded: LoadedModel, *,
+          echo: Callable[[str], None]) -> tuple[RunConfig, Defense]:
+    """The run's defence, made now with the model's hidden size for the parameters that are the states'
+    width and were left out (`prepare` left it unmade), and cfg recording them."""
+    if defense is not None:
+        return cfg, defense
+    width = int(loaded.model.get_input_embeddings().weight.shape[1])
+    params = {**cfg.defense_params, **{p: width for p in unsized(cfg)}}
+    echo(f"note: {', '.join(f'{p}={width}' for p in unsized(cfg))}: the hidden size of {loaded.name}")
+    defense = make_defense(cfg.defense, params)
+    described(defense, tokens=cfg.tokens)
+    return replace(cfg, defense_params=params), defense
+
+
+def prepare(cfg: RunConfig, *, echo: Callable[[str], None]) -> tuple[RunConfig, torch.device, Defense | None, list[Attack]]:
     """The run as it will happen: the device, the device's defaults for what cfg leaves unset
     (said in one line when they reduce a CPU run), the defence and the attacks. Bad options
-    fail here, before anything loads."""
+    fail here, before anything loads; a defence that takes the model's hidden size (`sized`) is made
+    once the model is loaded."""
     check_config(cfg)
     device = resolve_device(cfg.device, echo=echo)
     cfg, filled = with_device_defaults(cfg, device.type)
-    defense = make_defense(cfg.defense, cfg.defense_params)
-    described(defense, tokens=cfg.tokens)  # a plug-in's description or guarantee that cannot be recorded fails now
+    defense = None if unsized(cfg) else make_defense(cfg.defense, cfg.defense_params)
+    if defense is not None:
+        described(defense, tokens=cfg.tokens)  # a plug-in's description or guarantee that cannot be recorded fails now
     attacks = build_attacks(cfg)
     if filled and device.type == "cpu":
         echo(f"note: no GPU, so this run uses the CPU defaults ({', '.join(filled)}); "
@@ -305,6 +328,7 @@ def _run(cfg: RunConfig, *, echo: Callable[[str], None]) -> RunSummary:
     cfg, device, defense, attacks = prepare(cfg, echo=echo)
     with ResultsFolder(cfg.out) as folder:  # locked, and a foreign or damaged folder refused, before the model loads
         source = load_source(cfg, device, echo=echo)
+        cfg, defense = sized(cfg, defense, source.loaded, echo=echo)
         bind_needs(defense, source.loaded)
         defining = {"model": source.loaded.name, "model_recipe": source.loaded.recipe, "dataset": cfg.dataset,
                     "n": cfg.n, "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
@@ -380,10 +404,12 @@ def utility_only(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict
 
 def _utility_only(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     check_config(cfg)
-    device = resolve_device(cfg.device)
-    defense = make_defense(cfg.defense, cfg.defense_params)
-    record = described(defense, tokens=cfg.tokens)
+    device = resolve_device(cfg.device, echo=echo)
+    defense = None if unsized(cfg) else make_defense(cfg.defense, cfg.defense_params)
+    if defense is not None:
+        described(defense, tokens=cfg.tokens)
     source = load_source(cfg, device, echo=echo)
+    cfg, defense = sized(cfg, defense, source.loaded, echo=echo)
     bind_needs(defense, source.loaded)
     record = described(defense, tokens=cfg.tokens)  # again: a bound defence may describe more (its table's size)
     leak = defend(defense, source.prompts, capture(source.oracle, source.prompts, batch_size=cfg.batch_size),

@@ -69,6 +69,9 @@ class Defense:
     #: Names (keys of RESOURCES) of the model tensors this defence needs before it can run; an instance may
     #: set its own (a dchi defence needs the embedding table only when it snaps).
     needs: tuple[str, ...] = ()
+    #: Parameters that are the leaked states' width d: left out, the runner gives them the model's hidden size
+    #: (and records it with the other parameters), so `--defense dchi --epsilon 500` needs no `--param dim=576`.
+    hidden_size_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **params: Any) -> None:
         unknown = set(params) - set(self.param_types)

@@ -65,6 +65,7 @@ class DChi(Defense):
                 "SplitLLM's DxPrivacy (StupidTrees/SplitLLM sfl/model/noise/dxp.py)")
     param_types = {"epsilon": float, "relative_epsilon": float, "dim": int, "clip": float,
                    "shared_radius": bool, "snap": bool, "snap_metric": str, "snap_samples": int}
+    hidden_size_params = ("dim",)  # left out: the model's hidden size (the runner gives it)
 
     def __init__(
         self,

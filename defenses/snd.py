@@ -49,6 +49,7 @@ class SplitNDenoise(Defense):
                 "Privacy\", ICML 2024; sampler and clip as NusIoraPrivacy/eaas-privacy data/load_data.py "
                 "(sample_noise_Chi) and util/utils.py (get_embeddings)")
     param_types = {"eta": float, "clip": float, "dim": int}
+    hidden_size_params = ("dim",)  # left out: the model's hidden size (the runner gives it)
 
     def __init__(self, *, eta: float | None = None, clip: float | None = None, dim: int | None = None) -> None:
         given = {k: v for k, v in dict(eta=eta, clip=clip, dim=dim).items() if v is not None}

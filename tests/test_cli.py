@@ -173,3 +173,14 @@ def test_help_and_listings_do_not_import_torch():
                 "assert 'torch' not in sys.modules, 'torch was imported'")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.returncode == 0, (args, done.stderr[-500:])
+
+
+def test_dchi_takes_the_hidden_size_from_the_model(tmp_path, capsys):
+    """Before: `--defense dchi --epsilon 500` refused to run without `--param dim=D`, which the model knows."""
+    code, out, err = invoke(["run", "--model", "tiny-gpt2", "--n", "1", "--tokens", "2", "--attack", "guided",
+                             "--ranker", "prior", "--device", "cpu", "--defense", "dchi", "--epsilon", "500",
+                             "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    assert "note: dim=128: the hidden size of tiny-gpt2" in err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["defense"]["params"] == {"epsilon": 500.0, "dim": 128}  # recorded with the run
