@@ -1,0 +1,148 @@
+"""Leak points before the last layer: the client's truncated forward and the server's view.
+
+Layer 0 is the input of the first block, layer k (1..L-1) the output of block k, layer L (or -1) the
+last layer after the final norm. tiny-gpt2 has L = 2; a seeded 3-block Llama stands for SmolLM2's
+architecture (RoPE, RMSNorm: its layer-0 states are the token embeddings themselves).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from invbench.leaks.oracle import WhiteBox
+from invbench.leaks.prompts import Prompt
+from invbench.runner import Leak, defense_utility
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def models(tiny, llama):
+    return [(tiny.model, torch.tensor([[464, 3139, 286, 4881, 318], [15496, 995, 0, 383, 3139]])),
+            (llama, torch.tensor([[5, 17, 250, 3, 99], [42, 42, 7, 180, 2]]))]
+
+
+def test_capture_at_every_layer_is_that_layers_hidden_state_and_cached_candidates_reproduce_it(tiny, llama):
+    for model, ids in models(tiny, llama):
+        full = model(ids, output_hidden_states=True).hidden_states
+        for layer in range(-1, model.config.num_hidden_layers + 1):
+            oracle = WhiteBox(model, layer=layer)
+            targets = oracle.capture(ids)
+            assert torch.equal(targets, full[layer]), (type(model).__name__, layer)
+            for t in range(ids.shape[1]):
+                hidden = oracle.hidden_of_tokens(oracle.prefix(ids[:, :t]), ids[:, t:t + 1])[:, 0]
+                assert (hidden - targets[:, t]).abs().max() < 1e-5
+
+
+def test_layer_0_of_a_llama_is_the_token_embedding_and_of_gpt2_adds_the_position(tiny, llama):
+    ids = torch.tensor([[5, 17, 250, 3]])
+    assert torch.equal(WhiteBox(llama, layer=0).capture(ids)[0], llama.get_input_embeddings().weight[ids[0]])
+    gpt2 = tiny.model.transformer
+    expected = gpt2.wte.weight[ids[0]] + gpt2.wpe.weight[:4]
+    assert torch.allclose(WhiteBox(tiny.model, layer=0).capture(ids)[0], expected)
+
+
+def test_the_client_runs_blocks_1_to_k_only(tiny):
+    """A candidate at leak point k costs k blocks: no block after k runs, nor the final norm."""
+    calls = []
+    blocks = tiny.model.transformer.h
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, b in enumerate(blocks)]
+    handles.append(tiny.model.transformer.ln_f.register_forward_hook(lambda m, a, o: calls.append("norm")))
+    try:
+        ids = torch.tensor([[464, 3139, 286]])
+        for layer, expected in ((0, []), (1, [0]), (2, [0, 1, "norm"])):
+            oracle = WhiteBox(tiny.model, layer=layer)
+            prefix = oracle.prefix(ids[:, :2])  # the prefix runs the whole model: the prior needs it
+            calls.clear()
+            oracle.hidden_of_tokens(prefix, ids[:, 2:3])
+            oracle.capture(ids)
+            assert calls == expected * 2, layer
+            assert len(prefix.keys) == (layer if layer < 2 else 2)  # the cache holds the client's blocks
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_gradients_flow_through_the_truncated_forward(tiny):
+    for layer in (0, 1):
+        oracle = WhiteBox(tiny.model, layer=layer)
+        prefix = oracle.prefix(torch.tensor([[464, 3139]]))
+        embeds = oracle.embedding[torch.tensor([[286]])].clone().requires_grad_(True)
+        oracle.hidden(prefix, embeds[:, None, 0]).pow(2).sum().backward()
+        assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+
+
+# --- the server's view -------------------------------------------------------------------------
+def gpt2_rest_by_hand(model, states: torch.Tensor, layer: int) -> torch.Tensor:
+    """Logits (B, T, V) of GPT-2 blocks layer+1..L, ln_f and the LM head on `states`, written out:
+    layer norm, causal multi-head attention, MLP, residuals."""
+    body, h = model.transformer, states
+    heads = model.config.n_head
+    for block in body.h[layer:]:
+        x = block.ln_1(h)
+        q, k, v = block.attn.c_attn(x).split(h.shape[-1], dim=2)
+        split = lambda t: t.reshape(*t.shape[:2], heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(q), split(k), split(v)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        length = h.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        attention = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        y = (attention @ v).transpose(1, 2).reshape(h.shape)
+        h = h + block.attn.c_proj(y)
+        h = h + block.mlp(block.ln_2(h))
+    return model.lm_head(body.ln_f(h))
+
+
+def leak_of(ids: torch.Tensor, clean: torch.Tensor, defended: torch.Tensor) -> Leak:
+    prompts = [Prompt(i, "", tuple(row)) for i, row in enumerate(ids.tolist())]
+    return Leak(prompts, clean, defended)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_utility_at_a_leak_point_is_what_the_server_makes_of_the_defended_states(tiny, layer):
+    ids = torch.tensor([[464, 3139, 286, 4881, 318, 6342], [15496, 995, 0, 383, 3139, 286]])
+    oracle = WhiteBox(tiny.model, layer=layer)
+    clean = oracle.capture(ids)
+    untouched = defense_utility(tiny, leak_of(ids, clean, clean.clone()), layer=layer)
+    assert untouched["top1_agreement"] == 1.0 and untouched["kl_clean_defended"] == 0.0
+    assert untouched["perplexity_ratio"] == 1.0 and untouched["cosine"] == pytest.approx(1.0)
+    assert "server's view" in untouched["note"]
+
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+    defended = clean + 0.3 * noise
+    measured = defense_utility(tiny, leak_of(ids, clean, defended), layer=layer)
+    with torch.no_grad():
+        p = F.log_softmax(gpt2_rest_by_hand(tiny.model, clean, layer), dim=-1)
+        q = F.log_softmax(gpt2_rest_by_hand(tiny.model, defended, layer), dim=-1)
+    agreement = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    targets = ids[:, 1:]
+    nll_clean = -p[:, :-1].gather(-1, targets[..., None]).mean().item()
+    nll_defended = -q[:, :-1].gather(-1, targets[..., None]).mean().item()
+    cosine = F.cosine_similarity(defended, clean, dim=-1).mean().item()
+    assert 0 < agreement < 1  # the noise changes some predictions and not others
+    assert measured["top1_agreement"] == pytest.approx(agreement)
+    assert measured["kl_clean_defended"] == pytest.approx(kl, rel=1e-4)
+    assert measured["perplexity_ratio"] == pytest.approx(math.exp(nll_defended - nll_clean), rel=1e-4)
+    assert measured["cosine"] == pytest.approx(cosine, rel=1e-5)  # of the leaked vectors, not the final ones
+
+
+def test_last_layer_utility_is_unchanged(tiny):
+    """At the last layer the LM head reads the leaked states themselves (no note, as before)."""
+    ids = torch.tensor([[464, 3139, 286, 4881]])
+    clean = WhiteBox(tiny.model).capture(ids)
+    defended = clean + 0.5
+    out = defense_utility(tiny, leak_of(ids, clean, defended), layer=-1)
+    head = tiny.model.lm_head
+    p, q = F.log_softmax(head(clean), -1), F.log_softmax(head(defended), -1)
+    assert "note" not in out
+    assert out["kl_clean_defended"] == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-5)
