@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import platform
+import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -273,6 +275,7 @@ def fit_ranker(oracle, *, texts: list[str], data: str, out: Path, recipe: Recipe
     if oracle.tokenizer is None:
         raise AttackError("fitting a ranker needs the model's tokenizer (WhiteBox(..., tokenizer=...))")
     tokenizer = oracle.tokenizer
+    started = time.perf_counter()
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     work = out.parent / f".{out.stem}.work"
@@ -326,7 +329,10 @@ def fit_ranker(oracle, *, texts: list[str], data: str, out: Path, recipe: Recipe
                               "random_sequences": {"train": random_train.stop - random_train.start,
                                                    "held_out": random_test.stop - random_test.start},
                               "states": int(samples), "texts_sha256": _texts_hash(texts[:recipe.documents])},
-                "held_out_accuracy": metrics, "command": command}
+                "held_out_accuracy": metrics, "command": command,
+                "fit": {"seconds": round(time.perf_counter() - started), "threads": torch.get_num_threads(),
+                        "machine": f"{oracle.device.type} ({platform.processor() or platform.machine()})",
+                        "note": "this session's time (a resumed fit counts only the session that finished it)"}}
     tensors = {k: v.detach().half().contiguous() for k, v in net.state_dict().items()}
     write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata={"invbench": json.dumps(metadata)}))
     write_atomic(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))

@@ -128,6 +128,7 @@ class WhiteBox:
         # before the last layer: the blocks, so that a forward can stop at (or replace) the leak point
         self.blocks = None if self.final else decoder_blocks(self.body, n_layers)
         self._start_prior: torch.Tensor | None = None
+        self._tables: dict[int, torch.Tensor] = {}  # position -> position_table (position 0 and the latest)
         self._fingerprint: tuple[int, str] | None = None
 
     @classmethod
@@ -159,6 +160,7 @@ class WhiteBox:
         self.vocabulary = ids.to(self.device)
         self.embedding = self.model.get_input_embeddings().weight.detach()[self.vocabulary]
         self._start_prior = None
+        self._tables = {}
         return self
 
     @property
@@ -173,6 +175,13 @@ class WhiteBox:
     def layer_index(self) -> int:
         """The leaked layer as a non-negative index into hidden_states (-1 and L name the same)."""
         return self.layer % (self.model.config.num_hidden_layers + 1)
+
+    @property
+    def context_free(self) -> bool:
+        """Whether a token's state at the leak point ignores the tokens before it (layer 0: the
+        embedding lookup), so that the states of every candidate at a position are one fixed table
+        (`position_table`) and verifying a candidate is a look-up, not a forward pass."""
+        return self.layer_index == 0
 
     @property
     def final(self) -> bool:
@@ -257,12 +266,38 @@ class WhiteBox:
         result (e.g. distances (B, m)) before concatenation, so (B, M, d) is never held at once."""
         batch, m = ids.shape
         per_chunk = max(1, (chunk_size or self.chunk_size) // batch)
+        table = self.position_table(prefix.length) if self.context_free else None
         parts = []
         for start in range(0, m, per_chunk):
             columns = slice(start, min(m, start + per_chunk))
-            hidden = self.hidden(prefix, self.embedding[ids[:, columns].to(self.device)]).float()
+            chosen = ids[:, columns].to(self.device)
+            hidden = table[chosen] if table is not None else self.hidden(prefix, self.embedding[chosen]).float()
             parts.append(reduce(hidden, columns) if reduce else hidden)
         return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def position_table(self, position: int) -> torch.Tensor:
+        """(V, d) float32: the state at the leak point of every candidate token alone at `position`
+        (0-based; no token before it). At a context-free leak point (layer 0) that is its state after
+        any prefix. Computed in chunks; where the states at `position` equal those at position 0 (a
+        Llama's layer 0: the embeddings themselves; any model's single token under RoPE), checked on a
+        sample of tokens, the position-0 table is reused. Position 0 and the latest are kept."""
+        if position not in self._tables:
+            first = self._tables.get(0)
+            if first is None or position == 0:
+                first = self._tables[0] = self._alone(torch.arange(self.vocab_size, device=self.device), 0)
+            table = first
+            if position:
+                sample = torch.linspace(0, self.vocab_size - 1, 16, device=self.device).long()
+                if not torch.equal(self._alone(sample, position), first[sample]):
+                    table = self._alone(torch.arange(self.vocab_size, device=self.device), position)
+            self._tables = {0: first, position: table}
+        return self._tables[position]
+
+    def _alone(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        """States (N, d) of tokens `ids` each alone at `position` (no prefix), in chunks."""
+        return torch.cat([self._forward(self.embedding[ids[i:i + self.chunk_size], None], cache=None, start=position)[:, 0]
+                          .float() for i in range(0, len(ids), self.chunk_size)])
 
     # --- the server's view ---------------------------------------------------------------------
     @torch.no_grad()
