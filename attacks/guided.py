@@ -104,18 +104,26 @@ def interleaved_order(scores: list[torch.Tensor], limit: int | None = None) -> t
     return key.argsort(dim=1)
 
 
-def _interleaved_head(scores: list[torch.Tensor], limit: int) -> torch.Tensor:
+def _interleaved_head(scores: list[torch.Tensor], limit: int, tops: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """The first `limit` places of `interleaved_order`: every one of them is among some score's top
-    `limit`, so only those are sorted (a token in several lists keeps its earliest slot)."""
+    `limit`, so only those are sorted (a token in several lists keeps its earliest slot). `tops`: a
+    score's top `limit` ids where already known (None: computed here)."""
     k = len(scores)
-    rows, vocab = scores[0].shape
+    rows = len(scores[0])
     device = scores[0].device
-    ids = torch.cat([score.topk(limit, dim=1).indices for score in scores], dim=1)  # (R, k limit)
+    tops = tops or [None] * k
+    ids = torch.cat([top if top is not None else score.topk(limit, dim=1).indices
+                     for score, top in zip(scores, tops)], dim=1)  # (R, k limit)
+    width = k * limit
     places = torch.arange(limit, device=device) * k
     slot = torch.cat([places + j for j in range(k)]).expand(rows, -1)
-    earliest = torch.full((rows, vocab), k * limit, dtype=slot.dtype, device=device).scatter_reduce_(1, ids, slot, "amin")
-    slot = torch.where(earliest.gather(1, ids) == slot, slot, k * limit)  # later copies of a token go last
-    return ids.gather(1, slot.argsort(dim=1)[:, :limit])
+    # a token's copies side by side, earliest slot first: keep the first of each run
+    by_token = (ids * width + slot).argsort(dim=1)
+    sorted_ids = ids.gather(1, by_token)
+    later = torch.zeros_like(sorted_ids, dtype=torch.bool)
+    later[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    slot = slot.gather(1, by_token).masked_fill(later, width)
+    return sorted_ids.gather(1, slot.argsort(dim=1)[:, :limit])
 
 
 @dataclass(frozen=True)
@@ -189,13 +197,12 @@ class ExactScores:
         return self._table
 
     @torch.no_grad()
-    def __call__(self, goal: torch.Tensor, position: int) -> torch.Tensor:
-        """(R, V) log p(goal | token) up to a constant (noise-free: minus the statistic); rows that share
-        a goal (a prompt's hypotheses) are scored once."""
+    def __call__(self, goal: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(goal | token) up to a constant (noise-free: minus the statistic) of the distinct goals
+        (U, V) (a prompt's hypotheses share one), and each row's goal among them (R,)."""
         unique, inverse = torch.unique(goal, dim=0, return_inverse=True)
         statistic = self.likelihood.pairwise(unique, self.table(position))
-        score = -self.likelihood.nll(statistic) if self.likelihood.noisy else -statistic
-        return score[inverse]
+        return (-self.likelihood.nll(statistic) if self.likelihood.noisy else -statistic), inverse
 
 
 @register_attack
@@ -276,7 +283,10 @@ class GuidedAttack(Attack):
         alone (or the prior alone, without a ranker). At a context-free leak point the exact likelihood
         of every token stands in for the learned ranker."""
         if state.exact is not None:
-            learned = state.exact(goal, position)
+            unique, inverse = state.exact(goal, position)
+            learned = unique[inverse]
+            if limit is not None and limit < prior.shape[1]:  # a prompt's rows share its own ranking: sorted once
+                return _interleaved_head([learned + prior, learned], limit, [None, unique.topk(limit, dim=1).indices[inverse]])
         elif state.ranker is None:
             if limit is not None and limit < prior.shape[1]:
                 return prior.topk(limit, dim=1).indices

@@ -68,6 +68,86 @@ def cache_keyword(body: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
+class PrefixTree:
+    """The KV caches of many prefixes that share their beginnings (a beam search's hypotheses), one
+    node per appended token: each node holds its token's keys and values in every block and the final
+    state there (the prior's input), and points to its parent. A prefix of t tokens is the path of t
+    nodes, so a hypothesis extended by one token costs one token's forward (not t), and memory is the
+    nodes still on a live path (`prune`), not hypotheses x length.
+
+    Level s holds the nodes of prefixes of s + 1 tokens; node ids are indices within a level."""
+
+    def __init__(self, oracle: "WhiteBox", *, chunk: int = 256) -> None:
+        self.oracle = oracle
+        self.chunk = chunk
+        self.keys: list[list[torch.Tensor]] = []  # level -> block -> (N, kv heads, head dim)
+        self.values: list[list[torch.Tensor]] = []
+        self.parent: list[torch.Tensor] = []  # level -> (N,) node ids at the level before (-1 at level 0)
+        self.last: list[torch.Tensor] = []  # level -> (N, d) final state at the node's token
+
+    def _paths(self, nodes: torch.Tensor, level: int) -> list[torch.Tensor]:
+        """Node ids at levels 0..level of each node's path."""
+        path = [nodes]
+        for s in range(level, 0, -1):
+            path.append(self.parent[s][path[-1]])
+        return path[::-1]
+
+    def prefix(self, nodes: torch.Tensor, *, blocks: int | None = None) -> Prefix:
+        """The Prefix (keys of the first `blocks` blocks, default the oracle's client blocks) of nodes
+        at the deepest level."""
+        level = len(self.parent) - 1
+        path = self._paths(nodes, level)
+        if blocks is None:
+            blocks = self.oracle.n_layers if self.oracle.final else self.oracle.layer_index
+        keys = [torch.stack([self.keys[s][b][i] for s, i in enumerate(path)], dim=2) for b in range(blocks)]
+        values = [torch.stack([self.values[s][b][i] for s, i in enumerate(path)], dim=2) for b in range(blocks)]
+        return Prefix(keys, values, level + 1, len(nodes), self.last[level][nodes])
+
+    @torch.no_grad()
+    def append(self, parents: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        """New nodes (a new level): token `tokens[i]` (R,) after node `parents[i]` of the deepest level
+        (None: the first tokens). Returns their ids (0..R-1)."""
+        oracle, level = self.oracle, len(self.parent)
+        keys, values, last = [], [], []
+        for start in range(0, len(tokens), self.chunk):
+            rows = slice(start, start + self.chunk)
+            embeds = oracle.embedding[tokens[rows].to(oracle.device)][:, None]
+            cache = DynamicCache()
+            if parents is not None:
+                before = self.prefix(parents[rows], blocks=oracle.n_layers)
+                for block, (k, v) in enumerate(zip(before.keys, before.values)):
+                    cache.update(k, v, block)
+            out = oracle._run(embeds, cache=cache, start=level, hidden_states=False)
+            keys.append([layer.keys[:, :, -1] for layer in cache.layers])
+            values.append([layer.values[:, :, -1] for layer in cache.layers])
+            last.append(out.last_hidden_state[:, -1].float())
+        self.keys.append([torch.cat([part[b] for part in keys]) for b in range(len(keys[0]))])
+        self.values.append([torch.cat([part[b] for part in values]) for b in range(len(values[0]))])
+        self.last.append(torch.cat(last))
+        self.parent.append(torch.full((len(tokens),), -1, dtype=torch.long, device=oracle.device) if parents is None
+                           else parents.to(oracle.device))
+        return torch.arange(len(tokens), device=oracle.device)
+
+    def prune(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Keep only the paths of `nodes` (ids at the deepest level, repeats allowed); returns their new ids."""
+        level = len(self.parent) - 1
+        keep, result = nodes, None
+        for s in range(level, -1, -1):
+            kept, inverse = torch.unique(keep, return_inverse=True)
+            if s == level:
+                result = inverse
+            else:  # the level after points at this one's old ids: renumber
+                remap = torch.full((len(self.last[s]),), -1, dtype=torch.long, device=kept.device)
+                remap[kept] = torch.arange(len(kept), device=kept.device)
+                self.parent[s + 1] = remap[self.parent[s + 1]]
+            self.keys[s] = [k[kept] for k in self.keys[s]]
+            self.values[s] = [v[kept] for v in self.values[s]]
+            self.last[s] = self.last[s][kept]
+            self.parent[s] = self.parent[s][kept]
+            keep = self.parent[s]
+        return result
+
+
 class LeakPointReached(Exception):
     """Raised by the hook at the leak point: holds the state there, so the blocks after it never run."""
 

@@ -146,3 +146,102 @@ def test_last_layer_utility_is_unchanged(tiny):
     p, q = F.log_softmax(head(clean), -1), F.log_softmax(head(defended), -1)
     assert "note" not in out
     assert out["kl_clean_defended"] == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-5)
+
+
+# --- attacks at a leak point before the last layer ---------------------------------------------
+from invbench.attacks import make_attack  # noqa: E402
+from invbench.defenses import make_defense  # noqa: E402
+from invbench.leaks.oracle import PrefixTree  # noqa: E402
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INVBENCH_CACHE", str(tmp_path / "cache"))
+
+
+def sub_vocabulary(tiny, prompt_ids, layer):
+    """tiny-gpt2 at `layer` over a 2,000-token sub-vocabulary holding the prompts' tokens (as conftest's `small`)."""
+    full = tiny.model.get_input_embeddings().weight.detach()
+    extra = torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(0))[:2000]
+    keep = torch.unique(torch.cat([prompt_ids.flatten(), extra]))
+    oracle = WhiteBox(tiny.model, layer=layer, tokenizer=tiny.tokenizer, name="tiny-gpt2-sub").restrict_vocabulary(keep)
+    return oracle, torch.searchsorted(keep, prompt_ids)
+
+
+def attack(name, oracle, targets, defense, **overrides):
+    return make_attack(name, preset="fast", overrides=overrides).run(
+        oracle, targets, defense=defense, prompt_indices=list(range(len(targets))), seed=0, notify=lambda line: None)
+
+
+def noisy(oracle, ids, sigma, seed=1):
+    defense = make_defense("gaussian", {"sigma": sigma}) if sigma else make_defense("none", {})
+    return defense, defense.apply(oracle.capture(ids), generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_prefix_tree_holds_the_same_caches_as_whole_prefixes(tiny):
+    seqs = torch.tensor([[1, 2, 3], [1, 2, 5], [7, 8, 9]])
+    for layer in (0, 1, -1):
+        oracle = WhiteBox(tiny.model, layer=layer)
+        tree = PrefixTree(oracle, chunk=2)
+        nodes = tree.append(None, torch.tensor([1, 7]))
+        nodes = tree.append(tree.prune(torch.tensor([0, 1])), torch.tensor([2, 8]))
+        nodes = tree.append(tree.prune(torch.tensor([0, 0, 1])), torch.tensor([3, 5, 9]))
+        built, whole = tree.prefix(nodes), oracle.prefix(seqs)
+        assert len(built.keys) == len(whole.keys) == (layer if layer >= 0 else 2)
+        for a, b in zip(built.keys + built.values, whole.keys + whole.values):
+            assert (a - b).abs().max() < 1e-5
+        assert (built.last_state - whole.last_state).abs().max() < 1e-5
+        kept = tree.prune(torch.tensor([2]))  # one path left: the others' nodes are dropped
+        assert [len(level) for level in tree.last] == [1, 1, 1]
+        assert (tree.prefix(kept).last_state - whole.last_state[2:]).abs().max() < 1e-5
+
+
+def test_nearest_is_the_per_token_nearest_state_and_exact_on_clean_embeddings(tiny, prompt_ids, cache):
+    oracle, ids = sub_vocabulary(tiny, prompt_ids, 0)
+    clean = attack("nearest", oracle, oracle.capture(ids), make_defense("none", {}))
+    assert torch.equal(clean.tokens, ids)
+    defense, targets = noisy(oracle, ids, 0.4)
+    out = attack("nearest", oracle, targets, defense)
+    wte, wpe = tiny.model.transformer.wte.weight[oracle.vocabulary], tiny.model.transformer.wpe.weight
+    by_hand = torch.stack([torch.cdist(targets[:, t], wte + wpe[t]).argmin(dim=1) for t in range(ids.shape[1])], dim=1)
+    assert torch.equal(out.tokens, by_hand)
+    assert 0 < (out.tokens == ids).float().mean() < 1  # the noise costs it some tokens
+
+
+def test_at_layer_0_ml_sequence_is_the_per_token_decoder_and_map_uses_the_prior(tiny, prompt_ids, cache):
+    """Context-free states: the most likely sequence is the most likely token at each position, so
+    sequence (ml) answers what nearest answers; its candidates are look-ups (the table), not forwards."""
+    oracle, ids = sub_vocabulary(tiny, prompt_ids, 0)
+    defense, targets = noisy(oracle, ids, 0.4)
+    nearest = attack("nearest", oracle, targets, defense)
+    ml = attack("sequence", oracle, targets, defense, scoring="ml")
+    assert torch.equal(ml.tokens, nearest.tokens)
+    sequence = make_attack("sequence", preset="fast")
+    answer = attack("sequence", oracle, targets, defense)
+    objective = lambda tokens: sequence.objective(oracle, targets, tokens, defense=defense).sum(1)  # noqa: E731
+    assert (objective(answer.tokens) <= objective(nearest.tokens) + 1e-3).all()  # the MAP answer is at least as probable
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+@pytest.mark.parametrize("name", ["guided", "sequence", "continuous", "projection"])
+def test_clean_states_at_every_leak_point_are_recovered_exactly(tiny, prompt_ids, cache, layer, name):
+    oracle, ids = sub_vocabulary(tiny, prompt_ids, layer)
+    overrides = {"ranker": "prior"} if name in ("guided", "sequence") and layer else {}
+    out = attack(name, oracle, oracle.capture(ids), make_defense("none", {}), **overrides)
+    assert torch.equal(out.tokens, ids), (name, layer)
+
+
+def test_sequence_before_the_last_layer_decodes_as_with_whole_prefixes(tiny, prompt_ids, cache, monkeypatch):
+    """Layer 1: the hypotheses' caches live in a prefix tree (one token's forward per extension); the
+    search decides exactly as it does recomputing every prefix, and light noise leaves the truth."""
+    import invbench.attacks.sequence as module
+
+    oracle, ids = sub_vocabulary(tiny, prompt_ids, 1)
+    defense, targets = noisy(oracle, ids, 0.1)
+    assert torch.equal(attack("sequence", oracle, targets, defense, ranker="prior").tokens, ids)
+    defense, targets = noisy(oracle, ids, 0.3)  # heavy: hundreds of hypotheses
+    tree = attack("sequence", oracle, targets, defense, ranker="prior")
+    monkeypatch.setattr(module, "PrefixTree", lambda *args, **kwargs: None)
+    whole = attack("sequence", oracle, targets, defense, ranker="prior")
+    assert (tree.extras["hypotheses"] > 100).any()
+    assert torch.equal(tree.tokens, whole.tokens) and torch.equal(tree.extras["candidates"], whole.extras["candidates"])
