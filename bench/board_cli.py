@@ -17,7 +17,7 @@ from .cli_options import (BOARD_DIR, DEVICE, RUNS_DIR, FiniteFloatRange, defense
                           existing_board_dir)
 from .entries import NAME, EntryError, check_value
 from .leaderboard import DEFAULT_UTILITY_FLOOR
-from .protocols import PROTOCOLS, Protocol, ProtocolError, get_protocol
+from .protocols import PROTOCOLS, Protocol, ProtocolError, get_protocol, leak_point
 from .submit import SubmitError
 
 
@@ -149,4 +149,5 @@ def protocols() -> None:
     for p in PROTOCOLS.values():
         click.echo(f"{p.name:<{width}} {p.model} | {p.dataset} | {p.n} prompts x {p.tokens} tokens | seed {p.seed} | "
                    f"attacks {', '.join(p.attacks)} ({p.preset})")
+        click.echo(f"{'':<{width}} leak point: {leak_point(p)}")
         click.echo(f"{'':<{width}} {p.description}")

@@ -245,3 +245,59 @@ def test_sequence_before_the_last_layer_decodes_as_with_whole_prefixes(tiny, pro
     whole = attack("sequence", oracle, targets, defense, ranker="prior")
     assert (tree.extras["hypotheses"] > 100).any()
     assert torch.equal(tree.tokens, whole.tokens) and torch.equal(tree.extras["candidates"], whole.extras["candidates"])
+
+
+# --- protocols and rankers at the board leak points --------------------------------------------
+def test_the_leak_point_protocols_follow_the_last_layer_board_and_say_where_they_leak(capsys):
+    from helpers import invoke
+    from invbench.protocols import PROTOCOLS, SPLIT_LAYER, defining
+
+    last, layer0, split = (PROTOCOLS[name] for name in ("c4-smollm2-10tok", "c4-smollm2-10tok-layer0",
+                                                         f"c4-smollm2-10tok-split{SPLIT_LAYER}"))
+    assert (layer0.layer, split.layer, last.layer) == (0, 1, -1)
+    assert layer0.attacks == (*last.attacks, "nearest") and split.attacks == last.attacks
+    for protocol in (layer0, split):
+        same = {k: v for k, v in defining(protocol.to_dict()).items() if k not in ("name", "layer", "attacks")}
+        assert same == {k: v for k, v in defining(last.to_dict()).items() if k not in ("name", "layer", "attacks")}
+    code, out, _ = invoke(["protocols"], capsys)
+    assert code == 0 and "leak point: layer 0, the input embeddings" in out and "VFLAIR-LLM's default split" in out
+    assert out.count("leak point: the last layer") == 4
+
+
+def test_rankers_ship_for_the_board_leak_points():
+    """Every board leak point of SmolLM2 runs without fitting a ranker: the last layer and the split have
+    shipped ones (fitted on the disjoint documents, split recorded); layer 0 ranks by the exact likelihood."""
+    import json
+
+    from invbench.attacks.ranker import shipped_path
+    from invbench.protocols import SPLIT_LAYER
+
+    for layer in (30, SPLIT_LAYER):
+        path = shipped_path("smollm2-135m", layer)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        assert path.is_file() and meta["layer"] == layer and meta["documents"]["held_out"] == 100
+        assert "c4_ranker_train.jsonl" in meta["data"] and meta["held_out_accuracy"]["clean"]["top1"] > 0.7
+
+
+def test_a_first_fit_says_how_long_it_will_take_and_how_to_skip_it(tiny, cache, monkeypatch):
+    import invbench.attacks.ranker as ranker
+
+    notes = []
+    monkeypatch.setattr(ranker, "fit_ranker", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(ranker, "estimate_fit_seconds", lambda oracle, recipe: 600.0)
+    with pytest.raises(KeyboardInterrupt):
+        ranker.load_ranker(WhiteBox.of(tiny, layer=1), notify=notes.append)
+    assert "takes about 10 minutes" in notes[-1] and "--ranker prior" in notes[-1]
+
+
+def test_the_fit_estimate_is_measured_here(tiny):
+    assert 0 < estimate_fit_seconds(WhiteBox.of(tiny, layer=1), ranker_recipe(epochs=1), steps=1) < float("inf")
+
+
+def ranker_recipe(**changes):
+    from invbench.attacks.ranker import Recipe
+
+    return Recipe(documents=40, held_out=8, tokens_per_document=16, random_sequences=20, **changes)
+
+
+from invbench.attacks.ranker import estimate_fit_seconds  # noqa: E402
