@@ -85,17 +85,45 @@ TOLERANCE_NOTE = "measured in bench/studies/GUIDED.md"
 FLIP_COORDINATES = 4
 
 
-def interleaved_order(scores: list[torch.Tensor]) -> torch.Tensor:
+def interleaved_order(scores: list[torch.Tensor], limit: int | None = None) -> torch.Tensor:
     """One ranking (R, V) of token ids from several scores (each (R, V), higher is better):
     first of the first, first of the second, ..., second of the first, ..., each token at its
-    earliest place. Rank r of score j gets key k r + j (distinct), and keys are sorted."""
+    earliest place. Rank r of score j gets key k r + j (distinct), and keys are sorted. With `limit`
+    (< V), only the first `limit` places (R, limit), from each score's top `limit` (no full sort)."""
     k = len(scores)
+    rows, vocab = scores[0].shape
+    if limit is not None and limit < vocab:
+        return _interleaved_head(scores, limit)
     key = None
     for j, score in enumerate(scores):
-        rank = score.argsort(dim=1, descending=True).argsort(dim=1)
+        order = score.argsort(dim=1, descending=True)
+        # the inverse permutation (each token's rank): a scatter, not a second sort (same result, half the work)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(vocab, device=order.device).expand_as(order))
         slot = rank * k + j
         key = slot if key is None else torch.minimum(key, slot)
     return key.argsort(dim=1)
+
+
+def _interleaved_head(scores: list[torch.Tensor], limit: int, tops: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """The first `limit` places of `interleaved_order`: every one of them is among some score's top
+    `limit`, so only those are sorted (a token in several lists keeps its earliest slot). `tops`: a
+    score's top `limit` ids where already known (None: computed here)."""
+    k = len(scores)
+    rows = len(scores[0])
+    device = scores[0].device
+    tops = tops or [None] * k
+    ids = torch.cat([top if top is not None else score.topk(limit, dim=1).indices
+                     for score, top in zip(scores, tops)], dim=1)  # (R, k limit)
+    width = k * limit
+    places = torch.arange(limit, device=device) * k
+    slot = torch.cat([places + j for j in range(k)]).expand(rows, -1)
+    # a token's copies side by side, earliest slot first: keep the first of each run
+    by_token = (ids * width + slot).argsort(dim=1)
+    sorted_ids = ids.gather(1, by_token)
+    later = torch.zeros_like(sorted_ids, dtype=torch.bool)
+    later[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    slot = slot.gather(1, by_token).masked_fill(later, width)
+    return sorted_ids.gather(1, slot.argsort(dim=1)[:, :limit])
 
 
 @dataclass(frozen=True)
@@ -145,10 +173,38 @@ class GuidedState:
     map: bool  # MAP scoring (noisy defences with scoring=map)
     failed: torch.Tensor  # (B,) prompts whose last verified position found no passing candidate
     targets: torch.Tensor  # (B, T, d) the defended states: the ranker also reads the next position's
+    exact: "ExactScores | None" = None  # context-free leak point (layer 0): every token's likelihood, in place of a ranker
 
     def following(self, owner: torch.Tensor, position: int) -> torch.Tensor | None:
         """The defended states (R, d) one position after `position` of each row's prompt (None at the last)."""
         return self.targets[owner, position + 1] if position + 1 < self.targets.shape[1] else None
+
+
+class ExactScores:
+    """At a context-free leak point (layer 0) every candidate's state at a position is known without a
+    forward pass (`WhiteBox.position_table`), so the learned ranker's estimate of p(x_t | h~_t) gives way
+    to the exact log-likelihood of each token's simulated state under the defence's noise law (noise-
+    free: minus the statistic, nearest first). Nothing is fitted: `--ranker auto` uses this there."""
+
+    description = "the exact likelihood of every token's state (a context-free leak point: a table, no learned ranker)"
+
+    def __init__(self, oracle, defense, likelihood: Likelihood) -> None:
+        self.oracle, self.defense, self.likelihood = oracle, defense, likelihood
+        self._position, self._table = -1, None
+
+    def table(self, position: int) -> torch.Tensor:
+        """simulate(the states of every token at `position`) (V, d), the latest position kept."""
+        if position != self._position:
+            self._position, self._table = position, self.defense.simulate(self.oracle.position_table(position))
+        return self._table
+
+    @torch.no_grad()
+    def __call__(self, goal: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(goal | token) up to a constant (noise-free: minus the statistic) of the distinct goals
+        (U, V) (a prompt's hypotheses share one), and each row's goal among them (R,)."""
+        unique, inverse = torch.unique(goal, dim=0, return_inverse=True)
+        statistic = self.likelihood.pairwise(unique, self.table(position))
+        return (-self.likelihood.nll(statistic) if self.likelihood.noisy else -statistic), inverse
 
 
 @register_attack
@@ -171,12 +227,17 @@ class GuidedAttack(Attack):
         cfg = self.config
         key = (oracle.fingerprint, oracle.layer_index, cfg.ranker, cfg.codebook)
         if key not in self._resources:
-            ranker = load_ranker(oracle, spec=cfg.ranker, notify=notify)
+            ranker = None if self.exact(oracle) else load_ranker(oracle, spec=cfg.ranker, notify=notify)
             codebook = Codebook(oracle, notify=notify).states() if cfg.codebook else None
             self._resources = {key: (ranker, codebook)}
         ranker, codebook = self._resources[key]
-        self.ranker_description = ranker.description if ranker is not None else "the model's prior alone"
+        self.ranker_description = (ExactScores.description if self.exact(oracle) else
+                                   ranker.description if ranker is not None else "the model's prior alone")
         return ranker, codebook
+
+    def exact(self, oracle) -> bool:
+        """Whether candidates are ranked by their exact likelihood (a context-free leak point with --ranker auto)."""
+        return oracle.context_free and self.config.ranker == "auto"
 
     def prepare(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
                 notify: Callable[[str], None] = print) -> GuidedState:
@@ -187,7 +248,8 @@ class GuidedAttack(Attack):
         simulated = defense.simulate(codebook) if codebook is not None else None
         return GuidedState(ranker, simulated, likelihood, threshold, map=self.uses_map(likelihood),
                            failed=torch.zeros(len(targets), dtype=torch.bool, device=oracle.device),
-                           targets=targets.to(oracle.device))
+                           targets=targets.to(oracle.device),
+                           exact=ExactScores(oracle, defense, likelihood) if self.exact(oracle) else None)
 
     def uses_map(self, likelihood: Likelihood) -> bool:
         """MAP scoring needs a likelihood: asked for, and the defence adds noise (without noise MAP is ML)."""
@@ -198,25 +260,42 @@ class GuidedAttack(Attack):
         if position == 0 and state.codebook is not None:
             return self._lookup(oracle, goal, state)
         prior = oracle.log_prior(prefix)
-        order = self._order(goal, prior, state, state.following(owner, position))
-        vocab = order.shape[1]
+        vocab = oracle.vocab_size
         budget = torch.full((len(goal),), self.config.max_candidates or vocab, device=goal.device)
         budget = torch.where(state.failed[owner], min(self.config.after_failure, vocab), budget.clamp(max=vocab))
+        order = self._order(goal, prior, state, state.following(owner, position), position,
+                            limit=self.order_limit(oracle, budget))
         found = self._verify(oracle, prefix, goal, order, prior, defense, state, budget=budget)
         ended = found.extras["ended"]
         state.failed[owner] = (ended != CERTIFIED) & (ended != FLIPPED)  # guided keeps no beams: rows are prompts
         return found
 
     @staticmethod
+    def order_limit(oracle, budget: torch.Tensor) -> int | None:
+        """How much of the ranking to sort: the largest budget before the last layer (a (R, V) sort per
+        position dominates the cost where candidates are cheap); at the last layer the whole ranking, as
+        its committed results were made."""
+        return None if oracle.final else int(budget.max())
+
+    @staticmethod
     def _order(goal: torch.Tensor, prior: torch.Tensor, state: GuidedState,
-               following: torch.Tensor | None) -> torch.Tensor:
-        """Which tokens to verify first (R, V): the prior plus the learned ranker (which reads the
-        row's defended state and the next position's), interleaved with the learned ranker alone (or
-        the prior alone, without a ranker)."""
-        if state.ranker is None:
+               following: torch.Tensor | None, position: int, *, limit: int | None = None) -> torch.Tensor:
+        """Which tokens to verify first (R, V, or R x `limit`): the prior plus the learned ranker (which
+        reads the row's defended state and the next position's), interleaved with the learned ranker
+        alone (or the prior alone, without a ranker). At a context-free leak point the exact likelihood
+        of every token stands in for the learned ranker."""
+        if state.exact is not None:
+            unique, inverse = state.exact(goal, position)
+            learned = unique[inverse]
+            if limit is not None and limit < prior.shape[1]:  # a prompt's rows share its own ranking: sorted once
+                return _interleaved_head([learned + prior, learned], limit, [None, unique.topk(limit, dim=1).indices[inverse]])
+        elif state.ranker is None:
+            if limit is not None and limit < prior.shape[1]:
+                return prior.topk(limit, dim=1).indices
             return prior.argsort(dim=1, descending=True)
-        learned = state.ranker.log_probs(goal, state.likelihood.std, following)
-        return interleaved_order([learned + prior, learned])
+        else:
+            learned = state.ranker.log_probs(goal, state.likelihood.std, following)
+        return interleaved_order([learned + prior, learned], limit=limit)
 
     def _lookup(self, oracle, goal: torch.Tensor, state: GuidedState) -> Candidates:
         """Position 1: the best codebook entry (exact over the whole vocabulary, no forward pass)."""
@@ -248,7 +327,7 @@ class GuidedAttack(Attack):
         candidates by objective, best first (inf where fewer were verified); an earlier candidate wins
         a tie."""
         cfg = self.config
-        rows, vocab = order.shape
+        rows, vocab = len(order), oracle.vocab_size  # the ranking may hold only the first max(budget) places
         device = goal.device
         likelihood = state.likelihood
         best = {"token": torch.zeros(rows, keep, dtype=torch.long, device=device),
@@ -264,7 +343,7 @@ class GuidedAttack(Attack):
         active = torch.arange(rows, device=device)
         done_so_far, size = 0, cfg.first_round
         while len(active):
-            columns = slice(done_so_far, min(vocab, done_so_far + size, int(budget[active].min())))
+            columns = slice(done_so_far, min(order.shape[1], done_so_far + size, int(budget[active].min())))
             ids = order[active, columns]
             goal_a = goal[active]
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import platform
+import time
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -167,13 +169,47 @@ def load_ranker(oracle, *, spec: str = "auto", notify: Callable[[str], None] = p
             return ranker
     if not fit_if_missing:
         return None
-    notify(f"note: no ranker for {model_name} (layer {layer}) yet: fitting one once on {data}, "
-           f"cached in {path.parent} (or pass --ranker prior)")
+    minutes = estimate_fit_seconds(oracle, recipe) / 60
+    notify(f"note: no ranker for {model_name} (layer {layer}) yet: fitting one once on {data} takes about "
+           f"{minutes:.0f} minutes here (measured on its first batches; resumable), cached in {path.parent}. "
+           "Pass --ranker prior to skip it (the model's prior alone: more candidates verified per token)")
     fit_ranker(oracle, texts=texts, data=data, out=path, recipe=recipe, notify=notify, model_name=model_name,
                command=f"invbench fit-ranker --model {model_name} --layer {oracle.layer} (fitted on first use)")
     ranker = read_ranker(path, oracle, fingerprint=fingerprint, notify=notify)
     assert ranker is not None, "a ranker just fitted must load"
     return ranker
+
+
+@torch.no_grad()
+def _time_capture(oracle, recipe: Recipe, batch: int) -> float:
+    ids = torch.randint(oracle.vocab_size, (batch, recipe.tokens_per_document), generator=torch.Generator().manual_seed(0))
+    oracle.capture(ids[:1])  # warm-up
+    started = time.perf_counter()
+    oracle.capture(ids)
+    return time.perf_counter() - started
+
+
+def estimate_fit_seconds(oracle, recipe: Recipe = Recipe(), *, steps: int = 3) -> float:
+    """How long `fit_ranker` will take on this machine, from one batch of states (at the oracle's leak
+    point: a split after block k costs about k/L of the last layer's) and `steps` training steps, scaled
+    to the recipe (an upper bound: documents shorter than the recipe's tokens are skipped)."""
+    batch = 16  # document_states' batch
+    sequences = recipe.documents + recipe.random_sequences
+    states = _time_capture(oracle, recipe, batch) * math.ceil(sequences / batch)
+    dim = oracle.embedding.shape[1]
+    net = RankerNet(dim, int(round(recipe.hidden_ratio * dim)))
+    directions = F.normalize(oracle.embedding.float().cpu(), dim=-1)
+    optimiser = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    x, labels = torch.randn(recipe.batch_size, dim), torch.randint(len(directions), (recipe.batch_size,))
+    started = time.perf_counter()
+    for _ in range(steps):
+        loss = F.cross_entropy(net(x, 0.1, directions, x, None), labels)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    per_step = (time.perf_counter() - started) / steps
+    training = (sequences - recipe.held_out - (recipe.held_out if recipe.random_sequences else 0)) * recipe.tokens_per_document
+    return states + per_step * recipe.epochs * math.ceil(training / recipe.batch_size)
 
 
 def read_ranker(path: Path, oracle, *, fingerprint: str, notify: Callable[[str], None]) -> Ranker | None:
@@ -273,6 +309,7 @@ def fit_ranker(oracle, *, texts: list[str], data: str, out: Path, recipe: Recipe
     if oracle.tokenizer is None:
         raise AttackError("fitting a ranker needs the model's tokenizer (WhiteBox(..., tokenizer=...))")
     tokenizer = oracle.tokenizer
+    started = time.perf_counter()
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     work = out.parent / f".{out.stem}.work"
@@ -326,7 +363,10 @@ def fit_ranker(oracle, *, texts: list[str], data: str, out: Path, recipe: Recipe
                               "random_sequences": {"train": random_train.stop - random_train.start,
                                                    "held_out": random_test.stop - random_test.start},
                               "states": int(samples), "texts_sha256": _texts_hash(texts[:recipe.documents])},
-                "held_out_accuracy": metrics, "command": command}
+                "held_out_accuracy": metrics, "command": command,
+                "fit": {"seconds": round(time.perf_counter() - started), "threads": torch.get_num_threads(),
+                        "machine": f"{oracle.device.type} ({platform.processor() or platform.machine()})",
+                        "note": "this session's time (a resumed fit counts only the session that finished it)"}}
     tensors = {k: v.detach().half().contiguous() for k, v in net.state_dict().items()}
     write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata={"invbench": json.dumps(metadata)}))
     write_atomic(out.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(metadata, indent=2) + "\n"))

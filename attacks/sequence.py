@@ -45,6 +45,8 @@ from typing import Any, Callable
 
 import torch
 
+from invbench.leaks.oracle import PrefixTree
+
 from .base import AttackError, AttackOutput, distribution, mse, option, position_values
 from .guided import CERTIFIED, CODEBOOK, ENDINGS, GuidedAttack, GuidedConfig, GuidedState, SCORINGS
 from .registry import register_attack
@@ -101,6 +103,7 @@ class Hypotheses:
     owner: torch.Tensor  # (R,) the prompt of each row
     failed: torch.Tensor  # (R,) whether the row's last position found no passing candidate
     history: dict[str, torch.Tensor]  # name -> (R, t) per-position values along each row's lineage
+    node: torch.Tensor | None = None  # (R,) before the last layer: each row's node in the run's PrefixTree
 
 
 @register_attack
@@ -122,13 +125,19 @@ class SequenceAttack(GuidedAttack):
         spent = torch.zeros(batch, device=oracle.device)  # candidate forwards per prompt
         per_prompt = {"candidates": torch.zeros(batch, length), "hypotheses": torch.zeros(batch, length)}
         rows = None
+        # Before the last layer a candidate is cheap and a hypothesis' prior (a forward of its whole prefix
+        # through the whole model) is not: the hypotheses' caches are kept in a tree, each extended by its
+        # new token. (At the last layer prefixes are recomputed, as the committed results were made.)
+        tree = None if oracle.final else PrefixTree(oracle, chunk=ROW_CHUNK)
         for t in range(length):
             start = time.perf_counter()
             if t == 0:
                 rows = self._first(oracle, targets, state)
                 forwards = torch.zeros(batch, device=oracle.device)
             else:
-                rows, forwards = self._extend(oracle, rows, t, defense, state, spent=spent)
+                rows, forwards = self._extend(oracle, rows, t, defense, state, spent=spent, tree=tree)
+            if tree is not None and t + 1 < length:
+                rows.node = tree.append(None if t == 0 else tree.prune(rows.node), rows.tokens[:, -1])
             spent += forwards
             per_prompt["candidates"][:, t] = forwards.cpu()
             per_prompt["hypotheses"][:, t] = torch.bincount(rows.owner, minlength=batch).float().cpu()
@@ -170,7 +179,7 @@ class SequenceAttack(GuidedAttack):
         return Hypotheses(chosen[:, None], score[owner, chosen], owner, torch.zeros_like(owner, dtype=torch.bool), history)
 
     def _extend(self, oracle, rows: Hypotheses, position: int, defense, state: GuidedState, *,
-                spent: torch.Tensor) -> tuple[Hypotheses, torch.Tensor]:
+                spent: torch.Tensor, tree: PrefixTree | None = None) -> tuple[Hypotheses, torch.Tensor]:
         """One position: verify every hypothesis' candidates, keep the best extensions per prompt.
         Returns the new hypotheses and the forwards each prompt spent."""
         cfg = self.config
@@ -185,7 +194,7 @@ class SequenceAttack(GuidedAttack):
         budget = torch.where(alone, full, torch.where(rank == 0, cfg.wide, ranked)).clamp(max=full)
         budget = self._after_failure(budget, rows.failed)
         everyone = torch.arange(len(rows.owner), device=goal.device)
-        found = self._verify_rows(oracle, rows, everyone, position, defense, state, budget=budget)
+        found = self._verify_rows(oracle, rows, everyone, position, defense, state, budget=budget, tree=tree)
         for width, deeper in DEEPENING:
             # a prompt none of whose hypotheses passed: its `width` most promising ones verify deeper
             passed = torch.zeros(len(goal), dtype=torch.bool, device=goal.device)
@@ -198,7 +207,7 @@ class SequenceAttack(GuidedAttack):
             again, more = again[more > budget[again]], more[more > budget[again]]
             if not len(again):
                 continue
-            result = self._verify_rows(oracle, rows, again, position, defense, state, budget=more)
+            result = self._verify_rows(oracle, rows, again, position, defense, state, budget=more, tree=tree)
             result["candidates"] += found["candidates"][again]  # it verified from the start again: both count
             budget[again] = more
             for key, value in result.items():
@@ -220,16 +229,17 @@ class SequenceAttack(GuidedAttack):
         return order[group_rank(owner[order]) < width].sort().values
 
     def _verify_rows(self, oracle, rows: Hypotheses, index: torch.Tensor, position: int, defense,
-                     state: GuidedState, *, budget: torch.Tensor) -> dict[str, torch.Tensor]:
+                     state: GuidedState, *, budget: torch.Tensor, tree: PrefixTree | None = None) -> dict[str, torch.Tensor]:
         """guided's verification for the hypotheses `index` (with their `budget`), ROW_CHUNK at a time:
         each row's `keep` best candidates (token, discrete loss, score in nats), forwards and ending."""
         parts = []
         for rows_at, budget_at in zip(index.split(ROW_CHUNK), budget.split(ROW_CHUNK)):
-            prefix = oracle.prefix(rows.tokens[rows_at])
+            prefix = oracle.prefix(rows.tokens[rows_at]) if tree is None else tree.prefix(rows.node[rows_at])
             prior = oracle.log_prior(prefix)
             owner = rows.owner[rows_at]
             goal_at = state.targets[owner, position]
-            order = self._order(goal_at, prior, state, state.following(owner, position))
+            order = self._order(goal_at, prior, state, state.following(owner, position), position,
+                                limit=self.order_limit(oracle, budget_at))
             found = self._verify(oracle, prefix, goal_at, order, prior, defense, state,
                                  budget=budget_at, keep=self.config.keep)
             parts.append({"token": found.tokens, "loss": found.losses, "score": self._nats(found.objective, state),
@@ -254,7 +264,8 @@ class SequenceAttack(GuidedAttack):
         steps = {"discrete_loss": found["loss"][parent, column], "ended": found["ended"][parent].float()}
         history = {name: torch.cat([rows.history[name][parent], value[:, None]], dim=1) for name, value in steps.items()}
         tokens = torch.cat([rows.tokens[parent], found["token"][parent, column][:, None]], dim=1)
-        return Hypotheses(tokens, flat[alive], owner, found["ended"][parent] != CERTIFIED, history)
+        return Hypotheses(tokens, flat[alive], owner, found["ended"][parent] != CERTIFIED, history,
+                          node=None if rows.node is None else rows.node[parent])
 
     def _stop(self, first_pass: torch.Tensor, verified: int, *, noisy: bool, passes: torch.Tensor) -> torch.Tensor:
         """guided's stop, and under noise at least `per_pass` candidates per pass seen, at most `wide`

@@ -15,7 +15,7 @@ import click
 
 from .cli_options import (BOARD_DIR, DEVICE, RUNS_DIR, FiniteFloatRange, defense_flags, defense_params,
                           existing_board_dir)
-from .protocols import PROTOCOLS, UTILITY_FLOOR, Protocol, ProtocolError, get_protocol
+from .protocols import PROTOCOLS, UTILITY_FLOOR, Protocol, ProtocolError, get_protocol, leak_point
 
 # Entries, boards and runs are imported when a command runs: listing the protocols or a command's help
 # must not wait for torch (this module is imported for `invbench protocols` and each command's --help).
@@ -159,4 +159,5 @@ def protocols() -> None:
     for p in PROTOCOLS.values():
         click.echo(f"{p.name:<{width}} {p.model} | {p.dataset} | {p.n} prompts x {p.tokens} tokens | seed {p.seed} | "
                    f"attacks {', '.join(p.attacks)} ({p.preset})")
+        click.echo(f"{'':<{width}} leak point: {leak_point(p)}")
         click.echo(f"{'':<{width}} {p.description}")

@@ -92,6 +92,31 @@ SEQUENCE_NOTE = ("sequence decodes the whole text: a beam search over at most 25
                  "is exactly guided. It is exact on noise-free states; under noise it is a beam search, and every "
                  "miss where the truth scores better under its objective is flagged as a search failure.")
 
+# Leak points (a protocol's `layer`): what leaves the client there, and who deploys defences there.
+SPLIT_LAYER = 1  # the early split: the client runs the embedding and block 1, VFLAIR-LLM's default
+LEAK_POINTS = {
+    0: "layer 0, the input embeddings (before the first block): where SplitLLM's dchi noise, Split-N-Denoise and "
+       "BeamClean put their defences, and what a split-inference client sends when the server runs every block",
+    SPLIT_LAYER: f"layer {SPLIT_LAYER}, after block {SPLIT_LAYER} of 30 (split inference: the client runs the embedding and "
+                 f"block {SPLIT_LAYER}, the server blocks {SPLIT_LAYER + 1}-30 and the LM head): VFLAIR-LLM's default split "
+                 "(local_encoders_num = 1 in src/load/LoadConfigs.py; its GPT-2 LaplaceDP config, src/configs/llm_configs/"
+                 "with_mia_and_defense/2-slice/lambada_gpt_dp.json, also splits there), where it adds its noise",
+}
+LAST_LAYER = ("the last layer (after the final norm, the states the LM head reads): what embedding APIs, cached "
+              "activations and a server's returned states leak")
+
+
+def leak_point(protocol: "Protocol", n_layers: int | None = None) -> str:
+    """Which states a protocol's board measures and who deploys defences there, in words."""
+    if protocol.layer == -1 or (n_layers is not None and protocol.layer == n_layers):
+        return LAST_LAYER
+    return LEAK_POINTS.get(protocol.layer, f"layer {protocol.layer} (after block {protocol.layer}; 0: the input embeddings)")
+
+
+UTILITY_NOTE = ("Utility is the server's: blocks {first}-30 and the LM head run on the defended states of every "
+                "position (causal), compared with the clean run (top-1 agreement, KL, perplexity ratio); the cosine "
+                "is that of the leaked vectors.")
+
 PROTOCOLS: Registry[Protocol] = Registry("protocol", error=ProtocolError)
 for _protocol in (
     Protocol("c4-gpt2-10tok", "The paper's setting: GPT-2 small, first 10 tokens of 100 C4 validation documents, "
@@ -110,6 +135,23 @@ for _protocol in (
              "because verification pays for the missing prior: a random token ranks deeper than a word.",
              model="smollm2-135m", dataset="random", n=5, tokens=10, **smollm2_attacks(scoring="ml"),
              prompts_sha256="d1abed71cdb7e36ec2ba96523b12d5b6014aea9a8c8e3c9a3374adb17fa3b648"),
+    Protocol("c4-smollm2-10tok-layer0", "Defences on the input embeddings (layer 0: the client sends its token "
+             "embeddings, before the first block), on the prompts and attacks of c4-smollm2-10tok plus nearest, the "
+             "per-token baseline BeamClean compares against (each token's most likely embedding under the noise law). "
+             "At layer 0 a token's state does not depend on the text before it, so candidates are table look-ups and "
+             "guided and sequence rank them by their exact likelihood (no learned ranker): sequence is the MAP decoder "
+             "of noisy embeddings with the model's prior. " + SEQUENCE_NOTE + " " + SMOLLM2_CAPS_NOTE + " "
+             + UTILITY_NOTE.format(first=1),
+             model="smollm2-135m", dataset="c4", n=25, tokens=10, layer=0,
+             **{**smollm2_attacks(scoring="map"), "attacks": ("sequence", "continuous", "projection", "nearest")},
+             prompts_sha256="f86f5f8383a619890ab3f951056c9a6396d54f19be13e9841ad5534d72d0a2d5"),
+    Protocol(f"c4-smollm2-10tok-split{SPLIT_LAYER}", f"Defences at an early split (after block {SPLIT_LAYER} of 30: the "
+             f"client runs the embedding and block {SPLIT_LAYER}, as VFLAIR-LLM does by default), on the prompts and "
+             f"attacks of c4-smollm2-10tok: candidates are verified through block {SPLIT_LAYER} only, and guided and "
+             f"sequence read the learned ranker shipped for this layer. " + SEQUENCE_NOTE + " " + SMOLLM2_CAPS_NOTE + " "
+             + UTILITY_NOTE.format(first=SPLIT_LAYER + 1),
+             model="smollm2-135m", dataset="c4", n=25, tokens=10, layer=SPLIT_LAYER, **smollm2_attacks(scoring="map"),
+             prompts_sha256="f86f5f8383a619890ab3f951056c9a6396d54f19be13e9841ad5534d72d0a2d5"),
     Protocol("quick", "A smoke-test protocol for CPUs: tiny-gpt2 (seeded random weights), 4 C4 prompts x 3 tokens, "
              "all attacks (continuous: fast preset capped at 200 steps; guided: the prior alone, as a random model has "
              "no shipped ranker). About a minute on 2 cores; not comparable to real models.",

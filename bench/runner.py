@@ -244,26 +244,46 @@ def score(source: Source, leak: Leak, attacks: list[Attack], defense: Defense, r
         model=source.loaded.name, model_source=recorded["model_source"], dataset=cfg.dataset,
         dataset_source=recorded["dataset_source"], prompt_indices=[p.index for p in prompts], tokens=cfg.tokens,
         layer=cfg.layer, seed=cfg.seed, dim=leak.clean.shape[-1], defense=defense, attacks=attacks,
-        utility=defense_utility(source.loaded, leak, layer=cfg.layer),
+        utility=defense_utility(source.loaded, leak, layer=cfg.layer, oracle=oracle),
         blind_token_accuracy=scoring.blind_token_accuracy(guess, prompts), blind_guess=guess,
         first_gaps=first, config_hash=recorded["config_hash"], device=recorded["device"],
         versions=recorded["versions"], wall_seconds=wall_seconds)
     return build_summary(records, context)
 
 
-def defense_utility(loaded: LoadedModel, leak: Leak, *, layer: int) -> dict[str, Any]:
-    """What the defence costs the model, from the clean and defended states of the same prompts:
-    through the model's own LM head at the last layer, cosine only elsewhere."""
-    n_layers = loaded.model.config.num_hidden_layers
-    if layer not in (-1, n_layers):
-        return {**cosine_only(clean=leak.clean, defended=leak.defended),
-                "note": f"layer {layer} is not the last: the LM-head utility does not apply, cosine only"}
+def defense_utility(loaded: LoadedModel, leak: Leak, *, layer: int, oracle: WhiteBox | None = None) -> dict[str, Any]:
+    """What the defence costs the model, from the clean and defended states of the same prompts: at the
+    last layer through the model's own LM head; at an earlier leak point as the server sees it, the
+    rest of the model (blocks k+1..L, final norm, LM head) run causally on the defended states of every
+    position against the same on the clean ones (`WhiteBox.server_states`), with the same metrics. The
+    cosine is always that of the leaked vectors (defended to clean)."""
     ids = torch.tensor([p.ids for p in leak.prompts])
     next_ids = torch.cat([ids[:, 1:], torch.full((len(ids), 1), -100)], dim=1)  # the last position has no next token
     head = loaded.model.get_output_embeddings()
+    n_layers = loaded.model.config.num_hidden_layers
+    if layer not in (-1, n_layers):
+        server = oracle if oracle is not None and oracle.layer_index == layer % (n_layers + 1) else \
+            WhiteBox(loaded.model, layer=layer)
+        clean, defended = server_view(server, ids, leak.clean), server_view(server, ids, leak.defended)
+        metrics = utility_metrics(lm_head=head, clean=clean.to(head.weight.device),
+                                  defended=defended.to(head.weight.device), next_ids=next_ids.to(head.weight.device),
+                                  prompt_indices=[p.index for p in leak.prompts])
+        leaked = [cosine_only(clean=leak.clean[i], defended=leak.defended[i])["cosine"] for i in range(len(ids))]
+        for row, cosine in zip(metrics["per_prompt"], leaked):  # the cosine is of the leaked vectors
+            row["cosine"] = cosine
+        return {**metrics, "cosine": sum(leaked) / len(leaked),
+                "note": f"server's view at layer {layer}: blocks {server.layer_index + 1}..{n_layers} and the LM head run "
+                        "on the defended states of every position, compared with the same on the clean states; cosine "
+                        "of the leaked vectors"}
     return utility_metrics(lm_head=head, clean=leak.clean.to(head.weight.device),
                            defended=leak.defended.to(head.weight.device), next_ids=next_ids.to(head.weight.device),
                            prompt_indices=[p.index for p in leak.prompts])
+
+
+def server_view(oracle: WhiteBox, ids: torch.Tensor, states: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
+    """The final states (N, T, d) the server's LM head reads from leak-point states (N, T, d), a batch at a time."""
+    return torch.cat([oracle.server_states(ids[i:i + batch_size], states[i:i + batch_size]).cpu()
+                      for i in range(0, len(ids), batch_size)])
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -418,4 +438,4 @@ def _utility_only(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, A
         "model": source.loaded.name, "dataset": cfg.dataset, "dataset_source": source.dataset_source,
         "n": len(source.prompts), "tokens": cfg.tokens, "layer": cfg.layer, "seed": cfg.seed,
         "defense": record,
-        "utility": defense_utility(source.loaded, leak, layer=cfg.layer), "versions": package_versions()})
+        "utility": defense_utility(source.loaded, leak, layer=cfg.layer, oracle=source.oracle), "versions": package_versions()})

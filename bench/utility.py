@@ -2,7 +2,9 @@
 defended hidden states h~ instead of the clean h.
 
 Final layer: feed both through the LM head and compare the next-token distributions.
-Other layers: only the cosine of h~ to h (`cosine_only`).
+Earlier leak points (the runner's `defense_utility`): the server runs the rest of the model on the
+defended states (`WhiteBox.server_states`), and the final states of that run and of the clean run are
+compared here in the same way; the cosine reported is that of the leaked vectors (`cosine_only`).
 """
 from __future__ import annotations
 

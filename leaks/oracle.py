@@ -8,7 +8,17 @@ Attacks never touch transformers internals; they get
 - `hidden(prefix, embeds)`: the hidden state at the leaked layer of each candidate embedding
   appended after its prompt's prefix, differentiable in `embeds`,
 - `hidden_of_tokens(prefix, ids)`: the same for token ids, chunked, without gradients,
-- `log_prior(prefix)` and `log_prior_of(ids)`: the model's own next-token log-probabilities.
+- `log_prior(prefix)` and `log_prior_of(ids)`: the model's own next-token log-probabilities,
+- `server_states(ids, states)`: what the rest of the model makes of (defended) states at the leak
+  point: the final states the LM head reads (the server's view, for the defence's utility).
+
+Leak points (`layer`, an index into `hidden_states`): 0 is the input of the first block (the token
+embeddings; GPT-2 adds its position embeddings), k in 1..L-1 the output of block k (a split-
+inference client runs blocks 1..k and sends that), L (or -1) the last layer after the final norm.
+Before the last layer, states are computed through blocks 1..k only (`_client`: the forward stops
+at block k), so a candidate costs about k/L of a last-layer one, and at layer 0 no block runs at
+all; the KV-cached prefix keeps only blocks 1..k, and the prior still comes from the whole model.
+The last layer's path is the full forward, as it always was.
 """
 from __future__ import annotations
 
@@ -44,7 +54,8 @@ class Prefix:
 
     def expanded(self, repeats: int) -> DynamicCache:
         """A fresh cache with each prompt's prefix repeated `repeats` times (prompt-major), so
-        that a forward pass can append one candidate per row without touching this prefix."""
+        that a forward pass can append one candidate per row without touching this prefix. (Before
+        the last layer the prefix holds only the blocks the client runs.)"""
         cache = DynamicCache()
         for layer, (k, v) in enumerate(zip(self.keys, self.values)):
             cache.update(k.repeat_interleave(repeats, dim=0), v.repeat_interleave(repeats, dim=0), layer)
@@ -55,6 +66,112 @@ def cache_keyword(body: torch.nn.Module) -> str:
     """The name under which this transformers version takes a KV cache: `cache` (5.x; the old
     name warns on every call) or `past_key_values` (4.x)."""
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+class PrefixTree:
+    """The KV caches of many prefixes that share their beginnings (a beam search's hypotheses), one
+    node per appended token: each node holds its token's keys and values in every block and the final
+    state there (the prior's input), and points to its parent. A prefix of t tokens is the path of t
+    nodes, so a hypothesis extended by one token costs one token's forward (not t), and memory is the
+    nodes still on a live path (`prune`), not hypotheses x length.
+
+    Level s holds the nodes of prefixes of s + 1 tokens; node ids are indices within a level."""
+
+    def __init__(self, oracle: "WhiteBox", *, chunk: int = 256) -> None:
+        self.oracle = oracle
+        self.chunk = chunk
+        self.keys: list[list[torch.Tensor]] = []  # level -> block -> (N, kv heads, head dim)
+        self.values: list[list[torch.Tensor]] = []
+        self.parent: list[torch.Tensor] = []  # level -> (N,) node ids at the level before (-1 at level 0)
+        self.last: list[torch.Tensor] = []  # level -> (N, d) final state at the node's token
+
+    def _paths(self, nodes: torch.Tensor, level: int) -> list[torch.Tensor]:
+        """Node ids at levels 0..level of each node's path."""
+        path = [nodes]
+        for s in range(level, 0, -1):
+            path.append(self.parent[s][path[-1]])
+        return path[::-1]
+
+    def prefix(self, nodes: torch.Tensor, *, blocks: int | None = None) -> Prefix:
+        """The Prefix (keys of the first `blocks` blocks, default the oracle's client blocks) of nodes
+        at the deepest level."""
+        level = len(self.parent) - 1
+        path = self._paths(nodes, level)
+        if blocks is None:
+            blocks = self.oracle.n_layers if self.oracle.final else self.oracle.layer_index
+        keys = [torch.stack([self.keys[s][b][i] for s, i in enumerate(path)], dim=2) for b in range(blocks)]
+        values = [torch.stack([self.values[s][b][i] for s, i in enumerate(path)], dim=2) for b in range(blocks)]
+        return Prefix(keys, values, level + 1, len(nodes), self.last[level][nodes])
+
+    @torch.no_grad()
+    def append(self, parents: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        """New nodes (a new level): token `tokens[i]` (R,) after node `parents[i]` of the deepest level
+        (None: the first tokens). Returns their ids (0..R-1)."""
+        oracle, level = self.oracle, len(self.parent)
+        keys, values, last = [], [], []
+        for start in range(0, len(tokens), self.chunk):
+            rows = slice(start, start + self.chunk)
+            embeds = oracle.embedding[tokens[rows].to(oracle.device)][:, None]
+            cache = DynamicCache()
+            if parents is not None:
+                before = self.prefix(parents[rows], blocks=oracle.n_layers)
+                for block, (k, v) in enumerate(zip(before.keys, before.values)):
+                    cache.update(k, v, block)
+            out = oracle._run(embeds, cache=cache, start=level, hidden_states=False)
+            keys.append([layer.keys[:, :, -1] for layer in cache.layers])
+            values.append([layer.values[:, :, -1] for layer in cache.layers])
+            last.append(out.last_hidden_state[:, -1].float())
+        self.keys.append([torch.cat([part[b] for part in keys]) for b in range(len(keys[0]))])
+        self.values.append([torch.cat([part[b] for part in values]) for b in range(len(values[0]))])
+        self.last.append(torch.cat(last))
+        self.parent.append(torch.full((len(tokens),), -1, dtype=torch.long, device=oracle.device) if parents is None
+                           else parents.to(oracle.device))
+        return torch.arange(len(tokens), device=oracle.device)
+
+    def prune(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Keep only the paths of `nodes` (ids at the deepest level, repeats allowed); returns their new ids."""
+        level = len(self.parent) - 1
+        keep, result = nodes, None
+        for s in range(level, -1, -1):
+            kept, inverse = torch.unique(keep, return_inverse=True)
+            if s == level:
+                result = inverse
+            else:  # the level after points at this one's old ids: renumber
+                remap = torch.full((len(self.last[s]),), -1, dtype=torch.long, device=kept.device)
+                remap[kept] = torch.arange(len(kept), device=kept.device)
+                self.parent[s + 1] = remap[self.parent[s + 1]]
+            self.keys[s] = [k[kept] for k in self.keys[s]]
+            self.values[s] = [v[kept] for v in self.values[s]]
+            self.last[s] = self.last[s][kept]
+            self.parent[s] = self.parent[s][kept]
+            keep = self.parent[s]
+        return result
+
+
+class LeakPointReached(Exception):
+    """Raised by the hook at the leak point: holds the state there, so the blocks after it never run."""
+
+    def __init__(self, state: torch.Tensor) -> None:
+        super().__init__("leak point reached")
+        self.state = state
+
+
+def decoder_blocks(body: torch.nn.Module, n_layers: int) -> torch.nn.ModuleList:
+    """The model's decoder blocks: the first ModuleList of `n_layers` modules in its body (GPT-2's
+    `h`, Llama's `layers`)."""
+    for module in body.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ValueError(f"cannot find the {n_layers} decoder blocks of {type(body).__name__}; only the last layer "
+                     "(--layer -1) can be leaked from this model")
+
+
+def _hidden_argument(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _block_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
 
 
 def document_start_token(tokenizer) -> int | None:
@@ -87,7 +204,11 @@ class WhiteBox:
         self.embedding = model.get_input_embeddings().weight.detach()
         self.vocabulary: torch.Tensor | None = None  # model ids of the candidates when restricted (tests)
         self._cache_kw = cache_keyword(self.body)
+        self.n_layers = n_layers
+        # before the last layer: the blocks, so that a forward can stop at (or replace) the leak point
+        self.blocks = None if self.final else decoder_blocks(self.body, n_layers)
         self._start_prior: torch.Tensor | None = None
+        self._tables: dict[int, torch.Tensor] = {}  # position -> position_table (position 0 and the latest)
         self._fingerprint: tuple[int, str] | None = None
 
     @classmethod
@@ -119,6 +240,7 @@ class WhiteBox:
         self.vocabulary = ids.to(self.device)
         self.embedding = self.model.get_input_embeddings().weight.detach()[self.vocabulary]
         self._start_prior = None
+        self._tables = {}
         return self
 
     @property
@@ -134,15 +256,53 @@ class WhiteBox:
         """The leaked layer as a non-negative index into hidden_states (-1 and L name the same)."""
         return self.layer % (self.model.config.num_hidden_layers + 1)
 
+    @property
+    def context_free(self) -> bool:
+        """Whether a token's state at the leak point ignores the tokens before it (layer 0: the
+        embedding lookup), so that the states of every candidate at a position are one fixed table
+        (`position_table`) and verifying a candidate is a look-up, not a forward pass."""
+        return self.layer_index == 0
+
+    @property
+    def final(self) -> bool:
+        """Whether the leak point is the last layer (after the final norm: what the LM head reads)."""
+        return self.layer_index == self.model.config.num_hidden_layers
+
     def _run(self, embeds: torch.Tensor, *, cache: DynamicCache | None, start: int, hidden_states: bool):
+        """The body on `embeds` at positions start.. (after `cache`, whose prefix has `start` tokens;
+        with no cache, the positions alone: at layer 0 no block reads a prefix)."""
         rows, length, _ = embeds.shape
         positions = torch.arange(start, start + length, device=embeds.device).expand(rows, length)
-        mask = torch.ones(rows, start + length, dtype=torch.long, device=embeds.device)
+        mask = torch.ones(rows, (start if cache is not None else 0) + length, dtype=torch.long, device=embeds.device)
         return self.body(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=cache is not None,
                          output_hidden_states=hidden_states, **{self._cache_kw: cache})
 
     def _forward(self, embeds: torch.Tensor, *, cache: DynamicCache | None, start: int) -> torch.Tensor:
+        if not self.final:
+            return self._client(embeds, cache=cache, start=start)
         return self._run(embeds, cache=cache, start=start, hidden_states=True).hidden_states[self.layer]
+
+    def _client(self, embeds: torch.Tensor, *, cache: DynamicCache | None, start: int) -> torch.Tensor:
+        """The state at leak point k < L (what a split-inference client sends): the body runs up to
+        block k and stops there (a hook raises with the state), so blocks k+1..L never run. k = 0: the
+        input of block 1 (token embeddings, plus position embeddings where the model adds them)."""
+        k = self.layer_index
+
+        def before_first(module, args, kwargs):
+            raise LeakPointReached(_hidden_argument(args, kwargs))
+
+        def after_block(module, args, output):
+            raise LeakPointReached(_block_output(output))
+
+        handle = (self.blocks[0].register_forward_pre_hook(before_first, with_kwargs=True) if k == 0
+                  else self.blocks[k - 1].register_forward_hook(after_block))
+        try:
+            self._run(embeds, cache=cache, start=start, hidden_states=False)
+        except LeakPointReached as reached:
+            return reached.state
+        finally:
+            handle.remove()
+        raise RuntimeError(f"the forward pass never reached layer {k}")
 
     @torch.no_grad()
     def capture(self, ids: torch.Tensor) -> torch.Tensor:
@@ -163,15 +323,16 @@ class WhiteBox:
             return Prefix([], [], 0, batch)
         cache = DynamicCache()
         out = self._run(self.embedding[ids.to(self.device)], cache=cache, start=0, hidden_states=False)
-        keys = [layer.keys for layer in cache.layers]
-        values = [layer.values for layer in cache.layers]
+        client = len(cache.layers) if self.final else self.layer_index  # the blocks candidates run through
+        keys = [layer.keys for layer in cache.layers[:client]]
+        values = [layer.values for layer in cache.layers[:client]]
         return Prefix(keys, values, length, batch, out.last_hidden_state[:, -1].float())
 
     def hidden(self, prefix: Prefix, embeds: torch.Tensor) -> torch.Tensor:
         """Hidden state (B, M, d) of each of M candidate embeddings (B, M, d) placed after its
         prompt's prefix. Differentiable in `embeds`."""
         batch, m, d = embeds.shape
-        cache = prefix.expanded(m) if prefix.length else None
+        cache = prefix.expanded(m) if prefix.length and (self.final or self.layer_index > 0) else None
         out = self._forward(embeds.reshape(batch * m, 1, d), cache=cache, start=prefix.length)
         return out.reshape(batch, m, d)
 
@@ -185,12 +346,67 @@ class WhiteBox:
         result (e.g. distances (B, m)) before concatenation, so (B, M, d) is never held at once."""
         batch, m = ids.shape
         per_chunk = max(1, (chunk_size or self.chunk_size) // batch)
+        table = self.position_table(prefix.length) if self.context_free else None
         parts = []
         for start in range(0, m, per_chunk):
             columns = slice(start, min(m, start + per_chunk))
-            hidden = self.hidden(prefix, self.embedding[ids[:, columns].to(self.device)]).float()
+            chosen = ids[:, columns].to(self.device)
+            hidden = table[chosen] if table is not None else self.hidden(prefix, self.embedding[chosen]).float()
             parts.append(reduce(hidden, columns) if reduce else hidden)
         return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def position_table(self, position: int) -> torch.Tensor:
+        """(V, d) float32: the state at the leak point of every candidate token alone at `position`
+        (0-based; no token before it). At a context-free leak point (layer 0) that is its state after
+        any prefix. Computed in chunks; where the states at `position` equal those at position 0 (a
+        Llama's layer 0: the embeddings themselves; any model's single token under RoPE), checked on a
+        sample of tokens, the position-0 table is reused. Position 0 and the latest are kept."""
+        if position not in self._tables:
+            first = self._tables.get(0)
+            if first is None or position == 0:
+                first = self._tables[0] = self._alone(torch.arange(self.vocab_size, device=self.device), 0)
+            table = first
+            if position:
+                sample = torch.linspace(0, self.vocab_size - 1, 16, device=self.device).long()
+                if not torch.equal(self._alone(sample, position), first[sample]):
+                    table = self._alone(torch.arange(self.vocab_size, device=self.device), position)
+            self._tables = {0: first, position: table}
+        return self._tables[position]
+
+    def _alone(self, ids: torch.Tensor, position: int) -> torch.Tensor:
+        """States (N, d) of tokens `ids` each alone at `position` (no prefix), in chunks."""
+        return torch.cat([self._forward(self.embedding[ids[i:i + self.chunk_size], None], cache=None, start=position)[:, 0]
+                          .float() for i in range(0, len(ids), self.chunk_size)])
+
+    # --- the server's view ---------------------------------------------------------------------
+    @torch.no_grad()
+    def server_states(self, ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """The final states (B, T, d) that the LM head reads when the server runs the rest of the
+        model on `states` (B, T, d), the states of prompts `ids` (model ids) at the leak point: a causal
+        forward of the whole model on `ids` in which block k's output (k = 0: block 1's input) is
+        replaced by `states` at every position, so blocks k+1..L, the final norm and what follows
+        read them as they would read what a client sent. At the last layer `states` themselves."""
+        if self.final:
+            return states
+        states = states.to(self.device, self.embedding.dtype)
+
+        def before_first(module, args, kwargs):
+            if args:
+                return (states, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": states}
+
+        def after_block(module, args, output):
+            return (states, *output[1:]) if isinstance(output, tuple) else states
+
+        k = self.layer_index
+        handle = (self.blocks[0].register_forward_pre_hook(before_first, with_kwargs=True) if k == 0
+                  else self.blocks[k - 1].register_forward_hook(after_block))
+        try:
+            embeds = self.model.get_input_embeddings().weight.detach()[ids.to(self.device)]
+            return self._run(embeds, cache=None, start=0, hidden_states=False).last_hidden_state.float()
+        finally:
+            handle.remove()
 
     # --- the model's own prior ------------------------------------------------------------------
     @torch.no_grad()
