@@ -143,7 +143,8 @@ class GuidedConfig:
     tolerance: float = 1e-7
     miss_probability: float = 1e-4  # noisy stop: the true token fails the test with at most this
     lookahead: float = 4.0  # noisy stop: verify this many times the candidates of the first pass
-    min_noisy_candidates: int = 64
+    min_noisy_candidates: int = option(64, "under noise, candidates a position verifies at least before it stops at a "
+                                       "pass (several wrong tokens can pass once noise is large).", min=1)
     codebook: bool = option(True, "position 1 by lookup in the codebook of every token's first state (built once "
                             "per model and layer, about a minute on 2 cores, then cached); false: verified in ranked "
                             "order like the later positions (exact without noise as well).")
