@@ -144,7 +144,7 @@ def test_corrupt_or_foreign_codebook_is_reported_and_rebuilt(small, cache):
 def test_ranker_fits_loads_and_a_corrupt_or_foreign_one_is_refit(tiny, cache):
     oracle = WhiteBox(tiny.model, tokenizer=tiny.tokenizer, name="tiny-gpt2",
                       start_token=document_start_token(tiny.tokenizer))
-    recipe = Recipe(documents=40, held_out=8, tokens_per_document=32, epochs=2, batch_size=64)
+    recipe = Recipe(documents=40, held_out=8, tokens_per_document=32, epochs=2, batch_size=64, random_sequences=16)
     notes = []
     ranker = load_ranker(oracle, spec="auto", notify=notes.append, recipe=recipe)
     assert any("fitting one once" in n for n in notes)

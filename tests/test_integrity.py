@@ -33,12 +33,37 @@ from test_leaderboard import QUICK, make_entry, write_entry
 PLUGINS = Path(__file__).parent / "plugins"
 
 
+GUIDED_QUICK = dataclasses.replace(PROTOCOLS["quick"], attacks=("guided",), attack_options={"ranker": "prior"})
+
+
 @pytest.fixture
 def guided_quick():
     """The quick protocol (its real 4 prompts x 3 tokens) with `guided` alone: exact on clean states, seconds."""
-    small = dataclasses.replace(PROTOCOLS["quick"], attacks=("guided",), attack_options={"ranker": "prior"})
-    with PROTOCOLS.override("quick", small):
-        yield small
+    with PROTOCOLS.override("quick", GUIDED_QUICK):
+        yield GUIDED_QUICK
+
+
+@pytest.fixture(scope="module")
+def honest_entry(tmp_path_factory) -> Path:
+    """One honest no-defence entry of guided_quick, submitted once for the module (tests forge copies of it)."""
+    import shutil
+
+    from invbench.submit import submit as submit_entry
+
+    root = tmp_path_factory.mktemp("honest")
+    with PROTOCOLS.override("quick", GUIDED_QUICK):
+        path = submit_entry(defense="none", defense_params={}, protocol="quick", name="Entry", runs_dir=root / "runs",
+                            board_dir=root / "boards", device="cpu", echo=lambda line: None)
+    shutil.rmtree(root / "runs")
+    return path
+
+
+def copy_of(entry: Path, tmp_path: Path) -> Path:
+    """The honest entry in this test's own board folder."""
+    path = tmp_path / "boards" / "quick" / entry.name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(entry.read_bytes())
+    return path
 
 
 def submit(tmp_path, capsys, *defense, name="Entry"):
@@ -63,12 +88,10 @@ def test_the_default_subset_catches_a_forgery_on_a_quarter_of_the_prompts_with_p
     assert required_subset(1000) == 16  # drawn without replacement: a little under the binomial's 17 (0.75^17 < 0.01)
 
 
-def test_a_forged_mean_is_refused_before_any_rerun(tmp_path, capsys, guided_quick):
+def test_a_forged_mean_is_refused_before_any_rerun(tmp_path, capsys, guided_quick, honest_entry):
     """A no-defence entry (every token leaks) edited to claim worst-case token accuracy 0.25, verdicts made
     consistent: its summary is no longer the mean of its prompts."""
-    code, _, err, board = submit(tmp_path, capsys, "--defense", "none")
-    assert code == 0, err
-    path = board / "entry.json"
+    path = copy_of(honest_entry, tmp_path)
     entry = json.loads(path.read_text())
     forged = entry["summary"]
     for figures in forged["attacks"].values():
@@ -80,12 +103,10 @@ def test_a_forged_mean_is_refused_before_any_rerun(tmp_path, capsys, guided_quic
     assert code == 2 and "is not the mean of the transcript's per-prompt" in err
 
 
-def test_a_forged_transcript_is_caught_prompt_by_prompt(tmp_path, capsys, guided_quick):
+def test_a_forged_transcript_is_caught_prompt_by_prompt(tmp_path, capsys, guided_quick, honest_entry):
     """The forger edits one prompt's answer and every figure that follows from it, consistently: only a
     rerun of that prompt can tell, and verify's subset (here every prompt of 4) reruns it."""
-    code, _, err, board = submit(tmp_path, capsys, "--defense", "none")
-    assert code == 0, err
-    path = board / "entry.json"
+    path = copy_of(honest_entry, tmp_path)
     entry = json.loads(path.read_text())
     prompt = entry["transcript"]["prompts"][2]
     answer = prompt["attacks"]["guided"]
@@ -105,10 +126,8 @@ def test_a_forged_transcript_is_caught_prompt_by_prompt(tmp_path, capsys, guided
     assert record["result"] == "failed" and record["answers"]["compared"] == 4 and record["answers"]["equal"] == 3
 
 
-def test_an_entry_whose_texts_were_replaced_fails_verify(tmp_path, capsys, guided_quick):
-    code, _, err, board = submit(tmp_path, capsys, "--defense", "none")
-    assert code == 0, err
-    path = board / "entry.json"
+def test_an_entry_whose_texts_were_replaced_fails_verify(tmp_path, capsys, guided_quick, honest_entry):
+    path = copy_of(honest_entry, tmp_path)
     entry = json.loads(path.read_text())
     for prompt in entry["transcript"]["prompts"]:
         prompt["target_tokens"] = ["Nothing", " leaked", " here"][:len(prompt["target_ids"])]
@@ -140,16 +159,15 @@ def test_the_subset_is_drawn_at_random_with_its_seed_recorded(tmp_path, capsys, 
 
 # --- 3. a fresh folder ------------------------------------------------------------------------------------
 
-def test_verify_never_reads_a_folder_it_did_not_create(tmp_path, capsys, guided_quick):
+def test_verify_never_reads_a_folder_it_did_not_create(tmp_path, capsys, guided_quick, honest_entry):
     """Before: records planted in runs/verify/quick/<id>-n2 were read as the rerun."""
     from invbench.submit import fresh_run_dir
 
-    code, _, err, board = submit(tmp_path, capsys, "--defense", "none")
-    assert code == 0, err
+    path = copy_of(honest_entry, tmp_path)
     planted = tmp_path / "runs" / "verify" / "quick" / "entry-n2"
     planted.mkdir(parents=True)
     (planted / "records.jsonl").write_text("{}\n")
-    code, out, _ = verify(tmp_path, capsys, board / "entry.json")
+    code, out, _ = verify(tmp_path, capsys, path)
     assert code == 0 and "verification PASSED" in out
     used = next(line for line in out.splitlines() if line.startswith("verify ")).split("rerun in ")[1].rstrip(")")
     assert Path(used) != planted and Path(used).name.startswith("entry-all-")
@@ -271,9 +289,9 @@ def test_names_that_only_look_different_make_one_row(tmp_path, capsys):
 
 
 def test_submit_refuses_a_name_that_looks_like_anothers(tmp_path, capsys, guided_quick):
-    assert submit(tmp_path, capsys, "--defense", "none", name="No defence")[0] == 0
+    write_entry(tmp_path / "boards", make_entry("No defence", defense="none", params={}))
     code, _, err, _ = submit(tmp_path, capsys, "--defense", "gaussian", "--sigma", "1", name="Nо defence")  # Cyrillic о
-    assert code == 2 and "looks the same as the name of" in err
+    assert code == 2 and "looks the same as the name of" in err and not (tmp_path / "runs").exists()  # before any run
 
 
 # --- 7. the other holes ---------------------------------------------------------------------------------
