@@ -22,6 +22,8 @@ COMMANDS = {
     "utility": ("invbench.run_cli", "The defence's cost alone (no attack): LM-head agreement, KL, perplexity ratio, cosine."),
     "fit-ranker": ("invbench.run_cli", "Fit the `guided` attack's learned ranker on the model's states of public text "
                    "(resumable)."),
+    "fisher": ("invbench.run_cli", "Write the Fisher diagonal at a leak point, for aniso-gaussian's --param "
+               "fisher_file (Bell 2026)."),
     "submit": ("invbench.board_cli", "Run a protocol for one defence and write its leaderboard entry (rerun to resume)."),
     "verify": ("invbench.board_cli", "Rerun a random subset of an entry's prompts in a new folder and compare each "
                "with the entry's record of it, and every checked figure; exit 1 on a mismatch."),

@@ -228,3 +228,36 @@ def format_summary(summary) -> str:
     if summary.verdict:
         lines.append(f"verdict: {summary.verdict.says}")
     return "\n".join(lines)
+
+
+@click.command()
+@model_option("smollm2-135m")
+@LAYER
+@click.option("--documents", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Public documents to average over (the learned rankers' training documents, none a prompt).")
+@click.option("--tokens", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens per document.")
+@SEED_OPTION
+@DEVICE
+@click.option("--out", type=NamedPath(dir_okay=False), required=True, help="The .safetensors file to write.")
+def fisher(model: str, layer: int, documents: int, tokens: int, seed: int, device: str, out: str) -> None:
+    """Write the Fisher diagonal at a leak point, for aniso-gaussian's --param fisher_file (Bell 2026)."""
+    import torch
+
+    from invbench.leaks.models import load_model
+    from invbench.leaks.prompts import ranker_training_texts
+
+    from .fisher import fisher_diagonal, write_fisher
+    from .runner import resolve_device, white_box
+
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    loaded = load_model(model, seed=seed, notify=echo)
+    oracle = white_box(loaded, layer=layer, device=resolve_device(device, echo=echo))
+    texts, data = ranker_training_texts(notify=echo, limit=documents)
+    rows = [ids[:tokens] for ids in (loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)]
+    ids = torch.tensor([r for r in rows if len(r) == tokens])
+    vector = fisher_diagonal(oracle, ids, seed=seed, notify=echo)
+    path = write_fisher(Path(out), vector, metadata={
+        "model": loaded.name, "layer": str(layer), "texts": f"{len(ids)} of {data}, their first {tokens} tokens",
+        "seed": str(seed), "estimator": "squared score of log p(y_t | h) summed over t, y_t drawn from the model"})
+    click.echo(f"fisher: {path} (d = {len(vector)}, median {vector.median().item():.4g}, max {vector.max().item():.4g})")
+

@@ -164,8 +164,9 @@ def bind_needs(defense: Defense, loaded: LoadedModel) -> None:
         if name == "embedding":
             given[name] = loaded.model.get_input_embeddings().weight.detach().float().cpu()
         else:
-            raise RunError(f"defence {defense.name!r} needs {name!r}, which the runner does not compute yet "
-                           "(aniso-gaussian: give --param fisher_file=PATH or --param std_file=PATH)")
+            raise RunError(f"defence {defense.name!r} needs {name!r}, which a run does not compute: write it once with "
+                           "`invbench fisher --layer L --out FILE` and give --param fisher_file=FILE (or --param "
+                           "std_file=PATH)")
     if given:
         defense.bind(**given)
 
@@ -282,8 +283,9 @@ def defense_utility(loaded: LoadedModel, leak: Leak, *, layer: int, oracle: Whit
 
 def server_view(oracle: WhiteBox, ids: torch.Tensor, states: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
     """The final states (N, T, d) the server's LM head reads from leak-point states (N, T, d), a batch at a time."""
-    return torch.cat([oracle.server_states(ids[i:i + batch_size], states[i:i + batch_size]).cpu()
-                      for i in range(0, len(ids), batch_size)])
+    with torch.no_grad():
+        return torch.cat([oracle.server_states(ids[i:i + batch_size], states[i:i + batch_size]).cpu()
+                          for i in range(0, len(ids), batch_size)])
 
 
 # --- the run -------------------------------------------------------------------------------------

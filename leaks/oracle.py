@@ -380,13 +380,14 @@ class WhiteBox:
                           .float() for i in range(0, len(ids), self.chunk_size)])
 
     # --- the server's view ---------------------------------------------------------------------
-    @torch.no_grad()
     def server_states(self, ids: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """The final states (B, T, d) that the LM head reads when the server runs the rest of the
         model on `states` (B, T, d), the states of prompts `ids` (model ids) at the leak point: a causal
         forward of the whole model on `ids` in which block k's output (k = 0: block 1's input) is
         replaced by `states` at every position, so blocks k+1..L, the final norm and what follows
-        read them as they would read what a client sent. At the last layer `states` themselves."""
+        read them as they would read what a client sent. At the last layer `states` themselves.
+        Differentiable in `states` (the Fisher diagonal, bench/fisher.py); callers that only read it wrap it
+        in torch.no_grad()."""
         if self.final:
             return states
         states = states.to(self.device, self.embedding.dtype)
