@@ -186,7 +186,7 @@ def format_utility(result: dict[str, Any]) -> str:
     u = result["utility"]
     lines = [f"{result['model']} | {result['dataset']} | {result['n']} texts x {result['tokens']} tokens | "
              f"{format_defense(result['defense'])}"]
-    lines += [f"  {key:<18} {cell(value, '.4f')}" for key, value in u.items() if key != "note"]
+    lines += [f"  {key:<18} {cell(value, '.4f')}" for key, value in u.items() if key not in ("note", "per_prompt")]
     if u.get("note"):
         lines.append(f"  note: {u['note']}")
     return "\n".join(lines)
