@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The SmolLM2 leaderboards, their curves and screenshots, from scratch (resumable: rerun to continue).
+# The SmolLM2 leaderboards (protocol version 3), every entry verified, their curves and screenshots, from scratch
+# (resumable: rerun to continue; a finished entry, or one verified, is not done again).
 #
-#   bash bench/smollm2_boards.sh [c4|random|render|all]   # from the repository root; default all
+#   bash bench/smollm2_boards.sh [c4|random|layer0|split1|published|verify-c4|verify-random|verify-layer0|
+#                                 verify-split1|render|all]          # from the repository root; default all
 #
-# ~40 runs of 5-30 minutes on 2 CPU cores. The parts can run side by side, one core each:
-#   bash bench/smollm2_boards.sh c4 & bash bench/smollm2_boards.sh random; wait; bash bench/smollm2_boards.sh render
-#
-# Every entry is made with `invbench submit`. The gaussian, dp and quantize entries of the C4 board are the
-# points of `invbench sweep` curves: each sweep point's run folder is linked as the entry's run folder, so
-# `submit` finds the run finished (same configuration hash) and only writes the entry.
+# About a hundred runs of 2-20 minutes on 2 CPU cores. The parts can run side by side, one core each:
+#   bash bench/smollm2_boards.sh c4 & bash bench/smollm2_boards.sh random; wait
+# Each entry is made with `invbench submit` and checked with `invbench verify` (its default subset: 11 of 25
+# prompts, or 4 of 5), whose reports go to the board's VERIFY.txt and records beside the entries; the curves
+# are drawn from the entries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-all}
@@ -16,100 +17,142 @@ PART=${1:-all}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 C4=c4-smollm2-10tok
 RANDOM_PROTOCOL=random-smollm2-10tok
+LAYER0=c4-smollm2-10tok-layer0
+SPLIT1=c4-smollm2-10tok-split1
+FISHER1=leaderboards/$SPLIT1/fisher-smollm2-layer1.safetensors
 
-entry_from_sweep() {  # protocol, entry name, sweep folder (runs/<protocol>/<defence>/<point>), submit flags...
-  local protocol=$1 name=$2 point=$3; shift 3
-  local id
-  id=$(python -c "import sys; from invbench.entries import slugify; print(slugify(sys.argv[1]))" "$name")
-  mkdir -p "runs/$protocol"
-  [ -e "runs/$protocol/$id" ] || ln -s "$(realpath "$point")" "runs/$protocol/$id"
+entry() {  # protocol, entry name, submit flags...
+  local protocol=$1 name=$2; shift 2
   invbench submit --protocol "$protocol" --name "$name" --device cpu "$@"
 }
 
-# --- C4 board: curves first, their points become entries ---------------------------------------
+verify_board() {  # protocol: verify every entry without a passing record of the current format; reports to VERIFY.txt
+  local protocol=$1 board=leaderboards/$1
+  [ -f "$board/VERIFY.txt" ] || echo "# invbench verify (default subset) of the entries of $protocol, this CPU" > "$board/VERIFY.txt"
+  for path in "$board"/*.json; do
+    case $path in *.verification.json) continue ;; esac
+    if python - "$path" <<'EOF'
+import sys
+from pathlib import Path
+from invbench.verification import read_record, status
+from invbench.entries import read_entry
+entry = read_entry(Path(sys.argv[1]))
+sys.exit(0 if status(entry.path, read_record(entry.path), n=entry.summary.n).verified else 1)
+EOF
+    then continue; fi
+    { echo "# $(date -u +%FT%TZ) invbench verify $path --device cpu"
+      invbench verify "$path" --device cpu 2>/dev/null && echo "rc=0" || echo "rc=$?"; } >> "$board/VERIFY.txt"
+  done
+}
+
+# --- last layer, C4: the built-in defences' grids ---------------------------------------------------------
 c4_board() {
-invbench sweep --protocol $C4 --defense gaussian --param sigma=0.003,0.01,0.03,0.1,0.3,1,3,10 --device cpu
-# dp: sigma = 45 Z per coordinate, from Z 0.001 (sigma 0.045, keeps the text) to Z 1 (sigma 45)
-invbench sweep --protocol $C4 --defense dp --param clip=45 --param noise_multiplier=0.001,0.003,0.01,0.03,0.1,1 \
-  --device cpu
-invbench sweep --protocol $C4 --defense quantize --param bits=8,6,4 --device cpu
-for sigma in 0.003 0.01 0.03 0.1 0.3 1 3 10; do
-  entry_from_sweep $C4 "Gaussian sigma $sigma" "runs/$C4/gaussian/sigma=$sigma" --defense gaussian --sigma "$sigma"
-done
-for z in 0.001 0.003 0.01 0.03 0.1 1; do
-  entry_from_sweep $C4 "DP clip 45 Z $z" "runs/$C4/dp/clip=45,noise_multiplier=$z" --defense dp --clip 45 \
-    --noise-multiplier "$z"
-done
-for bits in 8 6 4; do
-  entry_from_sweep $C4 "Quantize $bits bits" "runs/$C4/quantize/bits=$bits" --defense quantize --bits "$bits"
-done
-invbench submit --protocol $C4 --name "No defence" --defense none --device cpu
-invbench submit --protocol $C4 --name "Top-k 256 (example plug-in)" --defense topk --param k=256 --device cpu
-published $C4
+entry $C4 "No defence" --defense none
+for sigma in 0.003 0.01 0.03 0.1 0.3 1 3 10; do entry $C4 "Gaussian sigma $sigma" --defense gaussian --sigma "$sigma"; done
+# dp: sigma = 45 Z per coordinate (clip 45: about half of the last-layer states are longer)
+for z in 0.001 0.003 0.01 0.03 0.1 1; do entry $C4 "DP clip 45 Z $z" --defense dp --clip 45 --noise-multiplier "$z"; done
+for bits in 8 6 4; do entry $C4 "Quantize $bits bits" --defense quantize --bits "$bits"; done
+entry $C4 "Top-k 256 (example plug-in)" --defense topk --param k=256
+last_layer_published $C4
 }
 
-# --- the published defences, on both boards (issue 23) -------------------------------------------------
-# dchi (Feyisetan et al. 2020): SplitLLM's DxPrivacy default, relative epsilon 5 (epsilon 5 d = 2,880 per unit L2);
-# epsilon 500 keeps top-1 agreement about 0.9 on C4; epsilon 20 leaves 0.2. The norm-clipped variant at clip 45
-# (about half of SmolLM2's last-layer states are longer: the 30-50% clip rate of the audit that broke it).
-# laplace (VFLAIR-LLM's Laplace DP, L1 clip 600, just above the states' L1 norm of about 570): epsilon 8, where a
-# pure per-vector guarantee means something; 20,000 (top-1 about 0.9); 1,000 (top-1 0.05).
-published() {
+# dchi (Feyisetan et al. 2020) at epsilon 500 (top-1 about 0.9), 20, SplitLLM's DxPrivacy default relative epsilon 5,
+# the norm-clipped variant at clip 45; laplace (VFLAIR-LLM's Laplace DP, L1 clip 600, just above the states' L1
+# norm of about 570) at epsilon 8 (a pure per-vector guarantee that means something), 1,000 and 20,000.
+last_layer_published() {
 local protocol=$1
-invbench sweep --protocol "$protocol" --defense dchi --param dim=576 --param epsilon=20,500 --device cpu
-invbench sweep --protocol "$protocol" --defense laplace --param clip=600 --param epsilon=8,1000,20000 --device cpu
-entry_from_sweep "$protocol" "dchi eps 500" "runs/$protocol/dchi/dim=576,epsilon=500" --defense dchi --param dim=576 \
-  --param epsilon=500
-entry_from_sweep "$protocol" "dchi eps 20" "runs/$protocol/dchi/dim=576,epsilon=20" --defense dchi --param dim=576 \
-  --param epsilon=20
-invbench submit --protocol "$protocol" --name "dchi relative eps 5 (SplitLLM default)" --defense dchi --param dim=576 \
-  --param relative_epsilon=5 --device cpu
-for eps in 8 1000 20000; do
-  entry_from_sweep "$protocol" "Laplace clip 600 eps $eps" "runs/$protocol/laplace/clip=600,epsilon=$eps" \
-    --defense laplace --clip 600 --epsilon "$eps"
-done
-invbench submit --protocol "$protocol" --name "dchi clip 45 eps 200" --defense dchi --param dim=576 --param clip=45 \
-  --param epsilon=200 --device cpu
+entry "$protocol" "dchi eps 500" --defense dchi --param dim=576 --param epsilon=500
+entry "$protocol" "dchi eps 20" --defense dchi --param dim=576 --param epsilon=20
+entry "$protocol" "dchi relative eps 5 (SplitLLM default)" --defense dchi --param dim=576 --param relative_epsilon=5
+entry "$protocol" "dchi clip 45 eps 200" --defense dchi --param dim=576 --param clip=45 --param epsilon=200
+for eps in 8 1000 20000; do entry "$protocol" "Laplace clip 600 eps $eps" --defense laplace --clip 600 --epsilon "$eps"; done
 }
 
-# --- random-token board: the middle settings, and a gaussian curve to compare with C4 -----------------
+# --- last layer, random ids: the middle settings -------------------------------------------------------------
 random_board() {
-invbench submit --protocol $RANDOM_PROTOCOL --name "No defence" --defense none --device cpu
-invbench submit --protocol $RANDOM_PROTOCOL --name "DP clip 45 Z 0.03" --defense dp --clip 45 --noise-multiplier 0.03 \
-  --device cpu
-invbench submit --protocol $RANDOM_PROTOCOL --name "DP clip 45 Z 0.1" --defense dp --clip 45 --noise-multiplier 0.1 \
-  --device cpu
-invbench submit --protocol $RANDOM_PROTOCOL --name "Quantize 6 bits" --defense quantize --bits 6 --device cpu
-invbench submit --protocol $RANDOM_PROTOCOL --name "Top-k 256 (example plug-in)" --defense topk --param k=256 \
-  --device cpu
-invbench sweep --protocol $RANDOM_PROTOCOL --defense gaussian --param sigma=0.03,0.3,1 --device cpu
-for sigma in 0.03 0.3 1; do
-  entry_from_sweep $RANDOM_PROTOCOL "Gaussian sigma $sigma" "runs/$RANDOM_PROTOCOL/gaussian/sigma=$sigma" \
-    --defense gaussian --sigma "$sigma"
-done
-published $RANDOM_PROTOCOL
+entry $RANDOM_PROTOCOL "No defence" --defense none
+entry $RANDOM_PROTOCOL "DP clip 45 Z 0.03" --defense dp --clip 45 --noise-multiplier 0.03
+entry $RANDOM_PROTOCOL "DP clip 45 Z 0.1" --defense dp --clip 45 --noise-multiplier 0.1
+entry $RANDOM_PROTOCOL "Quantize 6 bits" --defense quantize --bits 6
+entry $RANDOM_PROTOCOL "Top-k 256 (example plug-in)" --defense topk --param k=256
+for sigma in 0.03 0.3 1; do entry $RANDOM_PROTOCOL "Gaussian sigma $sigma" --defense gaussian --sigma "$sigma"; done
+last_layer_published $RANDOM_PROTOCOL
 }
 
-# --- boards, curves, screenshots ----------------------------------------------------------------------
-# The curves are drawn from the boards' committed entries (one point per entry), so render works on a fresh clone
-# and a curve shows exactly the board's settings, wherever the sweeps' run folders are.
+# --- the input embeddings (layer 0; states' L2 norm about 2.8, 0.115 per coordinate) ------------------------------
+layer0_board() {
+entry $LAYER0 "No defence" --defense none
+for sigma in 0.1 0.3 0.7 1 2; do entry $LAYER0 "Gaussian sigma $sigma" --defense gaussian --sigma "$sigma"; done
+for z in 0.03 0.1 0.3 1; do entry $LAYER0 "DP clip 3 Z $z" --defense dp --clip 3 --noise-multiplier "$z"; done
+for bits in 8 4; do entry $LAYER0 "Quantize $bits bits" --defense quantize --bits "$bits"; done
+entry $LAYER0 "Top-k 256 (example plug-in)" --defense topk --param k=256
+for eps in 1000 300 100; do entry $LAYER0 "dchi eps $eps" --defense dchi --param dim=576 --param epsilon="$eps"; done
+# Laplace, L1 clip 80 (the embeddings' L1 norm is at most 81)
+for eps in 5000 500 8; do entry $LAYER0 "Laplace clip 80 eps $eps" --defense laplace --clip 80 --epsilon "$eps"; done
+}
+
+# --- an early split (after block 1 of 30; states' L2 norm about 47, 2 per coordinate) ----------------------------
+split1_board() {
+entry $SPLIT1 "No defence" --defense none
+for sigma in 0.3 1 3 10 30; do entry $SPLIT1 "Gaussian sigma $sigma" --defense gaussian --sigma "$sigma"; done
+for z in 0.01 0.03 0.1 0.3 1; do entry $SPLIT1 "DP clip 50 Z $z" --defense dp --clip 50 --noise-multiplier "$z"; done
+for bits in 8 4; do entry $SPLIT1 "Quantize $bits bits" --defense quantize --bits "$bits"; done
+entry $SPLIT1 "Top-k 256 (example plug-in)" --defense topk --param k=256
+for eps in 500 100 20; do entry $SPLIT1 "dchi eps $eps" --defense dchi --param dim=576 --param epsilon="$eps"; done
+for eps in 20000 1000 8; do entry $SPLIT1 "Laplace clip 1000 eps $eps" --defense laplace --clip 1000 --epsilon "$eps"; done
+}
+
+# --- the published defences as their authors run them, at their placements (issue 36) ----------------------------
+published() {
+# input embeddings: SplitLLM's dchi sampler (one radius per prompt) at its experiments' relative epsilons (the snap to
+# a token is left out: scoring it costs a sampled probability per candidate, GPU work), Split-N-Denoise at its etas
+# (its client-side denoiser is not run: top-1 agreement is a lower bound; no clip: the authors' clip is for their models)
+for rel in 0.1 0.2 0.4; do
+  entry $LAYER0 "dchi SplitLLM relative eps $rel (shared radius)" --defense dchi --param dim=576 \
+    --param relative_epsilon="$rel" --param shared_radius=true
+done
+for eta in 50 100 150; do entry $LAYER0 "Split-N-Denoise eta $eta" --defense snd --param eta="$eta" --param dim=576; done
+# after block 1: VFLAIR-LLM's Laplace (DELTAF 10 for unlisted models, epsilon 50, no clip), DP-Forward (epsilon 8,
+# delta 1e-5, the whole prompt clipped to norm 1), Bell's inverse-Fisher Gaussian at KL budgets 0.1 and 1
+entry $SPLIT1 "Laplace VFLAIR-LLM DELTAF 10 eps 50" --defense laplace --param sensitivity=10 --epsilon 50
+entry $SPLIT1 "DP-Forward eps 8" --defense dp-forward --epsilon 8 --delta 1e-5 --clip 1
+for k in 0.1 1; do
+  entry $SPLIT1 "Anisotropic Gaussian KL budget $k (inverse Fisher)" --defense aniso-gaussian --param kl_budget="$k" \
+    --param fisher_file=$FISHER1
+done
+# and at the last layer, for comparison
+for rel in 0.1 0.2 0.4; do
+  entry $C4 "dchi SplitLLM relative eps $rel (shared radius)" --defense dchi --param dim=576 \
+    --param relative_epsilon="$rel" --param shared_radius=true
+done
+entry $C4 "Laplace VFLAIR-LLM DELTAF 10 eps 50" --defense laplace --param sensitivity=10 --epsilon 50
+entry $C4 "DP-Forward eps 8" --defense dp-forward --epsilon 8 --delta 1e-5 --clip 1
+}
+
+# --- boards, curves, screenshots ----------------------------------------------------------------------------------
 render() {
-invbench leaderboard --protocol $C4
-invbench leaderboard --protocol $RANDOM_PROTOCOL
-invbench curve --protocol $C4 --from-entries --defense gaussian --defense dp --defense quantize --defense dchi \
-  --defense laplace --out leaderboards/$C4/curves/all-defences.png
-invbench curve --protocol $RANDOM_PROTOCOL --from-entries --defense gaussian --defense dp --defense dchi --defense laplace \
-  --out leaderboards/$RANDOM_PROTOCOL/curves/all-defences.png
+for protocol in $C4 $RANDOM_PROTOCOL $LAYER0 $SPLIT1; do
+  invbench leaderboard --protocol $protocol
+  invbench curve --protocol $protocol --from-entries --defense gaussian --defense dp --defense quantize --defense dchi \
+    --defense laplace --out leaderboards/$protocol/curves/all-defences.png
+  python -m invbench.screenshot leaderboards/$protocol/index.html docs/leaderboard-$protocol.png
+done
 invbench curve --protocol $C4 --protocol $RANDOM_PROTOCOL --defense gaussian --compare \
   --out leaderboards/$RANDOM_PROTOCOL/curves/gaussian-c4-vs-random.png
-python -m invbench.screenshot leaderboards/$C4/index.html docs/leaderboard-$C4.png
-python -m invbench.screenshot leaderboards/$RANDOM_PROTOCOL/index.html docs/leaderboard-$RANDOM_PROTOCOL.png
 }
 
 case $PART in
   c4) c4_board ;;
   random) random_board ;;
+  layer0) layer0_board ;;
+  split1) split1_board ;;
+  published) published ;;
+  verify-c4) verify_board $C4 ;;
+  verify-random) verify_board $RANDOM_PROTOCOL ;;
+  verify-layer0) verify_board $LAYER0 ;;
+  verify-split1) verify_board $SPLIT1 ;;
   render) render ;;
-  all) c4_board; random_board; render ;;
-  *) echo "usage: bash bench/smollm2_boards.sh [c4|random|render|all]" >&2; exit 2 ;;
+  all) c4_board; random_board; layer0_board; split1_board; published
+       for p in $C4 $RANDOM_PROTOCOL $LAYER0 $SPLIT1; do verify_board $p; done; render ;;
+  *) echo "usage: bash bench/smollm2_boards.sh [c4|random|layer0|split1|published|verify-<board>|render|all]" >&2; exit 2 ;;
 esac
