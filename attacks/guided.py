@@ -85,17 +85,43 @@ TOLERANCE_NOTE = "measured in bench/studies/GUIDED.md"
 FLIP_COORDINATES = 4
 
 
-def interleaved_order(scores: list[torch.Tensor]) -> torch.Tensor:
+def ranks(score: torch.Tensor, *, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's place (R, V) in its row's descending order of `score` (0: the best), exactly
+    what `score.argsort(dim=1, descending=True).argsort(dim=1)` gives, with one sort instead of two
+    (the second only inverts a permutation: a scatter). `groups` (R,) may say which rows are copies
+    of one another (sequence's hypotheses of one prompt share its learned-ranker row): rows equal to
+    their group's first row take its places, sorted once (checked, so the result never changes)."""
+    rows, vocab = score.shape
+    if groups is not None and rows > 1:
+        group = torch.unique_consecutive(groups, return_inverse=True)[1]  # 0, 0, 1, 1, 1, 2, ...
+        heads = torch.searchsorted(group, torch.arange(int(group.max()) + 1, device=group.device))  # each one's first row
+        if len(heads) < rows and torch.equal(score, score[heads[group]]):
+            return ranks(score[heads])[group]
+    order = score.argsort(dim=1, descending=True)
+    places = torch.arange(vocab, device=score.device).expand(rows, vocab)
+    return torch.empty_like(order).scatter_(1, order, places)
+
+
+def interleaved_order(scores: list[torch.Tensor], *, groups: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """One ranking (R, V) of token ids from several scores (each (R, V), higher is better):
     first of the first, first of the second, ..., second of the first, ..., each token at its
-    earliest place. Rank r of score j gets key k r + j (distinct), and keys are sorted."""
+    earliest place. Rank r of score j gets key k r + j (distinct), and keys are sorted. `groups`
+    (one per score, or None): rows that are copies of one another, ranked once (see `ranks`).
+
+    Cost matters here: under heavy noise `sequence` ranks 256 hypotheses x 49,152 tokens per prompt
+    and position, and five full sorts per row took 28% of a destroyed-state run
+    (bench/studies/HEAVY-NOISE.md). The keys are distinct integers below k V, so their order is a
+    scatter into k V slots, not a sort; the result is identical token for token."""
     k = len(scores)
     key = None
     for j, score in enumerate(scores):
-        rank = score.argsort(dim=1, descending=True).argsort(dim=1)
+        rank = ranks(score, groups=groups[j] if groups else None)
         slot = rank * k + j
         key = slot if key is None else torch.minimum(key, slot)
-    return key.argsort(dim=1)
+    rows, vocab = key.shape
+    slots = torch.full((rows, k * vocab), -1, dtype=torch.long, device=key.device)
+    slots.scatter_(1, key, torch.arange(vocab, device=key.device).expand(rows, vocab))
+    return slots[slots >= 0].reshape(rows, vocab)  # every row fills exactly V of its k V slots
 
 
 @dataclass(frozen=True)
@@ -207,14 +233,15 @@ class GuidedAttack(Attack):
 
     @staticmethod
     def _order(goal: torch.Tensor, prior: torch.Tensor, state: GuidedState,
-               following: torch.Tensor | None) -> torch.Tensor:
+               following: torch.Tensor | None, owner: torch.Tensor | None = None) -> torch.Tensor:
         """Which tokens to verify first (R, V): the prior plus the learned ranker (which reads the
         row's defended state and the next position's), interleaved with the learned ranker alone (or
-        the prior alone, without a ranker)."""
+        the prior alone, without a ranker). `owner` (R,): rows of one prompt (sequence's hypotheses)
+        share the learned ranker's row, which is then ranked once per prompt."""
         if state.ranker is None:
             return prior.argsort(dim=1, descending=True)
         learned = state.ranker.log_probs(goal, state.likelihood.std, following)
-        return interleaved_order([learned + prior, learned])
+        return interleaved_order([learned + prior, learned], groups=[None, owner])
 
     def _lookup(self, oracle, goal: torch.Tensor, state: GuidedState) -> Candidates:
         """Position 1: the best codebook entry (exact over the whole vocabulary, no forward pass)."""

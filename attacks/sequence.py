@@ -229,7 +229,7 @@ class SequenceAttack(GuidedAttack):
             prior = oracle.log_prior(prefix)
             owner = rows.owner[rows_at]
             goal_at = state.targets[owner, position]
-            order = self._order(goal_at, prior, state, state.following(owner, position))
+            order = self._order(goal_at, prior, state, state.following(owner, position), owner)
             found = self._verify(oracle, prefix, goal_at, order, prior, defense, state,
                                  budget=budget_at, keep=self.config.keep)
             parts.append({"token": found.tokens, "loss": found.losses, "score": self._nats(found.objective, state),
