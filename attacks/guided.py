@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -158,6 +158,15 @@ class GuidedConfig:
             raise AttackError("guided: miss_probability in (0, 1), tolerance >= 0 and lookahead >= 1 are required")
 
 
+class Skip(Protocol):
+    """Which candidates of a round (R_active, M) need no forward pass, from the round's rows `active`,
+    their candidates' log prior (R_active, M), and what the verification knows of every row so far:
+    its `keep` best objectives (R, keep), lowest nll (R,), passes (R,) and candidates walked."""
+
+    def __call__(self, active: torch.Tensor, log_prior: torch.Tensor, *, objective: torch.Tensor,
+                 lowest: torch.Tensor, passes: torch.Tensor, verified: int) -> torch.Tensor | None: ...
+
+
 @dataclass
 class GuidedState:
     """What one run needs at every position: the ranker, the simulated codebook, the stop level."""
@@ -229,6 +238,8 @@ class GuidedAttack(Attack):
         found = self._verify(oracle, prefix, goal, order, prior, defense, state, budget=budget)
         ended = found.extras["ended"]
         state.failed[owner] = (ended != CERTIFIED) & (ended != FLIPPED)  # guided keeps no beams: rows are prompts
+        for name in ("passes", "walked"):  # sequence's (attacks/sequence.py); guided records neither
+            found.extras.pop(name)
         return found
 
     @staticmethod
@@ -267,11 +278,12 @@ class GuidedAttack(Attack):
         return state.likelihood.nll(statistic) - log_prior
 
     def _verify(self, oracle, prefix, goal: torch.Tensor, order: torch.Tensor, prior: torch.Tensor, defense,
-                state: GuidedState, *, budget: torch.Tensor, keep: int = 1) -> Candidates:
+                state: GuidedState, *, budget: torch.Tensor, keep: int = 1, skip: Skip | None = None) -> Candidates:
         """Verify candidates in `order` (R, V), all rows in lockstep rounds, until each row stops
         (a pass, or its `budget` (R,) of candidates spent). Returns each row's `keep` best verified
         candidates by objective, best first (inf where fewer were verified); an earlier candidate wins
-        a tie."""
+        a tie. `skip` (sequence's, see `Skip`) may say which candidates of a round need no forward
+        pass: they are walked past as if verified and passed, with an infinite objective."""
         cfg = self.config
         rows, vocab = order.shape
         device = goal.device
@@ -283,33 +295,37 @@ class GuidedAttack(Attack):
         nearest = {**{k: v[:, :1].clone() for k, v in best.items()},
                    "trimmed": torch.full((rows, 1), float("inf"), device=device)}
         first_pass = torch.zeros(rows, dtype=torch.long, device=device)  # candidates verified at the first pass; 0: none
-        verified = torch.zeros(rows, dtype=torch.long, device=device)
-        passes = torch.zeros(rows, dtype=torch.long, device=device)  # candidates that passed so far
+        verified = torch.zeros(rows, dtype=torch.long, device=device)  # candidates walked past (skipped ones too)
+        forwards = torch.zeros(rows, dtype=torch.long, device=device)  # forward passes: verified less skipped
+        passes = torch.zeros(rows, dtype=torch.long, device=device)  # candidates that passed so far (and skipped ones)
+        lowest = torch.full((rows,), float("inf"), device=device)  # lowest nll verified so far (for `skip`)
         ended = torch.full((rows,), float(EXHAUSTED), device=device)
         active = torch.arange(rows, device=device)
         done_so_far, size = 0, cfg.first_round
         while len(active):
             columns = slice(done_so_far, min(vocab, done_so_far + size, int(budget[active].min())))
             ids = order[active, columns]
-            goal_a = goal[active]
-
-            def measure(hidden: torch.Tensor, _) -> torch.Tensor:
-                simulated = defense.simulate(hidden)
-                statistic = likelihood.statistic(goal_a[:, None, :], simulated)
-                loss = statistic if likelihood.scores_mse else mse(simulated, goal_a[:, None, :])
-                trimmed = self._trimmed_mse(simulated, goal_a[:, None, :]) if exact else loss
-                return torch.stack([statistic, loss, trimmed], dim=-1)
-
-            measured = oracle.hidden_of_tokens(prefix.select(active), ids, chunk_size=cfg.chunk_size, reduce=measure)
-            statistic, loss, trimmed = measured.unbind(dim=-1)
-            objective = self._objective(statistic, prior[active].gather(1, ids), state)
+            log_prior = prior[active].gather(1, ids)
+            skipped = None
+            if skip is not None and done_so_far:
+                skipped = skip(active, log_prior, objective=best["objective"], lowest=lowest, passes=passes,
+                               verified=done_so_far)
+            statistic, loss, trimmed = self._measure(oracle, prefix.select(active), goal[active], ids, defense, state,
+                                                     skipped=skipped).unbind(dim=-1)
+            objective = self._objective(statistic, log_prior, state)
             found = {"token": ids, "loss": loss, "objective": objective, "trimmed": trimmed}
             self._merge(best, active, found)
             if exact:
                 self._merge(nearest, active, found, by="trimmed")
+            if skip is not None:
+                lowest[active] = torch.minimum(lowest[active], likelihood.nll(statistic).min(dim=1).values)
             done_so_far = columns.stop
             verified[active] = done_so_far
             passing = statistic < state.threshold
+            forwards[active] += ids.shape[1]
+            if skipped is not None:
+                forwards[active] -= skipped.sum(dim=1)
+                passing = passing | skipped  # what it could not change counts as what the test cannot tell apart
             passes[active] += passing.sum(dim=1)
             newly = passing.any(dim=1) & (first_pass[active] == 0)
             first_pass[active[newly]] = columns.start + passing[newly].int().argmax(dim=1) + 1
@@ -327,7 +343,36 @@ class GuidedAttack(Attack):
             best["loss"][flipped, 0] = nearest["trimmed"][flipped, 0]  # the fit it was judged by (the detector's too)
             ended[flipped] = float(FLIPPED)
         return Candidates(best["token"], best["loss"], objective=best["objective"],
-                          extras={"candidates": verified.float(), "ended": ended})
+                          extras={"candidates": forwards.float(), "ended": ended, "passes": passes.float(),
+                                  "walked": verified.float()})
+
+    def _measure(self, oracle, prefix, goal: torch.Tensor, ids: torch.Tensor, defense, state: GuidedState, *,
+                 skipped: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, M, 3): the law's statistic, the discrete loss (MSE) and the trimmed MSE of candidates
+        `ids` (R, M) after each row's prefix, against each row's `goal` (R, d); inf where `skipped`
+        (only the others go through the model, as a ragged batch of (row, token) pairs)."""
+        cfg = self.config
+        likelihood = state.likelihood
+        exact = not likelihood.noisy
+
+        def measure_against(goal_rows: torch.Tensor):
+            def measure(hidden: torch.Tensor, _) -> torch.Tensor:
+                simulated = defense.simulate(hidden)
+                statistic = likelihood.statistic(goal_rows[:, None, :], simulated)
+                loss = statistic if likelihood.scores_mse else mse(simulated, goal_rows[:, None, :])
+                trimmed = self._trimmed_mse(simulated, goal_rows[:, None, :]) if exact else loss
+                return torch.stack([statistic, loss, trimmed], dim=-1)
+            return measure
+
+        if skipped is None or not skipped.any():
+            return oracle.hidden_of_tokens(prefix, ids, chunk_size=cfg.chunk_size, reduce=measure_against(goal))
+        measured = torch.full((*ids.shape, 3), float("inf"), device=goal.device)
+        row, column = (~skipped).nonzero(as_tuple=True)
+        for pair in torch.arange(len(row), device=goal.device).split(cfg.chunk_size) if len(row) else ():
+            r, c = row[pair], column[pair]  # one (row, token) pair per sequence: the row's prefix, then the token
+            measured[r, c] = oracle.hidden_of_tokens(prefix.select(r), ids[r, c][:, None], chunk_size=len(pair),
+                                                     reduce=measure_against(goal[r]))[:, 0]
+        return measured
 
     @staticmethod
     def _trimmed_mse(simulated: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:
