@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -85,23 +85,48 @@ TOLERANCE_NOTE = "measured in bench/studies/GUIDED.md"
 FLIP_COORDINATES = 4
 
 
-def interleaved_order(scores: list[torch.Tensor], limit: int | None = None) -> torch.Tensor:
+def ranks(score: torch.Tensor, *, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Each token's place (R, V) in its row's descending order of `score` (0: the best), exactly
+    what `score.argsort(dim=1, descending=True).argsort(dim=1)` gives, with one sort instead of two
+    (the second only inverts a permutation: a scatter). `groups` (R,) may say which rows are copies
+    of one another (sequence's hypotheses of one prompt share its learned-ranker row): rows equal to
+    their group's first row take its places, sorted once (checked, so the result never changes)."""
+    rows, vocab = score.shape
+    if groups is not None and rows > 1:
+        group = torch.unique_consecutive(groups, return_inverse=True)[1]  # 0, 0, 1, 1, 1, 2, ...
+        heads = torch.searchsorted(group, torch.arange(int(group.max()) + 1, device=group.device))  # each one's first row
+        if len(heads) < rows and torch.equal(score, score[heads[group]]):
+            return ranks(score[heads])[group]
+    order = score.argsort(dim=1, descending=True)
+    places = torch.arange(vocab, device=score.device).expand(rows, vocab)
+    return torch.empty_like(order).scatter_(1, order, places)
+
+
+def interleaved_order(scores: list[torch.Tensor], *, groups: list[torch.Tensor | None] | None = None,
+                      limit: int | None = None) -> torch.Tensor:
     """One ranking (R, V) of token ids from several scores (each (R, V), higher is better):
     first of the first, first of the second, ..., second of the first, ..., each token at its
-    earliest place. Rank r of score j gets key k r + j (distinct), and keys are sorted. With `limit`
-    (< V), only the first `limit` places (R, limit), from each score's top `limit` (no full sort)."""
+    earliest place. Rank r of score j gets key k r + j (distinct), and keys are sorted. `groups`
+    (one per score, or None): rows that are copies of one another, ranked once (see `ranks`). With
+    `limit` (< V), only the first `limit` places (R, limit), from each score's top `limit` (no full sort).
+
+    Cost matters here: under heavy noise `sequence` ranks 256 hypotheses x 49,152 tokens per prompt
+    and position, and five full sorts per row took 28% of a destroyed-state run
+    (bench/studies/HEAVY-NOISE.md). The keys are distinct integers below k V, so their order is a
+    scatter into k V slots, not a sort; the result is identical token for token."""
     k = len(scores)
     rows, vocab = scores[0].shape
     if limit is not None and limit < vocab:
         return _interleaved_head(scores, limit)
     key = None
     for j, score in enumerate(scores):
-        order = score.argsort(dim=1, descending=True)
-        # the inverse permutation (each token's rank): a scatter, not a second sort (same result, half the work)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(vocab, device=order.device).expand_as(order))
+        rank = ranks(score, groups=groups[j] if groups else None)
         slot = rank * k + j
         key = slot if key is None else torch.minimum(key, slot)
-    return key.argsort(dim=1)
+    rows, vocab = key.shape
+    slots = torch.full((rows, k * vocab), -1, dtype=torch.long, device=key.device)
+    slots.scatter_(1, key, torch.arange(vocab, device=key.device).expand(rows, vocab))
+    return slots[slots >= 0].reshape(rows, vocab)  # every row fills exactly V of its k V slots
 
 
 def _interleaved_head(scores: list[torch.Tensor], limit: int, tops: list[torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -161,6 +186,15 @@ class GuidedConfig:
             raise AttackError(f"guided: --max-candidates must be >= 0 (0: the whole vocabulary), got {self.max_candidates}")
         if not (0 < self.miss_probability < 1 and self.tolerance >= 0 and self.lookahead >= 1):
             raise AttackError("guided: miss_probability in (0, 1), tolerance >= 0 and lookahead >= 1 are required")
+
+
+class Skip(Protocol):
+    """Which candidates of a round (R_active, M) need no forward pass, from the round's rows `active`,
+    their candidates' log prior (R_active, M), and what the verification knows of every row so far:
+    its `keep` best objectives (R, keep), lowest nll (R,), passes (R,) and candidates walked."""
+
+    def __call__(self, active: torch.Tensor, log_prior: torch.Tensor, *, objective: torch.Tensor,
+                 lowest: torch.Tensor, passes: torch.Tensor, verified: int) -> torch.Tensor | None: ...
 
 
 @dataclass
@@ -269,6 +303,8 @@ class GuidedAttack(Attack):
         found = self._verify(oracle, prefix, goal, order, prior, defense, state, budget=budget)
         ended = found.extras["ended"]
         state.failed[owner] = (ended != CERTIFIED) & (ended != FLIPPED)  # guided keeps no beams: rows are prompts
+        for name in ("passes", "walked"):  # sequence's (attacks/sequence.py); guided records neither
+            found.extras.pop(name)
         return found
 
     @staticmethod
@@ -280,11 +316,13 @@ class GuidedAttack(Attack):
 
     @staticmethod
     def _order(goal: torch.Tensor, prior: torch.Tensor, state: GuidedState,
-               following: torch.Tensor | None, position: int, *, limit: int | None = None) -> torch.Tensor:
+               following: torch.Tensor | None, position: int, *, limit: int | None = None,
+               owner: torch.Tensor | None = None) -> torch.Tensor:
         """Which tokens to verify first (R, V, or R x `limit`): the prior plus the learned ranker (which
         reads the row's defended state and the next position's), interleaved with the learned ranker
         alone (or the prior alone, without a ranker). At a context-free leak point the exact likelihood
-        of every token stands in for the learned ranker."""
+        of every token stands in for the learned ranker. `owner` (R,): rows of one prompt (sequence's
+        hypotheses) share the learned ranker's row, which is then ranked once per prompt."""
         if state.exact is not None:
             unique, inverse = state.exact(goal, position)
             learned = unique[inverse]
@@ -296,7 +334,7 @@ class GuidedAttack(Attack):
             return prior.argsort(dim=1, descending=True)
         else:
             learned = state.ranker.log_probs(goal, state.likelihood.std, following)
-        return interleaved_order([learned + prior, learned], limit=limit)
+        return interleaved_order([learned + prior, learned], groups=[None, owner], limit=limit)
 
     def _lookup(self, oracle, goal: torch.Tensor, state: GuidedState) -> Candidates:
         """Position 1: the best codebook entry (exact over the whole vocabulary, no forward pass)."""
@@ -322,11 +360,12 @@ class GuidedAttack(Attack):
         return state.likelihood.nll(statistic) - log_prior
 
     def _verify(self, oracle, prefix, goal: torch.Tensor, order: torch.Tensor, prior: torch.Tensor, defense,
-                state: GuidedState, *, budget: torch.Tensor, keep: int = 1) -> Candidates:
+                state: GuidedState, *, budget: torch.Tensor, keep: int = 1, skip: Skip | None = None) -> Candidates:
         """Verify candidates in `order` (R, V), all rows in lockstep rounds, until each row stops
         (a pass, or its `budget` (R,) of candidates spent). Returns each row's `keep` best verified
         candidates by objective, best first (inf where fewer were verified); an earlier candidate wins
-        a tie."""
+        a tie. `skip` (sequence's, see `Skip`) may say which candidates of a round need no forward
+        pass: they are walked past as if verified and passed, with an infinite objective."""
         cfg = self.config
         rows, vocab = len(order), oracle.vocab_size  # the ranking may hold only the first max(budget) places
         device = goal.device
@@ -338,33 +377,37 @@ class GuidedAttack(Attack):
         nearest = {**{k: v[:, :1].clone() for k, v in best.items()},
                    "trimmed": torch.full((rows, 1), float("inf"), device=device)}
         first_pass = torch.zeros(rows, dtype=torch.long, device=device)  # candidates verified at the first pass; 0: none
-        verified = torch.zeros(rows, dtype=torch.long, device=device)
-        passes = torch.zeros(rows, dtype=torch.long, device=device)  # candidates that passed so far
+        verified = torch.zeros(rows, dtype=torch.long, device=device)  # candidates walked past (skipped ones too)
+        forwards = torch.zeros(rows, dtype=torch.long, device=device)  # forward passes: verified less skipped
+        passes = torch.zeros(rows, dtype=torch.long, device=device)  # candidates that passed so far (and skipped ones)
+        lowest = torch.full((rows,), float("inf"), device=device)  # lowest nll verified so far (for `skip`)
         ended = torch.full((rows,), float(EXHAUSTED), device=device)
         active = torch.arange(rows, device=device)
         done_so_far, size = 0, cfg.first_round
         while len(active):
             columns = slice(done_so_far, min(order.shape[1], done_so_far + size, int(budget[active].min())))
             ids = order[active, columns]
-            goal_a = goal[active]
-
-            def measure(hidden: torch.Tensor, _) -> torch.Tensor:
-                simulated = defense.simulate(hidden)
-                statistic = likelihood.statistic(goal_a[:, None, :], simulated)
-                loss = statistic if likelihood.scores_mse else mse(simulated, goal_a[:, None, :])
-                trimmed = self._trimmed_mse(simulated, goal_a[:, None, :]) if exact else loss
-                return torch.stack([statistic, loss, trimmed], dim=-1)
-
-            measured = oracle.hidden_of_tokens(prefix.select(active), ids, chunk_size=cfg.chunk_size, reduce=measure)
-            statistic, loss, trimmed = measured.unbind(dim=-1)
-            objective = self._objective(statistic, prior[active].gather(1, ids), state)
+            log_prior = prior[active].gather(1, ids)
+            skipped = None
+            if skip is not None and done_so_far:
+                skipped = skip(active, log_prior, objective=best["objective"], lowest=lowest, passes=passes,
+                               verified=done_so_far)
+            statistic, loss, trimmed = self._measure(oracle, prefix.select(active), goal[active], ids, defense, state,
+                                                     skipped=skipped).unbind(dim=-1)
+            objective = self._objective(statistic, log_prior, state)
             found = {"token": ids, "loss": loss, "objective": objective, "trimmed": trimmed}
             self._merge(best, active, found)
             if exact:
                 self._merge(nearest, active, found, by="trimmed")
+            if skip is not None:
+                lowest[active] = torch.minimum(lowest[active], likelihood.nll(statistic).min(dim=1).values)
             done_so_far = columns.stop
             verified[active] = done_so_far
             passing = statistic < state.threshold
+            forwards[active] += ids.shape[1]
+            if skipped is not None:
+                forwards[active] -= skipped.sum(dim=1)
+                passing = passing | skipped  # what it could not change counts as what the test cannot tell apart
             passes[active] += passing.sum(dim=1)
             newly = passing.any(dim=1) & (first_pass[active] == 0)
             first_pass[active[newly]] = columns.start + passing[newly].int().argmax(dim=1) + 1
@@ -382,7 +425,36 @@ class GuidedAttack(Attack):
             best["loss"][flipped, 0] = nearest["trimmed"][flipped, 0]  # the fit it was judged by (the detector's too)
             ended[flipped] = float(FLIPPED)
         return Candidates(best["token"], best["loss"], objective=best["objective"],
-                          extras={"candidates": verified.float(), "ended": ended})
+                          extras={"candidates": forwards.float(), "ended": ended, "passes": passes.float(),
+                                  "walked": verified.float()})
+
+    def _measure(self, oracle, prefix, goal: torch.Tensor, ids: torch.Tensor, defense, state: GuidedState, *,
+                 skipped: torch.Tensor | None = None) -> torch.Tensor:
+        """(R, M, 3): the law's statistic, the discrete loss (MSE) and the trimmed MSE of candidates
+        `ids` (R, M) after each row's prefix, against each row's `goal` (R, d); inf where `skipped`
+        (only the others go through the model, as a ragged batch of (row, token) pairs)."""
+        cfg = self.config
+        likelihood = state.likelihood
+        exact = not likelihood.noisy
+
+        def measure_against(goal_rows: torch.Tensor):
+            def measure(hidden: torch.Tensor, _) -> torch.Tensor:
+                simulated = defense.simulate(hidden)
+                statistic = likelihood.statistic(goal_rows[:, None, :], simulated)
+                loss = statistic if likelihood.scores_mse else mse(simulated, goal_rows[:, None, :])
+                trimmed = self._trimmed_mse(simulated, goal_rows[:, None, :]) if exact else loss
+                return torch.stack([statistic, loss, trimmed], dim=-1)
+            return measure
+
+        if skipped is None or not skipped.any():
+            return oracle.hidden_of_tokens(prefix, ids, chunk_size=cfg.chunk_size, reduce=measure_against(goal))
+        measured = torch.full((*ids.shape, 3), float("inf"), device=goal.device)
+        row, column = (~skipped).nonzero(as_tuple=True)
+        for pair in torch.arange(len(row), device=goal.device).split(cfg.chunk_size) if len(row) else ():
+            r, c = row[pair], column[pair]  # one (row, token) pair per sequence: the row's prefix, then the token
+            measured[r, c] = oracle.hidden_of_tokens(prefix.select(r), ids[r, c][:, None], chunk_size=len(pair),
+                                                     reduce=measure_against(goal[r]))[:, 0]
+        return measured
 
     @staticmethod
     def _trimmed_mse(simulated: torch.Tensor, goal: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,17 @@ outside the kept hypotheses, a token outside the verified candidates), and the h
 search-failure check flags every miss where the truth scores better than the answer under this
 same objective.
 
+Destroyed states (flat positions, bench/studies/HEAVY-NOISE.md). Where the noise is so large that
+(nearly) every candidate passes the noise law's test, the test cannot tell tokens apart and the prior
+decides; the beam then fills to `hypotheses` and every hypothesis spends its whole budget, an hour per
+25-prompt entry on a 2-core CPU. After such a position a prompt keeps at most `flat_hypotheses`
+hypotheses, and hypotheses skip candidates whose prior alone rules them out (`SequenceConfig`'s notes
+say what was measured). Clean states and light noise never meet that rate, so nothing changes there.
+
 Recorded per position (prompt): `candidates` (exact forward passes of all its hypotheses),
-`hypotheses` (how many were alive) and `ended` (of the answer's own hypothesis, as guided's).
+`hypotheses` (how many were alive), `flat` (1 where the position was flat), and of the answer's own
+hypothesis `ended` (as guided's) and `rank` (its place among the prompt's hypotheses: how deep in the
+beam the answer came from).
 """
 from __future__ import annotations
 
@@ -75,6 +84,24 @@ class SequenceConfig(GuidedConfig):
     wide: int = 1024  # candidates the best hypothesis of several verifies before the others are heard
     second: int = 256  # candidates the second-best verifies; the r-th (from 0) second // r
     narrow: int = 8  # candidates every hypothesis verifies at least
+    # Flat positions (bench/studies/HEAVY-NOISE.md). A verified position is flat for a prompt where at
+    # least `flat_pass` of the candidates its hypotheses walked past pass the noise law's test: the test
+    # cannot tell tokens apart (destroyed states: under gaussian sigma 10, dp Z 1 and Laplace eps 8 every
+    # candidate passes; under sigma 3 at most 82% of a position's did), the likelihood spreads a
+    # position's candidates over a few nats (4-36 measured), and the prior decides. Two consequences:
+    # - after a flat position a prompt keeps at most `flat_hypotheses` hypotheses (measured: the answer's
+    #   hypothesis never ranked below 7th after one, while 46% of the forwards went to those ranked 33rd
+    #   to 256th);
+    # - at the position after a flat one, a hypothesis whose own candidates pass at that rate does not
+    #   verify a candidate whose prior alone puts it out of reach (MAP scoring): even with an nll
+    #   `flat_slack` nats under the lowest its prompt verified so far at this position, it would neither
+    #   enter its hypothesis' `keep` best nor come within `margin` of the prompt's best (measured on
+    #   destroyed states: no candidate's nll fell more than 4.1 nats under that floor; where the test
+    #   does tell tokens apart the truth's can be 70 nats under it, hence flatness first).
+    # Where passes are rare (clean states, light noise) neither applies and the search is as before.
+    flat_pass: float = 0.99  # above 1: no position is flat (the search before issue 38)
+    flat_slack: float = 5.0
+    flat_hypotheses: int = 32
 
     def validate(self) -> None:
         super().validate()
@@ -82,8 +109,16 @@ class SequenceConfig(GuidedConfig):
                 or not self.narrow <= self.second <= self.wide:
             raise AttackError("sequence: --hypotheses, --max-forwards, --noisy-max-candidates, keep, narrow and per_pass "
                               "must be >= 1, and narrow <= second <= wide")
+        if not (self.flat_pass > 0 and self.flat_slack >= 0 and self.flat_hypotheses >= 1):
+            raise AttackError("sequence: flat_pass must be > 0 (above 1: no position is flat), flat_slack >= 0 and "
+                              "flat_hypotheses >= 1")
         if not self.margin >= 0:
             raise AttackError(f"sequence: --margin must be a number >= 0 (nats), got {self.margin!r}")
+
+
+def _share(values: list) -> float | None:
+    """The fraction of true (1) values, None for none."""
+    return sum(float(v) for v in values) / len(values) if values else None
 
 
 def group_rank(owner: torch.Tensor) -> torch.Tensor:
@@ -123,7 +158,8 @@ class SequenceAttack(GuidedAttack):
         targets = targets.to(oracle.device)
         seconds = torch.zeros(batch, length)
         spent = torch.zeros(batch, device=oracle.device)  # candidate forwards per prompt
-        per_prompt = {"candidates": torch.zeros(batch, length), "hypotheses": torch.zeros(batch, length)}
+        per_prompt = {"candidates": torch.zeros(batch, length), "hypotheses": torch.zeros(batch, length),
+                      "flat": torch.zeros(batch, length)}
         rows = None
         # Before the last layer a candidate is cheap and a hypothesis' prior (a forward of its whole prefix
         # through the whole model) is not: the hypotheses' caches are kept in a tree, each extended by its
@@ -134,19 +170,22 @@ class SequenceAttack(GuidedAttack):
             if t == 0:
                 rows = self._first(oracle, targets, state)
                 forwards = torch.zeros(batch, device=oracle.device)
+                flat = torch.zeros(batch, dtype=torch.bool, device=oracle.device)  # the codebook's position: never
             else:
-                rows, forwards = self._extend(oracle, rows, t, defense, state, spent=spent, tree=tree)
+                rows, forwards, flat = self._extend(oracle, rows, t, defense, state, spent=spent, after_flat=flat,
+                                                    tree=tree)
             if tree is not None and t + 1 < length:
                 rows.node = tree.append(None if t == 0 else tree.prune(rows.node), rows.tokens[:, -1])
             spent += forwards
             per_prompt["candidates"][:, t] = forwards.cpu()
+            per_prompt["flat"][:, t] = flat.float().cpu()
             per_prompt["hypotheses"][:, t] = torch.bincount(rows.owner, minlength=batch).float().cpu()
             seconds[:, t] = (time.perf_counter() - start) / batch
             if progress:
                 progress(t + 1, length)
         answer = self._most_promising(rows.score, rows.owner, 1)  # each prompt's best hypothesis
         losses = rows.history.pop("discrete_loss")[answer]
-        extras = {"ended": rows.history["ended"][answer].cpu(), **per_prompt}
+        extras = {"ended": rows.history["ended"][answer].cpu(), "rank": rows.history["rank"][answer].cpu(), **per_prompt}
         return AttackOutput(rows.tokens[answer].cpu(), losses.cpu(), seconds, extras)
 
     # --- the search -----------------------------------------------------------------------------
@@ -159,7 +198,9 @@ class SequenceAttack(GuidedAttack):
     def _first(self, oracle, targets: torch.Tensor, state: GuidedState) -> Hypotheses:
         """Position 1: the codebook entries within `margin` nats of each prompt's best, at most
         `hypotheses`; where more are that close, those the learned ranker finds likeliest given the
-        first two defended states (the second depends on x_1 too). Best (by that order) first."""
+        first two defended states (the second depends on x_1 too). Best (by that order) first.
+        Never flat: first states vary little between tokens, so most of the codebook passes the test
+        even under light noise, and the later positions tell the hypotheses apart."""
         goal = targets[:, 0]
         statistic, objective = self._codebook_scores(oracle, goal, state)
         score = self._nats(objective, state)
@@ -175,13 +216,21 @@ class SequenceAttack(GuidedAttack):
         chosen = token[owner, column]
         stat = statistic[owner, chosen]
         loss = stat if state.likelihood.scores_mse else mse(state.codebook[chosen], goal[owner])
-        history = {"discrete_loss": loss[:, None], "ended": torch.full((len(owner), 1), float(CODEBOOK), device=goal.device)}
+        history = {"discrete_loss": loss[:, None], "ended": torch.full((len(owner), 1), float(CODEBOOK), device=goal.device),
+                   "rank": column[:, None].float()}
         return Hypotheses(chosen[:, None], score[owner, chosen], owner, torch.zeros_like(owner, dtype=torch.bool), history)
 
+    def _width(self, flat: torch.Tensor) -> torch.Tensor:
+        """Hypotheses each prompt may keep: `hypotheses`, or `flat_hypotheses` after a flat position."""
+        cfg = self.config
+        return torch.where(flat, min(cfg.hypotheses, cfg.flat_hypotheses), cfg.hypotheses)
+
     def _extend(self, oracle, rows: Hypotheses, position: int, defense, state: GuidedState, *,
-                spent: torch.Tensor, tree: PrefixTree | None = None) -> tuple[Hypotheses, torch.Tensor]:
+                spent: torch.Tensor, after_flat: torch.Tensor,
+                tree: PrefixTree | None = None) -> tuple[Hypotheses, torch.Tensor, torch.Tensor]:
         """One position: verify every hypothesis' candidates, keep the best extensions per prompt.
-        Returns the new hypotheses and the forwards each prompt spent."""
+        `after_flat` (B,): prompts whose previous position was flat. Returns the new hypotheses, the
+        forwards each prompt spent and whether its position was flat."""
         cfg = self.config
         goal = state.targets[:, position]
         vocab = oracle.vocab_size
@@ -194,7 +243,8 @@ class SequenceAttack(GuidedAttack):
         budget = torch.where(alone, full, torch.where(rank == 0, cfg.wide, ranked)).clamp(max=full)
         budget = self._after_failure(budget, rows.failed)
         everyone = torch.arange(len(rows.owner), device=goal.device)
-        found = self._verify_rows(oracle, rows, everyone, position, defense, state, budget=budget, tree=tree)
+        found = self._verify_rows(oracle, rows, everyone, position, defense, state, budget=budget, after_flat=after_flat,
+                                  tree=tree)
         for width, deeper in DEEPENING:
             # a prompt none of whose hypotheses passed: its `width` most promising ones verify deeper
             passed = torch.zeros(len(goal), dtype=torch.bool, device=goal.device)
@@ -207,14 +257,19 @@ class SequenceAttack(GuidedAttack):
             again, more = again[more > budget[again]], more[more > budget[again]]
             if not len(again):
                 continue
-            result = self._verify_rows(oracle, rows, again, position, defense, state, budget=more, tree=tree)
+            result = self._verify_rows(oracle, rows, again, position, defense, state, budget=more, after_flat=after_flat,
+                                       tree=tree)
             result["candidates"] += found["candidates"][again]  # it verified from the start again: both count
+            result["passes"] += found["passes"][again]
+            result["walked"] += found["walked"][again]
             budget[again] = more
             for key, value in result.items():
                 found[key][again] = value
         total = rows.score[:, None] + found["score"]
         forwards = torch.zeros(len(goal), device=goal.device).index_add_(0, rows.owner, found["candidates"])
-        return self._select(rows, found, total, keep_all=spent + forwards < cfg.max_forwards), forwards
+        passes, walked = (torch.zeros(len(goal), device=goal.device).index_add_(0, rows.owner, found[k]) for k in ("passes", "walked"))
+        flat = passes >= cfg.flat_pass * walked.clamp(min=1)  # the pass rate of what the prompt's hypotheses walked past
+        return self._select(rows, found, total, keep_all=spent + forwards < cfg.max_forwards, was_flat=flat), forwards, flat
 
     def _after_failure(self, budget: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
         """A hypothesis whose last position found no passing candidate verifies at most
@@ -229,9 +284,14 @@ class SequenceAttack(GuidedAttack):
         return order[group_rank(owner[order]) < width].sort().values
 
     def _verify_rows(self, oracle, rows: Hypotheses, index: torch.Tensor, position: int, defense,
-                     state: GuidedState, *, budget: torch.Tensor, tree: PrefixTree | None = None) -> dict[str, torch.Tensor]:
+                     state: GuidedState, *, budget: torch.Tensor, after_flat: torch.Tensor,
+                     tree: PrefixTree | None = None) -> dict[str, torch.Tensor]:
         """guided's verification for the hypotheses `index` (with their `budget`), ROW_CHUNK at a time:
-        each row's `keep` best candidates (token, discrete loss, score in nats), forwards and ending."""
+        each row's `keep` best candidates (token, discrete loss, score in nats), forwards, passes,
+        candidates walked past and ending. Rows of prompts `after_flat` whose prompt has several
+        hypotheses may skip candidates (`_flat_skip`); a prompt's only hypothesis is verified as
+        guided verifies it."""
+        may_skip = (torch.bincount(rows.owner)[rows.owner] > 1) & after_flat[rows.owner]
         parts = []
         for rows_at, budget_at in zip(index.split(ROW_CHUNK), budget.split(ROW_CHUNK)):
             prefix = oracle.prefix(rows.tokens[rows_at]) if tree is None else tree.prefix(rows.node[rows_at])
@@ -239,17 +299,40 @@ class SequenceAttack(GuidedAttack):
             owner = rows.owner[rows_at]
             goal_at = state.targets[owner, position]
             order = self._order(goal_at, prior, state, state.following(owner, position), position,
-                                limit=self.order_limit(oracle, budget_at))
+                                limit=self.order_limit(oracle, budget_at), owner=owner)
+            skip = self._flat_skip(rows.score[rows_at], owner, may_skip[rows_at]) if state.map else None
             found = self._verify(oracle, prefix, goal_at, order, prior, defense, state,
-                                 budget=budget_at, keep=self.config.keep)
+                                 budget=budget_at, keep=self.config.keep, skip=skip)
             parts.append({"token": found.tokens, "loss": found.losses, "score": self._nats(found.objective, state),
-                          "candidates": found.extras["candidates"], "ended": found.extras["ended"]})
+                          **{k: found.extras[k] for k in ("candidates", "ended", "passes", "walked")}})
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
+    def _flat_skip(self, score: torch.Tensor, owner: torch.Tensor, may_skip: torch.Tensor):
+        """The candidates (MAP scoring) that a flat hypothesis need not verify (see `flat_pass`), for rows
+        with these scores so far (R,), prompts (R,) and whether they may skip at all (R,)."""
+        cfg = self.config
+
+        def skip(active: torch.Tensor, log_prior: torch.Tensor, *, objective: torch.Tensor, lowest: torch.Tensor,
+                 passes: torch.Tensor, verified: int) -> torch.Tensor:
+            # the prompt's lowest nll and best total so far, over its rows of this chunk (fewer rows: a
+            # higher floor, which `flat_slack` covers; a higher best, which only skips less)
+            prompts = int(owner.max()) + 1
+            floor = torch.full((prompts,), float("inf"), device=score.device).scatter_reduce(0, owner, lowest, "amin")
+            best = torch.full((prompts,), float("inf"), device=score.device).scatter_reduce(
+                0, owner, score + objective[:, 0], "amin")
+            lower = (floor[owner] - cfg.flat_slack)[active, None] - log_prior  # its objective is at least this
+            out_of_row = lower >= objective[active, -1:]  # would not enter its row's `keep` best
+            out_of_margin = score[active, None] + lower > (best[owner] + cfg.margin)[active, None]
+            flat = (passes[active] >= cfg.flat_pass * verified) & may_skip[active]
+            return (out_of_row | out_of_margin) & flat[:, None]
+
+        return skip
+
     def _select(self, rows: Hypotheses, found: dict[str, torch.Tensor], total: torch.Tensor, *,
-                keep_all: torch.Tensor) -> Hypotheses:
-        """The extensions within `margin` of each prompt's best, at most `hypotheses` (only the best
-        for prompts past `max_forwards`), as the next position's hypotheses, best first."""
+                keep_all: torch.Tensor, was_flat: torch.Tensor) -> Hypotheses:
+        """The extensions within `margin` of each prompt's best, at most `hypotheses` (`flat_hypotheses`
+        after a flat position; only the best for prompts past `max_forwards`), as the next position's
+        hypotheses, best first."""
         width = total.shape[1]
         flat = total.reshape(-1)
         parent = torch.arange(len(rows.owner), device=flat.device).repeat_interleave(width)
@@ -258,10 +341,11 @@ class SequenceAttack(GuidedAttack):
         flat, parent, column = flat[order], parent[order], order % width
         owner = rows.owner[parent]
         best = torch.full((len(keep_all),), float("inf"), device=flat.device).scatter_reduce(0, owner, flat, "amin")
-        limit = torch.where(keep_all, self.config.hypotheses, 1)[owner]
+        limit = torch.where(keep_all, self._width(was_flat), 1)[owner]
         alive = torch.isfinite(flat) & (flat <= best[owner] + self.config.margin) & (group_rank(owner) < limit)
         parent, column, owner = parent[alive], column[alive], owner[alive]
-        steps = {"discrete_loss": found["loss"][parent, column], "ended": found["ended"][parent].float()}
+        steps = {"discrete_loss": found["loss"][parent, column], "ended": found["ended"][parent].float(),
+                 "rank": group_rank(owner).float()}  # each new hypothesis' place in its prompt's beam
         history = {name: torch.cat([rows.history[name][parent], value[:, None]], dim=1) for name, value in steps.items()}
         tokens = torch.cat([rows.tokens[parent], found["token"][parent, column][:, None]], dim=1)
         return Hypotheses(tokens, flat[alive], owner, found["ended"][parent] != CERTIFIED, history,
@@ -281,6 +365,8 @@ class SequenceAttack(GuidedAttack):
         """guided's figures, and how many hypotheses the search kept per position."""
         return {**super().diagnostics(records, defense=defense),
                 "hypotheses_per_position": distribution(position_values(records, "hypotheses")),
+                "flat_positions": _share(position_values(records, "flat")),
+                "answer_rank_per_position": distribution(position_values(records, "rank")),
                 "budget": {"hypotheses": self.config.hypotheses, "margin_nats": self.config.margin,
                            "max_forwards_per_prompt": self.config.max_forwards,
                            "noisy_max_candidates": self.config.noisy_max_candidates}}

@@ -16,7 +16,7 @@ from invbench.attacks import make_attack
 from invbench.attacks.likelihood import Likelihood
 from invbench.defenses.noise import GaussianNoise
 from invbench.attacks.guided import (BUDGET, CERTIFIED, CODEBOOK, EXHAUSTED, FLIPPED, GuidedAttack,
-                                     interleaved_order)
+                                     interleaved_order, ranks)
 from invbench.attacks.ranker import Recipe, fit_ranker, load_ranker, read_ranker
 from invbench.defenses import make_defense
 from invbench.leaks.codebook import Codebook
@@ -56,6 +56,32 @@ def test_interleaved_order_alternates_and_keeps_each_token_once():
     second = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])  # order 4 3 2 1 0
     assert interleaved_order([first, second]).tolist() == [[0, 4, 1, 3, 2]]
     assert interleaved_order([first]).tolist() == [[0, 1, 2, 3, 4]]
+
+
+def sorted_twice(scores: list[torch.Tensor]) -> torch.Tensor:
+    """interleaved_order as it was written first: five sorts per row (ranks by two argsorts, keys by a third)."""
+    key = None
+    for j, score in enumerate(scores):
+        slot = score.argsort(dim=1, descending=True).argsort(dim=1) * len(scores) + j
+        key = slot if key is None else torch.minimum(key, slot)
+    return key.argsort(dim=1)
+
+
+def test_interleaved_order_is_the_order_five_sorts_gave_token_for_token():
+    """One sort per row and a scatter give the same ranking, ties included (scores with many equal
+    values, rows repeated within a group as sequence's hypotheses share a prompt's learned row)."""
+    generator = torch.Generator().manual_seed(0)
+    learned = torch.randint(0, 40, (3, 500), generator=generator).float()  # many ties
+    owner = torch.tensor([0, 0, 0, 1, 2, 2])
+    prior = torch.randn(6, 500, generator=generator).log_softmax(dim=1)
+    prior[:, :50] = prior[:, :1]  # ties in the sum as well
+    scores = [learned[owner] + prior, learned[owner]]
+    assert torch.equal(interleaved_order(scores, groups=[None, owner]), sorted_twice(scores))
+    assert torch.equal(interleaved_order(scores), sorted_twice(scores))
+    assert torch.equal(ranks(learned[owner], groups=owner), learned[owner].argsort(dim=1, descending=True).argsort(dim=1))
+    different = learned[owner].clone()
+    different[1, 0] += 1.0  # a group whose rows differ is ranked row by row
+    assert torch.equal(ranks(different, groups=owner), different.argsort(dim=1, descending=True).argsort(dim=1))
 
 
 def test_acceptance_threshold_is_the_chi2_quantile_and_passes_true_noise():

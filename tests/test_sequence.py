@@ -47,6 +47,7 @@ def test_where_no_decision_is_close_it_decodes_as_guided(small, cache, sigma):
     assert torch.equal(sequence.extras["ended"], guided.extras["ended"])
     if sigma:
         assert (sequence.extras["hypotheses"] == 1).all()
+    assert not sequence.extras.get("flat", torch.zeros(1)).any()  # few candidates pass: nothing is flat
 
 
 def test_under_heavy_noise_the_whole_sequence_recovers_what_positions_alone_lose(small, cache):
@@ -86,13 +87,74 @@ def test_the_records_and_summary_say_what_the_search_did(small, cache):
     defense, targets = defended(oracle, ids, 2.0, seed=0)
     attack = make_attack("sequence", overrides={"ranker": "prior"})
     out = run(attack, oracle, targets, defense)
-    assert set(out.extras) == {"candidates", "hypotheses", "ended"}
+    assert set(out.extras) == {"candidates", "hypotheses", "ended", "flat", "rank"}
     assert out.tokens.shape == out.discrete_loss.shape == out.extras["hypotheses"].shape == ids.shape
     records = [{"hypotheses": out.extras["hypotheses"][i].tolist(), "candidates": out.extras["candidates"][i].tolist(),
+                "flat": out.extras["flat"][i].tolist(), "rank": out.extras["rank"][i].tolist(),
                 "ended": ["certified" if e == CERTIFIED else "budget" for e in out.extras["ended"][i].tolist()]}
                for i in range(len(ids))]
     diagnostics = attack.diagnostics(records, defense=defense)
     assert diagnostics["budget"] == {"hypotheses": 256, "margin_nats": 20.0, "max_forwards_per_prompt": 50_000,
                                      "noisy_max_candidates": 8192}
     assert diagnostics["hypotheses_per_position"]["mean"] >= 1
+    assert 0 <= diagnostics["flat_positions"] <= 1 and diagnostics["answer_rank_per_position"]["mean"] >= 0
     assert diagnostics["scoring"].startswith("map (Gaussian likelihood, sigma 2")
+
+
+# --- flat positions (bench/studies/HEAVY-NOISE.md) ---------------------------------------------------------------
+def test_a_candidate_its_prior_puts_out_of_reach_is_not_verified(small, cache):
+    """The skip rule on made-up numbers: one prompt with two hypotheses (scores 0 and 30 nats, margin 20),
+    one with a single hypothesis, lowest nll so far 100, slack 5, so every candidate's nll is taken >= 95."""
+    attack = make_attack("sequence", overrides={"ranker": "prior"})
+    score, owner = torch.tensor([0.0, 30.0, 0.0]), torch.tensor([0, 0, 1])
+    skip = attack._flat_skip(score, owner, may_skip=torch.tensor([True, True, False]))
+    keep = attack.config.keep
+    objective = torch.full((3, keep), 101.0)  # each row's `keep` best so far: nll 100 + 1 nat of prior
+    log_prior = torch.tensor([[-1.0, -5.0, -7.0], [-1.0, -1.0, -1.0], [-30.0, -30.0, -30.0]])
+    flat = dict(objective=objective, lowest=torch.full((3,), 100.0), passes=torch.full((3,), 64), verified=64)
+    skipped = skip(torch.arange(3), log_prior, **flat)
+    # row 0: 95 + 1 could enter its row's best four, 95 + 5 too, 95 + 7 >= 101 could not
+    assert skipped[0].tolist() == [False, False, True]
+    assert skipped[1].all()  # 30 + 95 + 1 is more than 20 nats behind the prompt's best so far (0 + 101)
+    assert not skipped[2].any()  # a row that may not skip (a prompt's only hypothesis) verifies all
+    rare = dict(flat, passes=torch.full((3,), 8))  # 8 of 64 passed: the test still tells tokens apart
+    assert not skip(torch.arange(3), log_prior, **rare).any()
+
+
+def steep(oracle, monkeypatch, temperature=10.0):
+    """A peaked prior on the random tiny model (whose own prior is nearly flat): the regime where the
+    prior decides what a destroyed state cannot."""
+    plain = oracle._log_probs
+    monkeypatch.setattr(oracle, "_log_probs", lambda state: torch.log_softmax(plain(state) * temperature, dim=-1))
+
+
+def test_on_destroyed_states_skipping_keeps_the_answer_for_fewer_forwards(small, cache, monkeypatch):
+    """sigma 20 on states of RMS about 1: every candidate passes the test (flat). Without the beam cap, the
+    skip rule alone gives the same tokens and objective as the search before it, for fewer forwards."""
+    oracle, ids = small
+    steep(oracle, monkeypatch)
+    defense, targets = defended(oracle, ids, 20.0, seed=0)
+    before = run(make_attack("sequence", overrides={"ranker": "prior", "flat_pass": 2.0}), oracle, targets, defense)
+    skipping = run(make_attack("sequence", overrides={"ranker": "prior", "flat_hypotheses": 256}), oracle, targets, defense)
+    assert not before.extras["flat"].any() and skipping.extras["flat"][:, 1:].all()
+    assert torch.equal(skipping.tokens, before.tokens)
+    assert torch.equal(skipping.discrete_loss, before.discrete_loss)
+    assert skipping.extras["candidates"].sum() < 0.7 * before.extras["candidates"].sum()
+
+
+def test_after_a_flat_position_few_hypotheses_are_kept_and_the_answer_still_beats_the_truth(small, cache, monkeypatch):
+    """The beam cap: 256 hypotheses at the codebook position (never flat), at most flat_hypotheses after
+    each flat one; the answer's hypothesis ranked within them, and it explains the states better than
+    the truth (no search failure: on destroyed states that is what a protected verdict rests on)."""
+    oracle, ids = small
+    steep(oracle, monkeypatch)
+    defense, targets = defended(oracle, ids, 20.0, seed=0)
+    attack = make_attack("sequence", overrides={"ranker": "prior"})
+    before = run(make_attack("sequence", overrides={"ranker": "prior", "flat_pass": 2.0}), oracle, targets, defense)
+    out = run(attack, oracle, targets, defense)
+    cap = attack.config.flat_hypotheses
+    assert (out.extras["hypotheses"][:, 0] == 256).all() and (out.extras["hypotheses"][:, 1:] <= cap).all()
+    assert (out.extras["rank"][:, 1:] < cap).all()  # position 1's rank is among the codebook's 256
+    assert out.extras["candidates"].sum() < 0.5 * before.extras["candidates"].sum()
+    objective = attack.objective(oracle, targets, out.tokens, defense=defense).sum(1)
+    assert (objective < attack.objective(oracle, targets, ids, defense=defense).sum(1)).all()
