@@ -191,10 +191,10 @@ class GuidedConfig:
 class Skip(Protocol):
     """Which candidates of a round (R_active, M) need no forward pass, from the round's rows `active`,
     their candidates' log prior (R_active, M), and what the verification knows of every row so far:
-    its `keep` best objectives (R, keep), lowest nll (R,), passes (R,) and candidates walked."""
+    its `keep` best objectives (R, keep), lowest nll (R,), passes (R,) and the active rows' candidates walked."""
 
     def __call__(self, active: torch.Tensor, log_prior: torch.Tensor, *, objective: torch.Tensor,
-                 lowest: torch.Tensor, passes: torch.Tensor, verified: int) -> torch.Tensor | None: ...
+                 lowest: torch.Tensor, passes: torch.Tensor, verified: torch.Tensor) -> torch.Tensor | None: ...
 
 
 @dataclass
@@ -385,15 +385,21 @@ class GuidedAttack(Attack):
         active = torch.arange(rows, device=device)
         done_so_far, size = 0, cfg.first_round
         while len(active):
-            columns = slice(done_so_far, min(order.shape[1], done_so_far + size, int(budget[active].min())))
+            # Every row sees the same rounds (8, 8, 16, 32, ...) as it would alone, each cut at its own budget
+            # (the candidates past it are masked): a prompt's answer never depends on the prompts beside it, so
+            # verify's rerun of a subset reproduces each prompt (before: a round ended at the smallest budget
+            # among the rows, and the rows that went on met other boundaries).
+            columns = slice(done_so_far, min(order.shape[1], done_so_far + size))
             ids = order[active, columns]
+            beyond = torch.arange(columns.start, columns.stop, device=device)[None, :] >= budget[active, None]
             log_prior = prior[active].gather(1, ids)
             skipped = None
             if skip is not None and done_so_far:
                 skipped = skip(active, log_prior, objective=best["objective"], lowest=lowest, passes=passes,
-                               verified=done_so_far)
+                               verified=verified[active]) & ~beyond
+            unmeasured = beyond if skipped is None else beyond | skipped
             statistic, loss, trimmed = self._measure(oracle, prefix.select(active), goal[active], ids, defense, state,
-                                                     skipped=skipped).unbind(dim=-1)
+                                                     skipped=unmeasured).unbind(dim=-1)
             objective = self._objective(statistic, log_prior, state)
             found = {"token": ids, "loss": loss, "objective": objective, "trimmed": trimmed}
             self._merge(best, active, found)
@@ -402,17 +408,17 @@ class GuidedAttack(Attack):
             if skip is not None:
                 lowest[active] = torch.minimum(lowest[active], likelihood.nll(statistic).min(dim=1).values)
             done_so_far = columns.stop
-            verified[active] = done_so_far
+            verified[active] = torch.clamp(budget[active], max=done_so_far)
             passing = statistic < state.threshold
-            forwards[active] += ids.shape[1]
+            forwards[active] += (~unmeasured).sum(dim=1)
             if skipped is not None:
-                forwards[active] -= skipped.sum(dim=1)
                 passing = passing | skipped  # what it could not change counts as what the test cannot tell apart
+            passing = passing & ~beyond
             passes[active] += passing.sum(dim=1)
             newly = passing.any(dim=1) & (first_pass[active] == 0)
             first_pass[active[newly]] = columns.start + passing[newly].int().argmax(dim=1) + 1
-            stop = self._stop(first_pass[active], done_so_far, noisy=likelihood.noisy, passes=passes[active])
-            spent = done_so_far >= budget[active]
+            stop = self._stop(first_pass[active], verified[active], noisy=likelihood.noisy, passes=passes[active])
+            spent = verified[active] >= budget[active]
             finished = stop | spent
             ended[active[spent & (budget[active] < vocab)]] = float(BUDGET)
             ended[active[finished & (first_pass[active] > 0)]] = float(CERTIFIED)
@@ -476,9 +482,9 @@ class GuidedAttack(Attack):
         for k in best:
             best[k][rows] = joined[k].gather(1, order)
 
-    def _stop(self, first_pass: torch.Tensor, verified: int, *, noisy: bool, passes: torch.Tensor) -> torch.Tensor:
-        """Which rows stop after `verified` candidates, given where each first passed (0: not yet)
-        (and how many passed, which guided does not use)."""
+    def _stop(self, first_pass: torch.Tensor, verified: torch.Tensor, *, noisy: bool, passes: torch.Tensor) -> torch.Tensor:
+        """Which rows stop after `verified` (R,) candidates each, given where each first passed (0: not
+        yet) (and how many passed, which guided does not use)."""
         passed = first_pass > 0
         if not noisy:
             return passed  # certified: the passing candidate is the token

@@ -129,6 +129,26 @@ def group_rank(owner: torch.Tensor) -> torch.Tensor:
     return index - torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=0).values
 
 
+def whole_prompts(index: torch.Tensor, budget: torch.Tensor, owner: torch.Tensor,
+                  size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`index` (rows of several prompts, each prompt's together) and their `budget` in chunks of at most
+    `size` rows that never split a prompt (a prompt of more rows is a chunk of its own): what a chunk
+    decides about a prompt (its flat skip's floor) then depends on that prompt alone, not on where the
+    prompts before it put the chunk's boundary."""
+    prompts = owner[index]
+    starts = torch.ones_like(prompts, dtype=torch.bool)
+    starts[1:] = prompts[1:] != prompts[:-1]
+    bounds = starts.nonzero().flatten().tolist() + [len(index)]
+    chunks, first = [], 0
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end - first > size and start > first:  # this prompt would not fit beside the chunk's
+            chunks.append((index[first:start], budget[first:start]))
+            first = start
+    if first < len(index):
+        chunks.append((index[first:], budget[first:]))
+    return chunks
+
+
 @dataclass
 class Hypotheses:
     """The live prefixes of every prompt, flat (R rows), each prompt's rows together, best first."""
@@ -293,7 +313,7 @@ class SequenceAttack(GuidedAttack):
         guided verifies it."""
         may_skip = (torch.bincount(rows.owner)[rows.owner] > 1) & after_flat[rows.owner]
         parts = []
-        for rows_at, budget_at in zip(index.split(ROW_CHUNK), budget.split(ROW_CHUNK)):
+        for rows_at, budget_at in whole_prompts(index, budget, rows.owner, ROW_CHUNK):
             prefix = oracle.prefix(rows.tokens[rows_at]) if tree is None else tree.prefix(rows.node[rows_at])
             prior = oracle.log_prior(prefix)
             owner = rows.owner[rows_at]
@@ -313,9 +333,8 @@ class SequenceAttack(GuidedAttack):
         cfg = self.config
 
         def skip(active: torch.Tensor, log_prior: torch.Tensor, *, objective: torch.Tensor, lowest: torch.Tensor,
-                 passes: torch.Tensor, verified: int) -> torch.Tensor:
-            # the prompt's lowest nll and best total so far, over its rows of this chunk (fewer rows: a
-            # higher floor, which `flat_slack` covers; a higher best, which only skips less)
+                 passes: torch.Tensor, verified: torch.Tensor) -> torch.Tensor:
+            # the prompt's lowest nll and best total so far, over its rows (a chunk holds whole prompts)
             prompts = int(owner.max()) + 1
             floor = torch.full((prompts,), float("inf"), device=score.device).scatter_reduce(0, owner, lowest, "amin")
             best = torch.full((prompts,), float("inf"), device=score.device).scatter_reduce(
@@ -323,7 +342,7 @@ class SequenceAttack(GuidedAttack):
             lower = (floor[owner] - cfg.flat_slack)[active, None] - log_prior  # its objective is at least this
             out_of_row = lower >= objective[active, -1:]  # would not enter its row's `keep` best
             out_of_margin = score[active, None] + lower > (best[owner] + cfg.margin)[active, None]
-            flat = (passes[active] >= cfg.flat_pass * verified) & may_skip[active]
+            flat = (passes[active] >= cfg.flat_pass * verified) & may_skip[active]  # verified: the active rows' own
             return (out_of_row | out_of_margin) & flat[:, None]
 
         return skip
@@ -351,7 +370,7 @@ class SequenceAttack(GuidedAttack):
         return Hypotheses(tokens, flat[alive], owner, found["ended"][parent] != CERTIFIED, history,
                           node=None if rows.node is None else rows.node[parent])
 
-    def _stop(self, first_pass: torch.Tensor, verified: int, *, noisy: bool, passes: torch.Tensor) -> torch.Tensor:
+    def _stop(self, first_pass: torch.Tensor, verified: torch.Tensor, *, noisy: bool, passes: torch.Tensor) -> torch.Tensor:
         """guided's stop, and under noise at least `per_pass` candidates per pass seen, at most `wide`
         (where only the true token passes this is guided's stop)."""
         guided = super()._stop(first_pass, verified, noisy=noisy, passes=passes)

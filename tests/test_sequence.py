@@ -158,3 +158,40 @@ def test_after_a_flat_position_few_hypotheses_are_kept_and_the_answer_still_beat
     assert out.extras["candidates"].sum() < 0.5 * before.extras["candidates"].sum()
     objective = attack.objective(oracle, targets, out.tokens, defense=defense).sum(1)
     assert (objective < attack.objective(oracle, targets, ids, defense=defense).sum(1)).all()
+
+
+@pytest.mark.parametrize("attack, sigma", [("guided", 0.5), ("guided", 2.0), ("sequence", 0.5), ("sequence", 2.0)])
+def test_a_prompts_answer_does_not_depend_on_the_prompts_beside_it(small, cache, attack, sigma):
+    """verify reruns a random subset of an entry's prompts and compares them one by one: each prompt's answer
+    (and its candidates verified) must be what it is alone, whatever else shares its batch (before: the
+    verification rounds were cut at the smallest budget among the rows, so a row stopped at another boundary)."""
+    oracle, ids = small
+    defense, targets = defended(oracle, ids, sigma, seed=3)
+    together = run(make_attack(attack, overrides={"ranker": "prior"}), oracle, targets, defense)
+    for row in range(len(ids)):
+        alone = make_attack(attack, overrides={"ranker": "prior"}).run(
+            oracle, targets[row:row + 1], defense=defense, prompt_indices=[row], seed=0, notify=lambda line: None)
+        assert torch.equal(alone.tokens[0], together.tokens[row]), (attack, sigma, row)
+        assert torch.equal(alone.extras["candidates"][0], together.extras["candidates"][row]), (attack, sigma, row)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_before_the_last_layer_too_a_prompts_work_is_its_own(tiny, cache, layer):
+    """8 prompts of random ids on a 2,000-token vocabulary at a noise of twice the states' RMS: each prompt's
+    answer and forward passes are what it spends alone (at layer 0 one prompt's count once differed)."""
+    from invbench.leaks.oracle import WhiteBox
+
+    full = tiny.model.get_input_embeddings().weight.detach()
+    keep = torch.unique(torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(0))[:2000])
+    oracle = WhiteBox(tiny.model, layer=layer, tokenizer=tiny.tokenizer, name="tiny-gpt2-sub").restrict_vocabulary(keep)
+    ids = torch.randint(0, 2000, (8, 5), generator=torch.Generator().manual_seed(5))
+    states = oracle.capture(ids)
+    defense = make_defense("gaussian", {"sigma": 2 * states.pow(2).mean().sqrt().item()})
+    targets = defense.apply(states, generator=torch.Generator().manual_seed(1))
+    options = {"ranker": "prior", "scoring": "map"}
+    together = run(make_attack("sequence", overrides=options), oracle, targets, defense)
+    for row in range(len(ids)):
+        alone = make_attack("sequence", overrides=options).run(
+            oracle, targets[row:row + 1], defense=defense, prompt_indices=[row], seed=0, notify=lambda line: None)
+        assert torch.equal(alone.tokens[0], together.tokens[row]), row
+        assert torch.equal(alone.extras["candidates"][0], together.extras["candidates"][row]), row
