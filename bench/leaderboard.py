@@ -369,17 +369,19 @@ def plot_png(board: Board) -> bytes:
     Labels are entry ids (slugs), drawn with mathtext off."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig = Figure(figsize=(12, 4.8), dpi=110)
+    fig = Figure(figsize=(12, 5.4), dpi=110, layout="constrained")
     axes = fig.subplots(1, len(PANELS), sharey=True)
     rows = [r for r in board.ranked + board.below if r.entry.top1_agreement is not None]
     for ax, (metric, (_, words)) in zip(axes, PANELS.items()):
         _board_panel(ax, board, rows, metric, words)
-    fig.suptitle(f"{board.protocol}: privacy against utility", parse_math=False)
-    fig.tight_layout()
-    for ax, metric in zip(axes, PANELS):  # after the layout: placement measures the rendered labels
-        label_points(ax, [PointLabel(r.entry.top1_agreement, getattr(r.entry, metric),
-                                     r.entry.entry_id if len(r.entry.entry_id) <= 28 else r.entry.entry_id[:27] + "...")
-                          for r in rows])
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=len(names), fontsize=8)  # off the data
+    fig.suptitle(f"{board.protocol}: privacy against utility (labels that would overlap are left off: the table "
+                 "names every point)", parse_math=False, fontsize=10)
+    fig.draw_without_rendering()  # the layout first: label placement measures the rendered labels
+    for ax, metric in zip(axes, PANELS):
+        label_points(ax, [PointLabel(r.entry.top1_agreement, getattr(r.entry, metric), r.entry.entry_id) for r in rows],
+                     drop_unplaced=True)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     return buffer.getvalue()
@@ -403,7 +405,6 @@ def _board_panel(ax, board: Board, rows: list[Row], metric: str, words: str) -> 
            ylabel=f"{words} (lower is more private)")
     ax.set_title(words + (" (ranks the board)" if metric == board.ranking.privacy else ""), parse_math=False)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
 
 
 # --- HTML ---------------------------------------------------------------------------------------

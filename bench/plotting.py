@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 ROW_POINTS = 9  # one text row, in points (fontsize 7 plus spacing)
 MAX_ROWS = 12
+NEAR_ROWS = 5  # where labels may be left off, one is placed at most this many rows from its point
 
 
 def plain_text(text: str) -> str:
@@ -28,8 +29,10 @@ class PointLabel:
     color: str | tuple = "black"
 
 
-def label_points(ax, labels: list[PointLabel]) -> list:
-    """Annotate each point of `labels` on `ax`, top and right first; returns the annotations."""
+def label_points(ax, labels: list[PointLabel], *, drop_unplaced: bool = False) -> list:
+    """Annotate each point of `labels` on `ax`, top and right first; returns the annotations. A label with
+    no free place is drawn over the others, or, with `drop_unplaced`, left off (the board's table names
+    every point; a stack of overlapping names names none)."""
     from matplotlib.text import Text
 
     renderer = _renderer(ax.figure)
@@ -51,10 +54,14 @@ def label_points(ax, labels: list[PointLabel]) -> list:
                 arrowprops=dict(arrowstyle="-", lw=0.4, color="0.6") if row else None)
             annotation.update_positions(renderer)
             box = Text.get_window_extent(annotation, renderer).padded(3)  # the text alone (not its leader line), a gap around it
-            fits = inside.x0 <= box.x0 and box.x1 <= inside.x1 and not any(box.overlaps(other) for other in boxes)
+            fits = (inside.x0 <= box.x0 and box.x1 <= inside.x1 and not any(box.overlaps(other) for other in boxes)
+                    and (not drop_unplaced or (inside.y0 <= box.y0 and box.y1 <= inside.y1 and row < NEAR_ROWS)))
             if fits or (row, right) == tries[-1]:
                 break
             annotation.remove()
+        if not fits and drop_unplaced:
+            annotation.remove()
+            continue
         boxes.append(box)
         annotations.append(annotation)
     return annotations
