@@ -5,6 +5,7 @@
 # latest with its date and machine.
 #
 #   bash bench/studies/first_ten_minutes.sh [WORKDIR]      # from the repository root; WORKDIR default /tmp/first-run
+#   BUSY=0 bash bench/studies/first_ten_minutes.sh           # no busy loop of its own (another job already runs)
 #
 # The model cache is a new folder (INVBENCH_CACHE), so the first run fetches the model as a new user's does;
 # pip's own cache is the machine's, as it is for a user who has installed Python packages before.
@@ -17,9 +18,11 @@ cd "$WORK/invbench"
 python3 -m venv .venv
 . .venv/bin/activate
 export INVBENCH_CACHE="$WORK/cache"
-python3 -c "while True: pass" &
-BUSY=$!
-trap 'kill $BUSY 2>/dev/null || true' EXIT
+if [ "${BUSY:-1}" != 0 ]; then
+  python3 -c "while True: pass" &
+  LOOP=$!
+  trap 'kill $LOOP 2>/dev/null || true' EXIT
+fi
 
 seconds() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
 now() { date +%s.%N; }
@@ -31,7 +34,7 @@ invbench run --defense gaussian --sigma 0.01 > "$WORK/main-job.out" 2> "$WORK/ma
 first=$(now)
 invbench run --defense gaussian --sigma 0.01 --out "$WORK/warm" > "$WORK/warm.out" 2> "$WORK/warm.err"
 warm=$(now)
-echo "date: $(date -u +%F); machine: $(nproc) cores, $(uname -m); beside: one busy loop; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "date: $(date -u +%F); machine: $(nproc) cores, $(uname -m); beside: ${BESIDE:-one busy loop}; load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "quickstart, install (pip install torch==2.13.0 -e .): $(seconds "$start" "$installed") s"
 echo "quickstart, main job, first run (model fetched, no codebook): $(seconds "$installed" "$first") s"
 echo "quickstart, both: $(seconds "$start" "$first") s"
