@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 
@@ -140,7 +140,7 @@ def cpu_threads(*, cores: int, busy: float) -> int:
     return max(1, min(cores, int(cores - busy + 0.5)))
 
 
-def choose_cpu_threads(*, echo: Callable[[str], None] = lambda line: None) -> int | None:
+def choose_cpu_threads() -> int | None:
     """Set torch's threads for this machine's free cores (`cpu_threads`), unless the user chose
     (OMP_NUM_THREADS or MKL_NUM_THREADS set): returns the number set, or None when left alone."""
     import torch
@@ -150,11 +150,8 @@ def choose_cpu_threads(*, echo: Callable[[str], None] = lambda line: None) -> in
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     threads = cpu_threads(cores=cores, busy=busy)
-    if threads != torch.get_num_threads():
+    if threads != torch.get_num_threads():  # said in config.json's device ("cpu (..., 1 threads)"), not on screen
         torch.set_num_threads(threads)
-        if threads < cores:
-            echo(f"note: {threads} CPU thread(s) of {cores}: the others are busy (load {busy:.1f}); set "
-                 "OMP_NUM_THREADS to choose")
     return threads
 
 

@@ -251,7 +251,7 @@ def fisher(model: str, layer: int, documents: int, tokens: int, seed: int, devic
 
     echo = lambda line: click.echo(line, err=True)  # noqa: E731
     loaded = load_model(model, seed=seed, notify=echo)
-    oracle = white_box(loaded, layer=layer, device=resolve_device(device, echo=echo))
+    oracle = white_box(loaded, layer=layer, device=resolve_device(device))
     texts, data = ranker_training_texts(notify=echo, limit=documents)
     rows = [ids[:tokens] for ids in (loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)]
     ids = torch.tensor([r for r in rows if len(r) == tokens])

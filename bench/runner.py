@@ -74,7 +74,7 @@ class Leak:
     defended: torch.Tensor
 
 
-def resolve_device(name: str, *, echo: Callable[[str], None] = lambda line: None) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     """The device a run uses; on a CPU, torch's threads are set to the cores other processes leave free
     (`config.choose_cpu_threads`), unless OMP_NUM_THREADS says otherwise."""
     if name not in ("auto", "cpu", "cuda"):
@@ -83,7 +83,7 @@ def resolve_device(name: str, *, echo: Callable[[str], None] = lambda line: None
         raise RunError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
     device = torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
     if device.type == "cpu":
-        choose_cpu_threads(echo=echo)
+        choose_cpu_threads()
     return device
 
 
@@ -326,7 +326,7 @@ def prepare(cfg: RunConfig, *, echo: Callable[[str], None]) -> tuple[RunConfig, 
     fail here, before anything loads; a defence that takes the model's hidden size (`sized`) is made
     once the model is loaded."""
     check_config(cfg)
-    device = resolve_device(cfg.device, echo=echo)
+    device = resolve_device(cfg.device)
     cfg, filled = with_device_defaults(cfg, device.type)
     defense = None if unsized(cfg) else make_defense(cfg.defense, cfg.defense_params)
     if defense is not None:
@@ -426,7 +426,7 @@ def utility_only(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> dict
 
 def _utility_only(cfg: RunConfig, *, echo: Callable[[str], None]) -> dict[str, Any]:
     check_config(cfg)
-    device = resolve_device(cfg.device, echo=echo)
+    device = resolve_device(cfg.device)
     defense = None if unsized(cfg) else make_defense(cfg.defense, cfg.defense_params)
     if defense is not None:
         described(defense, tokens=cfg.tokens)

@@ -609,7 +609,7 @@ def test_runner_binds_what_a_defence_needs():
     plain = make_defense("dchi", {"epsilon": 1})
     bind_needs(plain, loaded)  # needs nothing: untouched
     assert not getattr(plain, "bound", {})
-    with pytest.raises(RunError, match="needs 'fisher', which the runner does not compute yet"):
+    with pytest.raises(RunError, match="needs 'fisher', which a run does not compute"):
         bind_needs(make_defense("aniso-gaussian", {"kl_budget": 0.5}), loaded)
 
 

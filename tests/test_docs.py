@@ -1,0 +1,41 @@
+"""The README is the front door: short, and every figure it quotes generated from what the code prints
+(invbench.docgen): a block that no longer matches its source fails here; `python -m invbench.docgen`
+rewrites it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from invbench.docgen import BLOCK, GENERATORS, stale_blocks
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+
+
+def test_the_readme_is_a_front_door_of_at_most_200_lines():
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 200
+
+
+def test_every_generated_block_is_what_its_source_gives_now():
+    for path in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        text = path.read_text(encoding="utf-8")
+        assert {m.group("name") for m in BLOCK.finditer(text)} <= set(GENERATORS), path
+        assert stale_blocks(text) == [], f"{path.name}: stale; run python -m invbench.docgen"
+    names = {m.group("name") for m in BLOCK.finditer(README.read_text(encoding="utf-8"))}
+    assert names == {"main-job", "board-answers"}
+
+
+def test_a_changed_figure_is_caught(tmp_path):
+    """The check can fail: the README's main-job table with one figure changed is stale."""
+    text = README.read_text(encoding="utf-8")
+    block = next(m for m in BLOCK.finditer(text) if m.group("name") == "main-job")
+    forged = text.replace(block.group("body"), block.group("body").replace("1.000", "0.999", 1))
+    assert forged != text and stale_blocks(forged) == ["main-job"]
+
+
+def test_every_link_in_the_readme_and_docs_points_at_a_file():
+    import re
+
+    for path in [README, *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)\)", path.read_text(encoding="utf-8")):
+            if not target.startswith("http"):
+                assert (path.parent / target).exists(), f"{path.name}: {target}"
