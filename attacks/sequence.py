@@ -37,9 +37,10 @@ same objective.
 Destroyed states (flat positions, bench/studies/HEAVY-NOISE.md). Where the noise is so large that
 (nearly) every candidate passes the noise law's test, the test cannot tell tokens apart and the prior
 decides; the beam then fills to `hypotheses` and every hypothesis spends its whole budget, an hour per
-25-prompt entry on a 2-core CPU. After such a position a prompt keeps at most `flat_hypotheses`
-hypotheses, and hypotheses skip candidates whose prior alone rules them out (`SequenceConfig`'s notes
-say what was measured). Clean states and light noise never meet that rate, so nothing changes there.
+25-prompt entry on a 2-core CPU. While every verified position of a prompt has been flat, it keeps at
+most `flat_hypotheses` hypotheses, and they skip candidates whose prior alone rules them out
+(`SequenceConfig`'s notes say what was measured). Clean states and light noise never meet that rate,
+so nothing changes there.
 
 Recorded per position (prompt): `candidates` (exact forward passes of all its hypotheses),
 `hypotheses` (how many were alive), `flat` (1 where the position was flat), and of the answer's own
@@ -86,19 +87,23 @@ class SequenceConfig(GuidedConfig):
     narrow: int = 8  # candidates every hypothesis verifies at least
     # Flat positions (bench/studies/HEAVY-NOISE.md). A verified position is flat for a prompt where at
     # least `flat_pass` of the candidates its hypotheses walked past pass the noise law's test: the test
-    # cannot tell tokens apart (destroyed states: under gaussian sigma 10, dp Z 1 and Laplace eps 8 every
-    # candidate passes; under sigma 3 at most 82% of a position's did), the likelihood spreads a
-    # position's candidates over a few nats (4-36 measured), and the prior decides. Two consequences:
-    # - after a flat position a prompt keeps at most `flat_hypotheses` hypotheses (measured: the answer's
-    #   hypothesis never ranked below 7th after one, while 46% of the forwards went to those ranked 33rd
-    #   to 256th);
-    # - at the position after a flat one, a hypothesis whose own candidates pass at that rate does not
+    # cannot tell tokens apart there. A prompt is destroyed while every verified position so far was flat
+    # (under gaussian sigma 10, dp Z 1 and Laplace eps 8 every candidate of every position passes; under
+    # sigma 3 at most 82% of a position's did; under dp Z 0.1 flat and telling positions alternate). On
+    # destroyed states the likelihood spreads a position's candidates over a few nats (4-37 measured)
+    # and the prior decides. There:
+    # - a prompt keeps at most `flat_hypotheses` hypotheses (measured without the cap: the answer's
+    #   hypothesis ranked at most 7th after the first verified position, while 46% of the forwards went
+    #   to those ranked 33rd to 256th; with it, at most 20th);
+    # - from the second verified position on, a hypothesis whose own candidates pass at that rate does not
     #   verify a candidate whose prior alone puts it out of reach (MAP scoring): even with an nll
     #   `flat_slack` nats under the lowest its prompt verified so far at this position, it would neither
     #   enter its hypothesis' `keep` best nor come within `margin` of the prompt's best (measured on
     #   destroyed states: no candidate's nll fell more than 4.1 nats under that floor; where the test
-    #   does tell tokens apart the truth's can be 70 nats under it, hence flatness first).
-    # Where passes are rare (clean states, light noise) neither applies and the search is as before.
+    #   tells tokens apart a candidate's fell 69 nats under it, hence the destroyed prompts only).
+    # A prompt with a telling position is searched as before from then on (capping the beam where flat
+    # and telling positions alternate cost one dp Z 0.1 prompt 20 nats and two tokens); clean states and
+    # light noise never meet the rate, so nothing changes there.
     flat_pass: float = 0.99  # above 1: no position is flat (the search before issue 38)
     flat_slack: float = 5.0
     flat_hypotheses: int = 32
@@ -191,9 +196,10 @@ class SequenceAttack(GuidedAttack):
                 rows = self._first(oracle, targets, state)
                 forwards = torch.zeros(batch, device=oracle.device)
                 flat = torch.zeros(batch, dtype=torch.bool, device=oracle.device)  # the codebook's position: never
+                destroyed = flat  # prompts every verified position of which so far was flat (none yet)
             else:
-                rows, forwards, flat = self._extend(oracle, rows, t, defense, state, spent=spent, after_flat=flat,
-                                                    tree=tree)
+                rows, forwards, flat, destroyed = self._extend(oracle, rows, t, defense, state, spent=spent,
+                                                               destroyed=destroyed, tree=tree)
             if tree is not None and t + 1 < length:
                 rows.node = tree.append(None if t == 0 else tree.prune(rows.node), rows.tokens[:, -1])
             spent += forwards
@@ -240,17 +246,18 @@ class SequenceAttack(GuidedAttack):
                    "rank": column[:, None].float()}
         return Hypotheses(chosen[:, None], score[owner, chosen], owner, torch.zeros_like(owner, dtype=torch.bool), history)
 
-    def _width(self, flat: torch.Tensor) -> torch.Tensor:
-        """Hypotheses each prompt may keep: `hypotheses`, or `flat_hypotheses` after a flat position."""
+    def _width(self, destroyed: torch.Tensor) -> torch.Tensor:
+        """Hypotheses each prompt may keep: `hypotheses`, or `flat_hypotheses` where destroyed."""
         cfg = self.config
-        return torch.where(flat, min(cfg.hypotheses, cfg.flat_hypotheses), cfg.hypotheses)
+        return torch.where(destroyed, min(cfg.hypotheses, cfg.flat_hypotheses), cfg.hypotheses)
 
     def _extend(self, oracle, rows: Hypotheses, position: int, defense, state: GuidedState, *,
-                spent: torch.Tensor, after_flat: torch.Tensor,
-                tree: PrefixTree | None = None) -> tuple[Hypotheses, torch.Tensor, torch.Tensor]:
+                spent: torch.Tensor, destroyed: torch.Tensor,
+                tree: PrefixTree | None = None) -> tuple[Hypotheses, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One position: verify every hypothesis' candidates, keep the best extensions per prompt.
-        `after_flat` (B,): prompts whose previous position was flat. Returns the new hypotheses, the
-        forwards each prompt spent and whether its position was flat."""
+        `destroyed` (B,): prompts every earlier verified position of which was flat (none before the
+        first). Returns the new hypotheses, the forwards each prompt spent, whether its position was
+        flat, and `destroyed` after it."""
         cfg = self.config
         goal = state.targets[:, position]
         vocab = oracle.vocab_size
@@ -263,7 +270,7 @@ class SequenceAttack(GuidedAttack):
         budget = torch.where(alone, full, torch.where(rank == 0, cfg.wide, ranked)).clamp(max=full)
         budget = self._after_failure(budget, rows.failed)
         everyone = torch.arange(len(rows.owner), device=goal.device)
-        found = self._verify_rows(oracle, rows, everyone, position, defense, state, budget=budget, after_flat=after_flat,
+        found = self._verify_rows(oracle, rows, everyone, position, defense, state, budget=budget, destroyed=destroyed,
                                   tree=tree)
         for width, deeper in DEEPENING:
             # a prompt none of whose hypotheses passed: its `width` most promising ones verify deeper
@@ -277,7 +284,7 @@ class SequenceAttack(GuidedAttack):
             again, more = again[more > budget[again]], more[more > budget[again]]
             if not len(again):
                 continue
-            result = self._verify_rows(oracle, rows, again, position, defense, state, budget=more, after_flat=after_flat,
+            result = self._verify_rows(oracle, rows, again, position, defense, state, budget=more, destroyed=destroyed,
                                        tree=tree)
             result["candidates"] += found["candidates"][again]  # it verified from the start again: both count
             result["passes"] += found["passes"][again]
@@ -289,7 +296,9 @@ class SequenceAttack(GuidedAttack):
         forwards = torch.zeros(len(goal), device=goal.device).index_add_(0, rows.owner, found["candidates"])
         passes, walked = (torch.zeros(len(goal), device=goal.device).index_add_(0, rows.owner, found[k]) for k in ("passes", "walked"))
         flat = passes >= cfg.flat_pass * walked.clamp(min=1)  # the pass rate of what the prompt's hypotheses walked past
-        return self._select(rows, found, total, keep_all=spent + forwards < cfg.max_forwards, was_flat=flat), forwards, flat
+        destroyed = flat & (destroyed if position > 1 else True)
+        hypotheses = self._select(rows, found, total, keep_all=spent + forwards < cfg.max_forwards, destroyed=destroyed)
+        return hypotheses, forwards, flat, destroyed
 
     def _after_failure(self, budget: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
         """A hypothesis whose last position found no passing candidate verifies at most
@@ -304,14 +313,13 @@ class SequenceAttack(GuidedAttack):
         return order[group_rank(owner[order]) < width].sort().values
 
     def _verify_rows(self, oracle, rows: Hypotheses, index: torch.Tensor, position: int, defense,
-                     state: GuidedState, *, budget: torch.Tensor, after_flat: torch.Tensor,
+                     state: GuidedState, *, budget: torch.Tensor, destroyed: torch.Tensor,
                      tree: PrefixTree | None = None) -> dict[str, torch.Tensor]:
         """guided's verification for the hypotheses `index` (with their `budget`), ROW_CHUNK at a time:
         each row's `keep` best candidates (token, discrete loss, score in nats), forwards, passes,
-        candidates walked past and ending. Rows of prompts `after_flat` whose prompt has several
-        hypotheses may skip candidates (`_flat_skip`); a prompt's only hypothesis is verified as
-        guided verifies it."""
-        may_skip = (torch.bincount(rows.owner)[rows.owner] > 1) & after_flat[rows.owner]
+        candidates walked past and ending. Rows of `destroyed` prompts with several hypotheses may skip
+        candidates (`_flat_skip`); a prompt's only hypothesis is verified as guided verifies it."""
+        may_skip = (torch.bincount(rows.owner)[rows.owner] > 1) & destroyed[rows.owner]
         parts = []
         for rows_at, budget_at in whole_prompts(index, budget, rows.owner, ROW_CHUNK):
             prefix = oracle.prefix(rows.tokens[rows_at]) if tree is None else tree.prefix(rows.node[rows_at])
@@ -348,9 +356,9 @@ class SequenceAttack(GuidedAttack):
         return skip
 
     def _select(self, rows: Hypotheses, found: dict[str, torch.Tensor], total: torch.Tensor, *,
-                keep_all: torch.Tensor, was_flat: torch.Tensor) -> Hypotheses:
+                keep_all: torch.Tensor, destroyed: torch.Tensor) -> Hypotheses:
         """The extensions within `margin` of each prompt's best, at most `hypotheses` (`flat_hypotheses`
-        after a flat position; only the best for prompts past `max_forwards`), as the next position's
+        for `destroyed` prompts; only the best for prompts past `max_forwards`), as the next position's
         hypotheses, best first."""
         width = total.shape[1]
         flat = total.reshape(-1)
@@ -360,7 +368,7 @@ class SequenceAttack(GuidedAttack):
         flat, parent, column = flat[order], parent[order], order % width
         owner = rows.owner[parent]
         best = torch.full((len(keep_all),), float("inf"), device=flat.device).scatter_reduce(0, owner, flat, "amin")
-        limit = torch.where(keep_all, self._width(was_flat), 1)[owner]
+        limit = torch.where(keep_all, self._width(destroyed), 1)[owner]
         alive = torch.isfinite(flat) & (flat <= best[owner] + self.config.margin) & (group_rank(owner) < limit)
         parent, column, owner = parent[alive], column[alive], owner[alive]
         steps = {"discrete_loss": found["loss"][parent, column], "ended": found["ended"][parent].float(),

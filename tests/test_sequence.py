@@ -129,8 +129,9 @@ def steep(oracle, monkeypatch, temperature=10.0):
 
 
 def test_on_destroyed_states_skipping_keeps_the_answer_for_fewer_forwards(small, cache, monkeypatch):
-    """sigma 20 on states of RMS about 1: every candidate passes the test (flat). Without the beam cap, the
-    skip rule alone gives the same tokens and objective as the search before it, for fewer forwards."""
+    """sigma 20 on states of RMS about 1: every candidate passes the test (every position flat, the
+    prompts destroyed). Without the beam cap, the skip rule alone gives the same tokens and objective as
+    the search before it, for fewer forwards."""
     oracle, ids = small
     steep(oracle, monkeypatch)
     defense, targets = defended(oracle, ids, 20.0, seed=0)
@@ -142,10 +143,11 @@ def test_on_destroyed_states_skipping_keeps_the_answer_for_fewer_forwards(small,
     assert skipping.extras["candidates"].sum() < 0.7 * before.extras["candidates"].sum()
 
 
-def test_after_a_flat_position_few_hypotheses_are_kept_and_the_answer_still_beats_the_truth(small, cache, monkeypatch):
-    """The beam cap: 256 hypotheses at the codebook position (never flat), at most flat_hypotheses after
-    each flat one; the answer's hypothesis ranked within them, and it explains the states better than
-    the truth (no search failure: on destroyed states that is what a protected verdict rests on)."""
+def test_destroyed_prompts_keep_few_hypotheses_and_the_answer_still_beats_the_truth(small, cache, monkeypatch):
+    """The beam cap: 256 hypotheses at the codebook position (never flat), at most flat_hypotheses while
+    every verified position has been flat; the answer's hypothesis ranked within them, and it explains
+    the states better than the truth (no search failure: on destroyed states that is what a protected
+    verdict rests on)."""
     oracle, ids = small
     steep(oracle, monkeypatch)
     defense, targets = defended(oracle, ids, 20.0, seed=0)
@@ -195,3 +197,22 @@ def test_before_the_last_layer_too_a_prompts_work_is_its_own(tiny, cache, layer)
             oracle, targets[row:row + 1], defense=defense, prompt_indices=[row], seed=0, notify=lambda line: None)
         assert torch.equal(alone.tokens[0], together.tokens[row]), row
         assert torch.equal(alone.extras["candidates"][0], together.extras["candidates"][row]), row
+
+
+def test_skipped_candidates_cost_no_forward_and_the_others_measure_as_in_a_full_round(small, cache):
+    """guided's measuring with a skip mask: the candidates left go through the model as (row, token)
+    pairs and measure as they do in the rectangular round (float error apart); skipped ones are inf."""
+    oracle, ids = small
+    defense, targets = defended(oracle, ids, 2.0, seed=0)
+    attack = make_attack("sequence", overrides={"ranker": "prior"})
+    state = attack.prepare(oracle, targets, defense=defense, prompt_indices=[0, 1, 2], seed=0, notify=lambda line: None)
+    prefix = oracle.prefix(ids[:, :2])
+    candidates = torch.arange(18).reshape(3, 6)
+    goal = targets[:, 2]
+    full = attack._measure(oracle, prefix, goal, candidates, defense, state)
+    skipped = torch.rand(3, 6, generator=torch.Generator().manual_seed(0)) < 0.5
+    some = attack._measure(oracle, prefix, goal, candidates, defense, state, skipped=skipped)
+    assert torch.isinf(some[skipped]).all()
+    assert torch.allclose(some[~skipped], full[~skipped], rtol=1e-5, atol=1e-6)
+    assert torch.isinf(attack._measure(oracle, prefix, goal, candidates, defense, state,
+                                       skipped=torch.ones(3, 6, dtype=torch.bool))).all()
