@@ -304,3 +304,33 @@ def test_the_token_is_looked_for_in_rays_order(tmp_path, monkeypatch):
     assert cluster.token_source({}) == "~/.ray/auth_token"
     assert cluster.token_source({"RAY_AUTH_TOKEN_PATH": "/x"}) == "RAY_AUTH_TOKEN_PATH (/x)"
     assert cluster.token_source({"RAY_AUTH_TOKEN": "t", "RAY_AUTH_TOKEN_PATH": "/x"}) == "RAY_AUTH_TOKEN"
+
+
+def test_submit_and_verify_hand_the_engine_to_the_run(monkeypatch, capsys, tmp_path):
+    """The flags reach the run as one Engine (the cluster test runs `submit --engine ray` for real)."""
+    import invbench.submit as submit_module
+
+    seen = {}
+
+    def fake_submit(**kwargs):
+        seen["submit"] = kwargs["engine"]
+        return tmp_path / "entry.json"
+
+    def fake_verify(entry, **kwargs):
+        seen["verify"] = kwargs["engine"]
+        return types.SimpleNamespace(format=lambda: "report", ok=True)
+
+    monkeypatch.setattr(submit_module, "submit", fake_submit)
+    monkeypatch.setattr(submit_module, "verify", fake_verify)
+    token = tmp_path / "token"
+    code, _, err = invoke(["submit", "--defense", "none", "--protocol", "quick", "--name", "x", "--engine", "ray",
+                           "--address", "10.0.0.5:6379", "--ray-token-file", str(token), "--shard-size", "3"], capsys)
+    assert code == 0, err
+    assert seen["submit"] == Engine("ray", address="10.0.0.5:6379", token_file=str(token), shard_size=3)
+    entry = tmp_path / "entry.json"
+    entry.write_text("{}")
+    code, _, err = invoke(["verify", str(entry), "--engine", "ray"], capsys)
+    assert code == 0, err
+    assert seen["verify"] == Engine("ray")
+    code, _, err = invoke(["verify", str(entry), "--shard-size", "2"], capsys)
+    assert code == 2 and err == "error: --shard-size only applies to --engine ray\n"
