@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import click
 
-from .cli_options import (BOARD_DIR, DEVICE, RUNS_DIR, FiniteFloatRange, defense_flags, defense_params,
-                          existing_board_dir)
+from .cli_options import (BOARD_DIR, DEVICE, RUNS_DIR, FiniteFloatRange, defense_flags, defense_params, engine_of,
+                          engine_options, existing_board_dir)
 from .protocols import PROTOCOLS, UTILITY_FLOOR, Protocol, ProtocolError, get_protocol, leak_point
 
 # Entries, boards and runs are imported when a command runs: listing the protocols or a command's help
@@ -68,6 +68,7 @@ def _echo_err(line: str) -> None:
 @click.option("--url", default="", help="Paper or code (http or https).")
 @click.option("--entry-id", default=None, help="Entry id instead of the one made from --name ([a-z0-9-]).")
 @DEVICE
+@engine_options(shards=True)
 @RUNS_DIR
 @BOARD_DIR
 @one_line_errors
@@ -76,9 +77,10 @@ def submit(defense: str, protocol: Protocol, name: str, authors: str, url: str, 
     """Run a protocol for one defence and write its leaderboard entry (rerun to resume)."""
     from .submit import submit as run_submission
 
+    engine = engine_of(flags)
     path = run_submission(defense=defense, defense_params=defense_params(flags), protocol=protocol, name=name,
                           authors=authors, url=url, entry_id=entry_id, runs_dir=runs_dir, board_dir=board_dir,
-                          device=device, echo=_echo_err)
+                          device=device, echo=_echo_err, engine=engine)
     click.echo(f"entry: {path}")
     click.echo(f"render the board: invbench leaderboard --protocol {protocol.name}")
 
@@ -94,10 +96,11 @@ def submit(defense: str, protocol: Protocol, name: str, authors: str, url: str, 
 @click.option("--record/--no-record", default=True, show_default=True,
               help="Write the result beside the entry (<entry-id>.verification.json), which the board shows.")
 @DEVICE
+@engine_options(shards=True)
 @RUNS_DIR
 @one_line_errors
 def verify(entry: Path, subset: int | None, seed: int | None, defense: str | None, record: bool, device: str,
-           runs_dir: Path) -> None:
+           runs_dir: Path, **flags: Any) -> None:
     """Rerun a random subset of an entry's prompts in a new folder and compare each with the entry's record of
     it, and every checked figure; exit 1 on a mismatch.
 
@@ -105,7 +108,7 @@ def verify(entry: Path, subset: int | None, seed: int | None, defense: str | Non
     from .submit import verify as run_verification
 
     report = run_verification(entry, subset=subset, seed=seed, device=device, defense=defense, runs_dir=runs_dir,
-                              record=record, echo=_echo_err)
+                              record=record, echo=_echo_err, engine=engine_of(flags))
     click.echo(report.format())
     if not report.ok:
         sys.exit(1)  # not a usage error: the entry did not reproduce

@@ -37,6 +37,44 @@ BOARD_DIR = click.option("--board-dir", type=NamedPath(file_okay=False, path_typ
                          help="The leaderboards folder: <protocol>/ holds the entries, <protocol>/curves/ the curves.")
 
 
+# --- where the work runs: `run`, `submit`, `verify` (a run's prompts in shards) and `sweep` (its grid points) ------
+ENGINE = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                      help="local: here, one batch (or grid point) after another; ray: over a Ray cluster's workers, "
+                           "one GPU each where it has GPUs (a run's prompts in shards, a sweep's grid points; "
+                           "pip install 'invbench[ray]').")
+ADDRESS = click.option("--address", default=None, metavar="HOST:PORT",
+                       help="ray: the cluster's head, as `ray start --head` printed it [default: start a local Ray "
+                            "instance].")
+RAY_TOKEN_FILE = click.option("--ray-token-file", type=NamedPath(dir_okay=False), default=None, metavar="PATH",
+                              help="ray: a file holding the cluster's token (token authentication). Without it the "
+                                   "token is Ray's usual: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token "
+                                   "(on the head: `ray get-auth-token`).")
+SHARD_SIZE = click.option("--shard-size", type=click.IntRange(min=1), default=None, metavar="N",
+                          help="ray: prompts per Ray task [the pending prompts spread evenly over the cluster's GPUs, "
+                               "or CPUs, at most --batch-size]. Records equal an unsharded run's with --batch-size N "
+                               "bit for bit, any other's up to float rounding.")
+
+
+def engine_options(*, shards: bool) -> Callable:
+    """--engine, --address and --ray-token-file, and with `shards` --shard-size (a run's prompts in shards)."""
+    options = [ENGINE, ADDRESS, RAY_TOKEN_FILE] + ([SHARD_SIZE] if shards else [])
+
+    def add(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return add
+
+
+def engine_of(opts: dict[str, Any]):
+    """The `invbench.cluster.Engine` the flags describe; --address, --ray-token-file or --shard-size without
+    --engine ray is one error line."""
+    from .cluster import Engine
+
+    return Engine(opts.pop("engine"), address=opts.pop("address"), token_file=opts.pop("ray_token_file"),
+                  shard_size=opts.pop("shard_size", None))
+
+
 def existing_board_dir(board_dir: Path) -> Path:
     """A --board-dir to read from must exist: a mistyped one once rendered an empty board without a word."""
     if not Path(board_dir).is_dir():

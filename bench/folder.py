@@ -11,12 +11,13 @@ device, sources); config.json lists every session under `sessions`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .errors import InvbenchError, one_line
 from .lock import RunLock
-from .results import append_records, read_records, repair_records, write_json_atomic
+from .results import append_records, read_records, repair_records, write_bytes_atomic, write_json_atomic
 from .schema_check import read_json_file
 from .scoring import record_problem
 
@@ -158,6 +159,23 @@ class ResultsFolder:
 
     def append(self, records: Iterable[dict]) -> None:
         append_records(self.records_path, records)
+
+    def problem(self, record: Any) -> str | None:
+        """Why `record` is not a whole record of this run (as `records` reads the file), or None."""
+        return self._check(record)
+
+    def reorder(self, key: Callable[[dict], Any]) -> bool:
+        """Rewrite records.jsonl with its whole records sorted by `key` (a sharded run's shards finish in any
+        order; an unsharded run writes attack by attack, prompt by prompt), atomically: killed meanwhile, the
+        file is the old one or the new one. A file already in order is not touched; returns whether it was
+        rewritten."""
+        records = self.records()
+        ordered = sorted(records, key=key)
+        if ordered == records:
+            return False
+        blob = "".join(json.dumps(r, allow_nan=False) + "\n" for r in ordered).encode("utf-8")
+        write_bytes_atomic(self.records_path, blob, what="rewrite (in prompt order)")
+        return True
 
     def records(self) -> list[dict]:
         """The whole records: a line that fails the record schema, or is not of this run's prompts,

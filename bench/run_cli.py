@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from .cli_options import (DEVICE, LAYER, SEED_OPTION, NamedPath, attack_options, defense_options, defense_params,
-                          given_attack_options, model_option)
+                          engine_of, engine_options, given_attack_options, model_option)
 from .config import BATCH_SIZE, DEVICE_DEFAULTS, RunConfig, default_out
 from .formats import cell
 from .listing import ENTRY_POINT_GROUP, first_line, first_paragraph, load_listing
@@ -57,8 +57,11 @@ def _device_default(key: str) -> str:
 @click.option("--out", type=NamedPath(), default=None,
               help="Results folder (config.json, records.jsonl, summary.json); rerunning resumes [runs/<defence and "
                    "parameters>-<hash of the command>: each command its own folder].")
+@engine_options(shards=True)
 def run(**opts: Any) -> None:
     """Leak, defend, attack, score: write results to --out and print a table with a verdict."""
+    engine = engine_of(opts)  # --address without --engine ray: one line before anything heavy is imported
+
     from invbench.attacks import parse_attack_list
 
     from .runner import run as run_benchmark
@@ -69,7 +72,7 @@ def run(**opts: Any) -> None:
                     preset=opts["preset"], attack_options=given_attack_options(opts), defense=opts["defense"],
                     defense_params=defense_params(opts), batch_size=opts["batch_size"])
     cfg = replace(cfg, out=opts["out"] or default_out(cfg))
-    summary = run_benchmark(cfg, echo=lambda line: click.echo(line, err=True))
+    summary = run_benchmark(cfg, echo=lambda line: click.echo(line, err=True), engine=engine)
     click.echo(format_summary(summary))
     click.echo(f"results: {cfg.out}/summary.json (per prompt: {cfg.out}/records.jsonl)")
 

@@ -15,6 +15,8 @@
 The results folder (`invbench.folder.ResultsFolder`) is locked before anything loads, so a second
 run into it is refused at once; every stage after that can be killed at any moment and the same
 command resumes with exactly the records of an uninterrupted run.
+With `--engine ray`, stage 3 runs its prompts in shards on a Ray cluster's workers (`invbench.sharding`,
+each task this module's own stages on a worker); this process stays the one writer of the folder.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import radius, scoring
+from .cluster import Engine
 from .config import (SEED_MAX, RunConfig, choose_cpu_threads, config_hash, device_name, git_commit, package_versions,
                      prompts_digest, with_device_defaults)
 from .errors import InvbenchError, refuse_exits
@@ -184,9 +187,10 @@ def defend(defense: Defense, prompts: list[Prompt], clean: torch.Tensor, *, seed
 
 def attack_pending(attack: Attack, leak: Leak, oracle: WhiteBox, defense: Defense, *, seed: int, batch_size: int,
                    done: set[int], folder: ResultsFolder, decode: Callable,
-                   echo: Callable[[str], None] = print) -> None:
+                   echo: Callable[[str], None] = print, progress: bool = True) -> None:
     """Run one attack on the prompts it has not finished, a batch at a time, appending records.
-    Out of GPU memory, a batch is split in two and retried (one line to `echo` per split)."""
+    Out of GPU memory, a batch is split in two and retried (one line to `echo` per split). `progress`: the
+    progress bar (a shard's task on a worker has none: `invbench.sharding`)."""
     pending = [i for i, p in enumerate(leak.prompts) if p.index not in done]
     if not pending:
         return
@@ -198,7 +202,7 @@ def attack_pending(attack: Attack, leak: Leak, oracle: WhiteBox, defense: Defens
             echo(line)
 
     with tqdm(total=len(batches) * tokens, desc=f"{attack.name}: {len(pending)} prompts", unit="pos",
-              leave=False) as bar:
+              leave=False, disable=not progress) as bar:
         while batches:
             rows = batches.pop(0)
             prompts = [leak.prompts[r] for r in rows]
@@ -320,34 +324,54 @@ def sized(cfg: RunConfig, defense: Defense | None, loaded: LoadedModel, *,
     return replace(cfg, defense_params=params), defense
 
 
-def prepare(cfg: RunConfig, *, echo: Callable[[str], None]) -> tuple[RunConfig, torch.device, Defense | None, list[Attack]]:
+def prepare(cfg: RunConfig, *, echo: Callable[[str], None],
+            defaults: str | None = None) -> tuple[RunConfig, torch.device, Defense | None, list[Attack]]:
     """The run as it will happen: the device, the device's defaults for what cfg leaves unset
     (said in one line when they reduce a CPU run), the defence and the attacks. Bad options
     fail here, before anything loads; a defence that takes the model's hidden size (`sized`) is made
-    once the model is loaded."""
+    once the model is loaded. `defaults`: the device type whose defaults apply, when the attacks run
+    elsewhere (a sharded run's workers: their GPUs, not the driver's CPU)."""
     check_config(cfg)
     device = resolve_device(cfg.device)
-    cfg, filled = with_device_defaults(cfg, device.type)
+    cfg, filled = with_device_defaults(cfg, defaults or device.type)
     defense = None if unsized(cfg) else make_defense(cfg.defense, cfg.defense_params)
     if defense is not None:
         described(defense, tokens=cfg.tokens)  # a plug-in's description or guarantee that cannot be recorded fails now
     attacks = build_attacks(cfg)
-    if filled and device.type == "cpu":
+    if filled and (defaults or device.type) == "cpu":
         echo(f"note: no GPU, so this run uses the CPU defaults ({', '.join(filled)}); "
              "pass --n/--tokens/--attack/--preset/--steps to change them")
     return cfg, device, defense, attacks
 
 
-def run(cfg: RunConfig, *, echo: Callable[[str], None] = print) -> RunSummary:
+def run(cfg: RunConfig, *, echo: Callable[[str], None] = print, engine: Engine | None = None) -> RunSummary:
     """Leak, defend, attack, score, record into cfg.out (see the module docstring). A defence plug-in
-    that calls sys.exit or os._exit during the run gets one error, not a silent exit (`refuse_exits`)."""
+    that calls sys.exit or os._exit during the run gets one error, not a silent exit (`refuse_exits`).
+    `engine` (`invbench.cluster.Engine`) `ray`: the attacks' prompts in shards over a Ray cluster's workers
+    (`invbench.sharding`), the same folder, records and summary; left out or `local`: here, a batch at a time."""
+    if engine is None or not engine.sharded:
+        with refuse_exits(f"the defence {cfg.defense}"):
+            return _run(cfg, echo=echo)
+    from . import cluster, sharding
+
     with refuse_exits(f"the defence {cfg.defense}"):
-        return _run(cfg, echo=echo)
+        checked, _, _, _ = prepare(cfg, echo=lambda line: None)  # bad options fail before Ray starts
+        with cluster.session(engine, echo=echo):
+            pool = sharding.RayExecutor(device=checked.device)
+            return _run(cfg, echo=echo, pool=pool, shard_size=engine.shard_size)
 
 
-def _run(cfg: RunConfig, *, echo: Callable[[str], None]) -> RunSummary:
+def run_sharded(cfg: RunConfig, pool: Any, *, shard_size: int | None = None,
+                echo: Callable[[str], None] = print) -> RunSummary:
+    """`run` with stage 3 on `pool`'s workers (`invbench.sharding`: `RayExecutor` on a connected cluster, or
+    `InProcess`, each shard in this process as a worker would run it)."""
+    with refuse_exits(f"the defence {cfg.defense}"):
+        return _run(cfg, echo=echo, pool=pool, shard_size=shard_size)
+
+
+def _run(cfg: RunConfig, *, echo: Callable[[str], None], pool: Any = None, shard_size: int | None = None) -> RunSummary:
     started = time.perf_counter()
-    cfg, device, defense, attacks = prepare(cfg, echo=echo)
+    cfg, device, defense, attacks = prepare(cfg, echo=echo, defaults=getattr(pool, "defaults", None))
     with ResultsFolder(cfg.out) as folder:  # locked, and a foreign or damaged folder refused, before the model loads
         source = load_source(cfg, device, echo=echo)
         cfg, defense = sized(cfg, defense, source.loaded, echo=echo)
@@ -365,7 +389,8 @@ def _run(cfg: RunConfig, *, echo: Callable[[str], None]) -> RunSummary:
         done = folder.start({
             "config_hash": chash, "command": cfg.to_dict(), "defining": defining, "model_source": source.loaded.source,
             "dataset_source": source.dataset_source, "versions": package_versions(), "git_commit": git_commit(),
-            "device": device_name(device)}, targets={p.index: list(p.ids) for p in source.prompts})
+            "device": device_name(device) if pool is None else pool.device(device_name(device))},
+            targets={p.index: list(p.ids) for p in source.prompts})
         resumed = {i for _, i in done}
         if resumed:
             echo(f"note: resuming {folder.path}: {len(done)} of {len(source.prompts) * len(attacks)} prompt results are "
@@ -380,10 +405,17 @@ def _run(cfg: RunConfig, *, echo: Callable[[str], None]) -> RunSummary:
                           seed=cfg.seed)
             for attack in attacks:  # also when nothing is left to attack: diagnostics may report what it loads
                 attack.setup(source.oracle, notify=echo)
-            for attack in attacks:
-                attack_pending(attack, leak, source.oracle, defense, seed=cfg.seed, batch_size=cfg.batch_size,
-                               done={i for name, i in done if name == attack.name}, folder=folder,
-                               decode=source.loaded.tokenizer.decode, echo=echo)
+            if pool is None:
+                for attack in attacks:
+                    attack_pending(attack, leak, source.oracle, defense, seed=cfg.seed, batch_size=cfg.batch_size,
+                                   done={i for name, i in done if name == attack.name}, folder=folder,
+                                   decode=source.loaded.tokenizer.decode, echo=echo)
+            else:
+                from . import sharding
+
+                sharding.attack_sharded(pool=pool, cfg=cfg, attacks=attacks, leak=leak, done=done, folder=folder,
+                                        expected=sharding.identity(cfg, source.oracle, source.loaded, defense, attacks),
+                                        shard_size=shard_size, echo=echo)
         except KeyboardInterrupt:
             raise RunInterrupted(folder.interrupted_message(len(source.prompts) * len(attacks))) from None
         # a resumed run's wall time includes the attack time its earlier sessions recorded

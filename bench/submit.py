@@ -174,9 +174,10 @@ def run_commit(run_dir: Path) -> str | None:
 def submit(*, defense: str, defense_params: dict[str, Any], protocol: Protocol | str, name: str, authors: str = "",
            url: str = "", entry_id: str | None = None, runs_dir: Path = Path("runs"),
            board_dir: Path = Path("leaderboards"), device: str = "auto",
-           echo: Callable[[str], None] = print) -> Path:
+           echo: Callable[[str], None] = print, engine: Any = None) -> Path:
     """Run `protocol` for one defence and write its entry; returns the entry's path. Rerunning
-    the same submission resumes the run where it stopped."""
+    the same submission resumes the run where it stopped. `engine` (`invbench.cluster.Engine`): where the
+    attacks run (`ray`: in shards over a cluster; the entry is the same)."""
     from invbench.defenses import make_defense
     from invbench.defenses.checks import described as checked
     from invbench.defenses.registry import code_identity
@@ -196,7 +197,7 @@ def submit(*, defense: str, defense_params: dict[str, Any], protocol: Protocol |
 
     echo(f"submitting {entry_id!r} to protocol {protocol.name}: running into {run_dir}")
     cfg = protocol.run_config(defense=defense, defense_params=defense_params, out=str(run_dir), device=device)
-    summary = run(cfg, echo=echo)
+    summary = run(cfg, echo=echo, engine=engine)
     entry = build_entry(summary, protocol=protocol, entry_id=entry_id, name=name, authors=authors, url=url,
                         spec=defense, transcript=run_transcript(run_dir, protocol, summary, echo=echo),
                         git_commit=run_commit(run_dir), defense_code=code_identity(defense))
@@ -555,12 +556,13 @@ def fresh_run_dir(runs_dir: Path, protocol: str, entry_id: str, seed: int | None
 
 def verify(entry_path: Path, *, subset: int | None = None, seed: int | None = None, device: str = "auto",
            defense: str | None = None, runs_dir: Path = Path("runs"), record: bool = True,
-           echo: Callable[[str], None] = print) -> VerifyReport:
+           echo: Callable[[str], None] = print, engine: Any = None) -> VerifyReport:
     """Rerun a random subset of an entry's prompts (default `prompt_checks.required_subset(n)`; `subset`
     n or more: all of them) drawn with `seed` (default: a fresh one), in a new folder, and compare them
     prompt by prompt and every checked field. `defense` loads the defence from a plug-in file (whose
     code must be the entry's). With `record`, the result is written beside the entry
-    (`invbench.verification`), with the SHA-256 of the entry file as it was read."""
+    (`invbench.verification`), with the SHA-256 of the entry file as it was read. `engine`
+    (`invbench.cluster.Engine`): where the rerun's attacks run (`ray`: in shards over a cluster)."""
     from .runner import answer_objectives, run
 
     entry_path = Path(entry_path)
@@ -586,7 +588,7 @@ def verify(entry_path: Path, *, subset: int | None = None, seed: int | None = No
                               prompts=chosen)
     echo(f"verify: rerunning {'all ' + str(n) if chosen is None else f'{subset} of {n}'} prompts"
          + (f" (seed {seed}: {', '.join(map(str, chosen))})" if chosen else "") + f" into {run_dir}")
-    summary = run(cfg, echo=echo)
+    summary = run(cfg, echo=echo, engine=engine)  # engine ray: the rerun's prompts in shards over a cluster
     covered = covered_by_prompts(entry.summary, entry.transcript)
     report = VerifyReport(entry_path, run_dir, subset, n, compare(entry.summary, summary, subset=subset,
                                                                   by_prompt=covered),

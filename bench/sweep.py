@@ -7,7 +7,6 @@ a Ray cluster, resumes wherever the same run directories are visible.
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -15,14 +14,14 @@ from typing import Any, Callable, Iterable
 from tqdm.auto import tqdm
 
 from .config import RunConfig, package_versions
-from .errors import InvbenchError, one_line
+from .errors import InvbenchError
 from .curves import Curve, CurvePoint, format_value, grid_of, run_intervals, slug
 from .folder import read_run_records
 from .protocols import Protocol, get_protocol
 from .registry import is_file_spec
 from invbench.defenses import load_defense_class, make_defense
 
-ENGINES = ("local", "ray")
+from .cluster import ENGINES  # noqa: E402 - one list for every command
 
 
 class SweepError(InvbenchError, ValueError):
@@ -109,16 +108,15 @@ def _run_local(jobs: list[tuple[GridPoint, RunConfig]], echo: Callable[[str], No
     return summaries
 
 
-def _run_ray(jobs: list[tuple[GridPoint, RunConfig]], *, address: str | None,
+def _run_ray(jobs: list[tuple[GridPoint, RunConfig]], *, address: str | None, token_file: str | None = None,
              echo: Callable[[str], None]) -> list[dict[str, Any]]:
     """Each grid point a Ray task (one GPU each where the cluster has GPUs); all points are
-    awaited, so one failure does not waste the others' work (it is on disk either way)."""
-    try:
-        import ray
-    except ImportError:
-        raise SweepError("--engine ray needs Ray: pip install 'invbench[ray]'") from None
+    awaited, so one failure does not waste the others' work (it is on disk either way). Ray is joined
+    (or started) as a sharded run joins it: `invbench.cluster.connect`, its token and one-line errors."""
+    from .cluster import Engine, connect, import_ray
 
-    started_here = _ray_start(ray, address)
+    started_here = connect(Engine("ray", address=address, token_file=token_file), echo=echo, log_to_driver=True)
+    ray = import_ray()
     try:
         has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
         echo(f"ray: {'an existing cluster at ' + address if address else 'a local instance'}, "
@@ -148,30 +146,18 @@ def _run_ray(jobs: list[tuple[GridPoint, RunConfig]], *, address: str | None,
             ray.shutdown()
 
 
-def _ray_start(ray, address: str | None) -> bool:
-    """Connect to `address`, or start a local instance; True when this call started Ray."""
-    if ray.is_initialized():
-        return False
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise SweepError(f"cannot start or reach {where}: {one_line(exc, limit=200)}") from None
-    return True
-
-
 def sweep(*, defense: str, grid: dict[str, list[Any]], protocol: Protocol | str, runs_dir: str | Path = "runs",
-          engine: str = "local", address: str | None = None, device: str = "auto",
+          engine: str = "local", address: str | None = None, token_file: str | None = None, device: str = "auto",
           echo: Callable[[str], None] = print) -> Curve:
     """Run `protocol` once per grid point of `defense`'s parameters and return the curve
-    (not yet saved: see `curves.save_curve`). Every point resumes from its run directory."""
+    (not yet saved: see `curves.save_curve`). Every point resumes from its run directory. `token_file`:
+    the Ray cluster's token (`invbench.cluster`)."""
     if engine not in ENGINES:
         raise SweepError(f"unknown engine {engine!r}; choose {' or '.join(ENGINES)}")
     if address and engine != "ray":
         raise SweepError("--address only applies to --engine ray")
+    if token_file and engine != "ray":
+        raise SweepError("--ray-token-file only applies to --engine ray")
     proto = get_protocol(protocol) if isinstance(protocol, str) else protocol
     name = load_defense_class(defense).name
     # Absolute, so Ray workers (whose working directory differs) write where the driver reads.
@@ -182,7 +168,7 @@ def sweep(*, defense: str, grid: dict[str, list[Any]], protocol: Protocol | str,
             for p in points]
     echo(f"sweep: {len(points)} grid points of {name} under protocol {proto.name} into {run_root}")
     if engine == "ray":
-        summaries = _run_ray(jobs, address=address, echo=echo)
+        summaries = _run_ray(jobs, address=address, token_file=token_file, echo=echo)
     else:
         summaries = _run_local(jobs, echo)
     return Curve(protocol=proto.name, defense=name, defense_spec=defense,

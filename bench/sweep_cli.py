@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from .formats import cell
-from .cli_options import BOARD_DIR, DEVICE, RUNS_DIR, NamedPath, existing_board_dir
+from .cli_options import BOARD_DIR, DEVICE, RUNS_DIR, NamedPath, engine_options, existing_board_dir
 
 
 def _echo_err(line: str) -> None:
@@ -40,9 +40,7 @@ def format_curve(curve) -> str:
 @click.option("--param", "params", multiple=True, metavar="NAME=V1,V2,...",
               help="A swept defence parameter and its values (repeatable: several give the cartesian product).")
 @click.option("--protocol", default="quick", show_default=True, help="Protocol (see `invbench protocols`).")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: one point after another; ray: grid points as Ray tasks (pip install 'invbench[ray]').")
-@click.option("--address", default=None, help="ray: address of an existing cluster (default: start a local instance).")
+@engine_options(shards=False)
 @DEVICE
 @RUNS_DIR
 @BOARD_DIR
@@ -56,7 +54,8 @@ def sweep(**opts: Any) -> None:
 
     grid = parse_param_lists(opts["params"])
     curve = run_sweep(defense=opts["defense"], grid=grid, protocol=opts["protocol"], runs_dir=opts["runs_dir"],
-                      engine=opts["engine"], address=opts["address"], device=opts["device"], echo=_echo_err)
+                      engine=opts["engine"], address=opts["address"], token_file=opts["ray_token_file"],
+                      device=opts["device"], echo=_echo_err)
     path = save_curve(curve, opts["board_dir"])
     png = plot_curves([curve], path.with_suffix(".png"))
     click.echo(format_curve(curve))

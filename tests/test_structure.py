@@ -121,7 +121,8 @@ def test_every_attack_option_is_one_flag_named_after_its_attacks(capsys):
     assert out.count("--chunk-size") == 1 and "guided, scan, sequence: sequences per forward pass." in " ".join(out.split())
 
 
-@pytest.mark.parametrize("flag", ["--device", "--model", "--layer", "--seed", "--runs-dir", "--board-dir"])
+@pytest.mark.parametrize("flag", ["--device", "--model", "--layer", "--seed", "--runs-dir", "--board-dir", "--engine",
+                                  "--address", "--ray-token-file", "--shard-size"])
 def test_every_shared_flag_is_declared_in_one_place(flag):
     """Before: --board-dir was declared three times, --seed, --layer and --model three times in cli.py."""
     declared = {path.name: path.read_text(encoding="utf-8").count(f'"{flag}"')
@@ -133,6 +134,17 @@ def test_every_shared_flag_is_declared_in_one_place(flag):
 def test_device_is_declared_once(command, capsys):
     _, out, _ = invoke([command, "--help"], capsys)
     assert "Where the model runs (auto: a CUDA GPU if there is one)." in " ".join(out.split())
+
+
+@pytest.mark.parametrize("command, shards", [("run", True), ("submit", True), ("verify", True), ("sweep", False)])
+def test_the_engine_flags_are_the_same_on_every_command(command, shards, capsys):
+    """One --engine, --address and --ray-token-file for run, submit, verify and sweep (issue 40); --shard-size where
+    a run's prompts are sharded."""
+    _, out, _ = invoke([command, "--help"], capsys)
+    text = " ".join(out.split())
+    assert "ray: over a Ray cluster's workers" in text and "ray: the cluster's head, as `ray start --head`" in text
+    assert "ray: a file holding the cluster's token" in text
+    assert ("--shard-size" in text) == shards
 
 
 def test_defenses_readme_example_is_the_plugin_as_shipped():
