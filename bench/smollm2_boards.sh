@@ -2,7 +2,7 @@
 # The SmolLM2 leaderboards (protocol version 3), every entry verified, their curves and screenshots, from scratch
 # (resumable: rerun to continue; a finished entry, or one verified, is not done again).
 #
-#   bash bench/smollm2_boards.sh [c4|random|layer0|split1|published|verify-c4|verify-random|verify-layer0|
+#   bash bench/smollm2_boards.sh [c4|random|layer0|split1|published|published-last-layer|verify-c4|verify-random|verify-layer0|
 #                                 verify-split1|render|all]          # from the repository root; default all
 #
 # About a hundred runs of 2-20 minutes on 2 CPU cores. The parts can run side by side, one core each:
@@ -120,7 +120,10 @@ for k in 0.1 1; do
   entry $SPLIT1 "Anisotropic Gaussian KL budget $k (inverse Fisher)" --defense aniso-gaussian --param kl_budget="$k" \
     --param fisher_file=$FISHER1
 done
-# and at the last layer, for comparison
+}
+
+# --- the same published settings at the last layer, for comparison --------------------------------------------------
+published_last_layer() {
 for rel in 0.1 0.2 0.4; do
   entry $C4 "dchi SplitLLM relative eps $rel (shared radius)" --defense dchi --param dim=576 \
     --param relative_epsilon="$rel" --param shared_radius=true
@@ -147,12 +150,13 @@ case $PART in
   layer0) layer0_board ;;
   split1) split1_board ;;
   published) published ;;
+  published-last-layer) published_last_layer ;;
   verify-c4) verify_board $C4 ;;
   verify-random) verify_board $RANDOM_PROTOCOL ;;
   verify-layer0) verify_board $LAYER0 ;;
   verify-split1) verify_board $SPLIT1 ;;
   render) render ;;
-  all) c4_board; random_board; layer0_board; split1_board; published
+  all) c4_board; random_board; layer0_board; split1_board; published; published_last_layer
        for p in $C4 $RANDOM_PROTOCOL $LAYER0 $SPLIT1; do verify_board $p; done; render ;;
-  *) echo "usage: bash bench/smollm2_boards.sh [c4|random|layer0|split1|published|verify-<board>|render|all]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/smollm2_boards.sh [c4|random|layer0|split1|published|published-last-layer|verify-<board>|render|all]" >&2; exit 2 ;;
 esac
