@@ -14,7 +14,10 @@ differs from what its source gives now:
   (`run_cli.format_summary`) from that run's summary.json, committed in docs/main-job/;
 - `board-answers`: one row per committed board: its leak point, its entries (verified), whether any entry
   that keeps the model's top-1 agreement at the floor or above does not leak, the most private such entry
-  with its 95% interval, and the first entry that protects at all, from the boards' entries.
+  with its 95% interval, and the first entry that protects at all, from the boards' entries;
+- `published`: one row per published defence at its authors' setting and placement (`PUBLISHED`): its
+  entry's verdict, worst-case token accuracy with its interval, the server's top-1 agreement and whether
+  it is verified, or "not run yet" while the entry is missing.
 """
 from __future__ import annotations
 
@@ -27,7 +30,26 @@ from .formats import cell
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[a-z-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.DOTALL)
 MAIN_JOB = REPO / "docs" / "main-job"  # the main job's results folder (its summary.json)
-BOARDS = ("c4-smollm2-10tok", "random-smollm2-10tok", "quick")
+BOARDS = ("c4-smollm2-10tok", "random-smollm2-10tok", "c4-smollm2-10tok-layer0", "c4-smollm2-10tok-split1", "quick")
+# the published defences as their authors run them (issue 36): (mechanism and peer, authors' setting, protocol
+# of its placement, entry name as bench/smollm2_boards.sh submits it)
+PUBLISHED = (
+    ("dχ, SplitLLM (shared radius, no snap)", "relative ε 0.1", "c4-smollm2-10tok-layer0",
+     "dchi SplitLLM relative eps 0.1 (shared radius)"),
+    ("dχ, SplitLLM (shared radius, no snap)", "relative ε 0.2", "c4-smollm2-10tok-layer0",
+     "dchi SplitLLM relative eps 0.2 (shared radius)"),
+    ("dχ, SplitLLM (shared radius, no snap)", "relative ε 0.4", "c4-smollm2-10tok-layer0",
+     "dchi SplitLLM relative eps 0.4 (shared radius)"),
+    ("Split-N-Denoise (no denoiser)", "η 50", "c4-smollm2-10tok-layer0", "Split-N-Denoise eta 50"),
+    ("Split-N-Denoise (no denoiser)", "η 100", "c4-smollm2-10tok-layer0", "Split-N-Denoise eta 100"),
+    ("Split-N-Denoise (no denoiser)", "η 150", "c4-smollm2-10tok-layer0", "Split-N-Denoise eta 150"),
+    ("Laplace, VFLAIR-LLM (no clip)", "ΔF 10, ε 50", "c4-smollm2-10tok-split1", "Laplace VFLAIR-LLM DELTAF 10 eps 50"),
+    ("DP-Forward (analytic Gaussian, sequence clip)", "ε 8, δ 1e-5, C 1", "c4-smollm2-10tok-split1", "DP-Forward eps 8"),
+    ("Anisotropic Gaussian (inverse Fisher, Bell 2026)", "KL budget 0.1", "c4-smollm2-10tok-split1",
+     "Anisotropic Gaussian KL budget 0.1 (inverse Fisher)"),
+    ("Anisotropic Gaussian (inverse Fisher, Bell 2026)", "KL budget 1", "c4-smollm2-10tok-split1",
+     "Anisotropic Gaussian KL budget 1 (inverse Fisher)"),
+)
 
 
 def main_job(folder: Path = MAIN_JOB) -> str:
@@ -79,7 +101,30 @@ def board_answers(board_dir: Path = REPO / "leaderboards", boards: tuple[str, ..
     return "\n".join(rows) + "\n"
 
 
-GENERATORS = {"main-job": main_job, "board-answers": board_answers}
+def published(board_dir: Path = REPO / "leaderboards", settings: tuple[tuple[str, str, str, str], ...] = PUBLISHED) -> str:
+    """One row per published defence at its authors' setting and placement, from its entry."""
+    from .entries import read_entry, slugify
+    from .protocols import PROTOCOLS
+    from .verification import read_record, status
+
+    rows = ["| defence (as its authors run it) | setting | placement | verdict | worst-case token acc. [95% CI] "
+            "| server's top-1 agreement | verified |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for mechanism, setting, protocol, name in settings:
+        where = leak_point(PROTOCOLS[protocol].layer)
+        path = Path(board_dir) / protocol / f"{slugify(name)}.json"
+        if not path.is_file():
+            rows.append(f"| {mechanism} | {setting} | {where} | not run yet | - | - | - |")
+            continue
+        entry = read_entry(path)
+        bounds = entry.intervals.worst_token_accuracy
+        accuracy = cell(entry.worst_token_accuracy) + (f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "")
+        checked = status(entry.path, read_record(entry.path), n=entry.summary.n).verified
+        rows.append(f"| {mechanism} | {setting} | {where} | {entry.verdict} | {accuracy} | "
+                    f"{cell(entry.top1_agreement)} | {'yes' if checked else 'not yet'} |")
+    return "\n".join(rows) + "\n"
+
+
+GENERATORS = {"main-job": main_job, "board-answers": board_answers, "published": published}
 
 
 def regenerate(text: str) -> str:

@@ -21,7 +21,7 @@ def test_every_generated_block_is_what_its_source_gives_now():
         assert {m.group("name") for m in BLOCK.finditer(text)} <= set(GENERATORS), path
         assert stale_blocks(text) == [], f"{path.name}: stale; run python -m invbench.docgen"
     names = {m.group("name") for m in BLOCK.finditer(README.read_text(encoding="utf-8"))}
-    assert names == {"main-job", "board-answers"}
+    assert names == {"main-job", "board-answers", "published"}
 
 
 def test_a_changed_figure_is_caught(tmp_path):
@@ -39,3 +39,12 @@ def test_every_link_in_the_readme_and_docs_points_at_a_file():
         for target in re.findall(r"\]\(([^)#\s]+)\)", path.read_text(encoding="utf-8")):
             if not target.startswith("http"):
                 assert (path.parent / target).exists(), f"{path.name}: {target}"
+
+
+def test_a_published_setting_shows_its_entry_or_says_it_is_not_run_yet():
+    from invbench.docgen import published
+
+    settings = (("Gaussian", "sigma 1.5", "quick", "Gaussian sigma 1.5"), ("Gaussian", "sigma 9", "quick", "Gaussian sigma 9"))
+    rows = published(REPO / "leaderboards", settings).splitlines()[2:]
+    assert rows[0].startswith("| Gaussian | sigma 1.5 | last layer | leaks | 1.000 [1.000, 1.000] | 1.000 | yes |")
+    assert rows[1] == "| Gaussian | sigma 9 | last layer | not run yet | - | - | - |"
