@@ -633,3 +633,22 @@ def test_board_words_for_the_new_guarantees(name, params, cell, sentence):
 
     guarantee = Guarantee.of(json_safe(described(make_defense(name, params), tokens=10)))
     assert (guarantee.cell(), guarantee.sentence()) == (cell, sentence)
+
+
+def test_snd_log_q_on_its_grid_is_the_exact_incomplete_gamma_to_1e_8():
+    """The attacks score a vocabulary through the interpolated log Q (laws._log_q_on_grid): within 1e-8
+    nats a coordinate of torch's gammaincc, at a small shape and at SmolLM2's (d - 1 = 575), tail included."""
+    from invbench.defenses.laws import LOG_Q_STEP, _log_q, _log_q_on_grid
+
+    for a in (7.0, 575.0):
+        z = torch.cat([torch.rand(50_000, generator=gen(1), dtype=torch.float64) * (a + 80 * math.sqrt(a) + 200),
+                       torch.tensor([0.0, 1e-9, a, 5e4], dtype=torch.float64)])
+        assert torch.allclose(_log_q_on_grid(a, z / LOG_Q_STEP), _log_q(a, z), rtol=0, atol=1e-8)
+
+
+def test_snd_pairwise_scores_equal_the_statistic_row_by_row():
+    law = SnDNoise(eta=50.0)
+    states = torch.randn(2500, 64, generator=gen(2)) * 0.1  # more than one 1,024-state chunk
+    observed = torch.randn(3, 64, generator=gen(3)) * 2
+    rows = torch.stack([law.statistic(o[None], states) for o in observed])
+    assert torch.equal(law.pairwise_statistic(observed, states), rows)
