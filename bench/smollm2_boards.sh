@@ -21,8 +21,10 @@ LAYER0=c4-smollm2-10tok-layer0
 SPLIT1=c4-smollm2-10tok-split1
 FISHER1=leaderboards/$SPLIT1/fisher-smollm2-layer1.safetensors
 
-entry() {  # protocol, entry name, submit flags...
-  local protocol=$1 name=$2; shift 2
+entry() {  # protocol, entry name, submit flags...; an entry already on the board is left as it is (a new submit
+  local protocol=$1 name=$2; shift 2  # would rewrite its file, and the file a verification record vouches for)
+  local id; id=$(python -c 'import sys; from invbench.entries import slugify; print(slugify(sys.argv[1]))' "$name")
+  if [ -f "leaderboards/$protocol/$id.json" ]; then echo "entry $protocol/$id exists: left as it is"; return; fi
   invbench submit --protocol "$protocol" --name "$name" --device cpu "$@"
 }
 
