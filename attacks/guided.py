@@ -531,4 +531,5 @@ def law_words(law) -> tuple[str, str]:
     """A noise law in the words the diagnostics use: ("Gaussian", "sigma 0.3")."""
     described = law.describe()
     name = {"gaussian": "Gaussian", "laplace": "Laplace"}.get(described.pop("law"), law.name)
-    return name, ", ".join(f"{k} {v:g}" for k, v in described.items())
+    return name, ", ".join(f"{k} {v}" if isinstance(v, str) else f"{k} {v:g}"  # digests and metric names as they are
+                           for k, v in described.items())

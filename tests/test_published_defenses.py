@@ -652,3 +652,13 @@ def test_snd_pairwise_scores_equal_the_statistic_row_by_row():
     observed = torch.randn(3, 64, generator=gen(3)) * 2
     rows = torch.stack([law.statistic(o[None], states) for o in observed])
     assert torch.equal(law.pairwise_statistic(observed, states), rows)
+
+
+def test_a_law_whose_description_holds_text_is_put_in_words():
+    """The attacks' diagnostics line names the law: the anisotropic Gaussian's description carries its std
+    vector's digest, a string (it failed the C4 split-1 entry with "Unknown format code 'g'")."""
+    from invbench.attacks.guided import law_words
+
+    name, words = law_words(DiagonalGaussianNoise(std_vector=torch.tensor([0.1, 0.2])))
+    assert name == "gaussian-diagonal"
+    assert words.startswith("dim 2, rms_std 0.158114, min_std 0.1, max_std 0.2, sha256 ")
