@@ -541,7 +541,9 @@ def page_fields(row: Row, board: Board) -> list[PageField]:
                   f"({worst['exact_match'].attack}); [95% intervals over the prompts]"),
         PageField("Utility", f"top-1 agreement {with_interval(summary.utility['top1_agreement'], e.intervals.top1_agreement)}, KL "
                   f"{cell(summary.utility.get('kl_clean_defended'), '.4g')}, perplexity ratio "
-                  f"{cell(summary.utility.get('perplexity_ratio'), '.4g')}"),
+                  f"{cell(summary.utility.get('perplexity_ratio'), '.4g')}"
+                  + "".join(f"; {note}" for note in (summary.utility.get("note"), summary.defense.get("utility_note"))
+                            if note)),  # how it was measured, and what it leaves out (a client-side denoiser)
         PageField("Run", f"{summary.n} prompts x {summary.tokens} tokens of {summary.model} ({summary.dataset}); "
                   f"git commit {cell(meta.get('git_commit'))}; {summary.device}; configuration {summary.config_hash}"),
     ]

@@ -746,3 +746,15 @@ def test_a_curve_is_drawn_from_a_boards_entries_one_point_per_entry_of_the_defen
     saved = sorted((tmp_path / "quick" / "curves").glob("gaussian-*.json"))
     assert len(saved) == 1 and saved[0].with_suffix(".png").is_file() and (tmp_path / "plot.png").is_file()
     assert [p.params for p in load_curve(saved[0]).points] == [{"sigma": 0.01}, {"sigma": 0.3}, {"sigma": 3}, {"sigma": 10}]
+
+
+def test_the_page_says_what_the_utility_figure_leaves_out(tmp_path):
+    """Split-N-Denoise's client-side denoiser is not run: its page says the top-1 agreement is a lower bound."""
+    from invbench.derived import recomputed_defense
+
+    entry = make_entry("SnD", defense="snd", params={"eta": 100.0, "dim": 576})
+    entry["summary"]["defense"].update(recomputed_defense(entry["summary"]["defense"], tokens=QUICK.tokens))
+    write_entry(tmp_path, entry)
+    render(tmp_path / "quick")
+    page = (tmp_path / "quick" / "entries" / "snd.html").read_text()
+    assert "denoiser is not run" in page and "lower bound" in page
