@@ -59,7 +59,8 @@ def cell(defense: str, params: dict, n: int, out: Path, *, profile: bool = False
 
     torch.set_num_threads(1)
     protocol = get_protocol(PROTOCOL)
-    cfg = protocol.run_config(defense=defense, defense_params=params, out=str(out.with_suffix(".unused")), device="cpu", n=n)
+    cfg = protocol.run_config(defense=defense, defense_params=params, out=str(out.with_suffix(".unused")), device="cpu",
+                                 prompts=list(range(n)))
     cfg.attacks = ["sequence"]
     known = available_attacks()["sequence"].option_names
     cfg.attack_options = {k: v for k, v in cfg.attack_options.items() if k in known}
