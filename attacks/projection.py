@@ -26,8 +26,11 @@ Defence-aware: candidates are compared after `defense.simulate`. The proxy's los
 simulate with a straight-through gradient, because a quantiser's gradient is zero almost everywhere.
 
 Batched over prompts, each prompt behaves as if alone: its own random start (drawn from its own
-generator), ban mask, step count and acceptance; accepted prompts stop costing work. One candidate
-per prompt per step is checked, as in the reference.
+generator), ban mask, step count and acceptance. One candidate per prompt per step is checked, as in
+the reference. The search amplifies float rounding (one flipped nearest token changes the whole
+path), so every forward pass holds exactly 32 rows (`Attack.fixed_rows`: blocks of 32 prompts, the
+last padded, finished prompts computed and ignored): a prompt's answer is then the same alone, in a
+`verify` subset, or among a board's prompts.
 """
 from __future__ import annotations
 
@@ -92,6 +95,7 @@ def nearest_unbanned(proxy: torch.Tensor, embedding: torch.Tensor, sq_norms: tor
 class ProjectionAttack(Attack):
     name = "projection"
     config_class = ProjectionConfig
+    fixed_rows = 32  # its search amplifies rounding: a prompt's answer must not depend on its batch
 
     def prepare(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
                 notify: Notify = print) -> dict:
@@ -122,7 +126,9 @@ class ProjectionAttack(Attack):
     def _search(self, oracle, prefix, target: torch.Tensor, init: torch.Tensor, defense, *, budget: int,
                 period: int, sq_norms: torch.Tensor):
         """Run the projection loop for one position of every prompt. Returns the committed token,
-        its discrete loss, the steps spent and whether the acceptance test fired, each (B,)."""
+        its discrete loss, the steps spent and whether the acceptance test fired, each (B,).
+        Every step computes all B rows (a finished prompt's row is computed and ignored): dropping
+        it would change the row count, and with it the rounding of the others (`fixed_rows`)."""
         cfg = self.config
         batch, device = target.shape[0], oracle.device
         embedding = oracle.embedding
@@ -132,30 +138,28 @@ class ProjectionAttack(Attack):
         best_token, best_loss = init.clone(), torch.full((batch,), float("inf"), device=device)
         steps = torch.zeros(batch, dtype=torch.long, device=device)
         accepted = torch.zeros(batch, dtype=torch.bool, device=device)
-        rows, active_prefix = torch.arange(batch, device=device), prefix
+        live = torch.ones(batch, dtype=torch.bool, device=device)
+        rows = torch.arange(batch, device=device)
         for k in range(budget):
             if k and k % period == 0:
-                proxy[rows] = embedding[candidate[rows]]
+                proxy = embedding[candidate].clone()
             # 1. discrete check of the current candidate
-            hidden = oracle.hidden_of_tokens(active_prefix, candidate[rows, None])[:, 0]
-            simulated, goal = defense.simulate(hidden), target[rows]
-            loss, ok = mse(simulated, goal), matches(simulated, goal, rtol=cfg.rtol, atol=cfg.atol)
-            keep = ok | (loss < best_loss[rows])  # an accepted candidate is committed even if not the min
-            best_token[rows] = torch.where(keep, candidate[rows], best_token[rows])
-            best_loss[rows] = torch.where(keep, loss, best_loss[rows])
-            steps[rows] += 1
-            accepted[rows] = ok
-            if ok.any():  # accepted prompts are done: stop spending work on them
-                rows = rows[~ok]
-                active_prefix = prefix.select(rows)
-            if len(rows) == 0 or k == budget - 1:
+            simulated = defense.simulate(oracle.hidden_of_tokens(prefix, candidate[:, None])[:, 0])
+            loss, ok = mse(simulated, target), live & matches(simulated, target, rtol=cfg.rtol, atol=cfg.atol)
+            keep = ok | (live & (loss < best_loss))  # an accepted candidate is committed even if not the min
+            best_token = torch.where(keep, candidate, best_token)
+            best_loss = torch.where(keep, loss, best_loss)
+            steps += live.long()
+            accepted |= ok
+            live &= ~ok  # accepted prompts are done
+            if not live.any() or k == budget - 1:
                 break
             # 2. proxy step, 3. ban and project
-            grad = self._proxy_grad(oracle, active_prefix, proxy[rows], target[rows], defense)
+            grad = self._proxy_grad(oracle, prefix, proxy, target, defense)
             lr = step_lr(k, period=period, lr=cfg.lr, lr_min=cfg.lr_min)
-            proxy[rows] = proxy[rows] - lr * unit_clip(grad)
-            banned[rows, candidate[rows]] = True
-            candidate[rows] = nearest_unbanned(proxy[rows], embedding, sq_norms, banned[rows])
+            proxy = torch.where(live[:, None], proxy - lr * unit_clip(grad), proxy)
+            banned[rows[live], candidate[live]] = True
+            candidate = torch.where(live, nearest_unbanned(proxy, embedding, sq_norms, banned), candidate)
         return best_token, best_loss, steps, accepted
 
     @staticmethod
