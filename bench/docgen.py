@@ -105,7 +105,7 @@ def published(board_dir: Path = REPO / "leaderboards", settings: tuple[tuple[str
     """One row per published defence at its authors' setting and placement, from its entry."""
     from .entries import read_entry, slugify
     from .protocols import PROTOCOLS
-    from .verification import read_record, status
+    from .verification import entry_status
 
     rows = ["| defence (as its authors run it) | setting | placement | verdict | worst-case token acc. [95% CI] "
             "| server's top-1 agreement | verified |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -118,7 +118,7 @@ def published(board_dir: Path = REPO / "leaderboards", settings: tuple[tuple[str
         entry = read_entry(path)
         bounds = entry.intervals.worst_token_accuracy
         accuracy = cell(entry.worst_token_accuracy) + (f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "")
-        checked = status(entry.path, read_record(entry.path), n=entry.summary.n).verified
+        checked = entry_status(entry).verified
         rows.append(f"| {mechanism} | {setting} | {where} | {entry.verdict} | {accuracy} | "
                     f"{cell(entry.top1_agreement)} | {'yes' if checked else 'not yet'} |")
     return "\n".join(rows) + "\n"

@@ -44,8 +44,7 @@ from .plotting import PointLabel, label_points
 from .protocols import RANKING, UTILITY_FLOOR
 from .lock import board_lock
 from .results import write_set_atomic
-from .verification import (Status, VerificationError, is_record, read_record, record_path,
-                           status as verification_status)
+from .verification import Status, VerificationError, entry_status, is_record, record_path
 
 DEFAULT_UTILITY_FLOOR = UTILITY_FLOOR
 
@@ -161,7 +160,7 @@ def verification_statuses(entries: list[Entry]) -> tuple[dict[str, Status], list
     statuses, problems = {}, []
     for entry in entries:
         try:
-            statuses[entry.entry_id] = verification_status(entry.path, read_record(entry.path), n=entry.summary.n)
+            statuses[entry.entry_id] = entry_status(entry)
         except VerificationError as exc:
             problems.append(Problem(record_path(entry.path), "", str(exc).removeprefix(f"{record_path(entry.path)}: ")))
     return statuses, problems

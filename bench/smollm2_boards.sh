@@ -3,7 +3,7 @@
 # (resumable: rerun to continue; a finished entry, or one verified, is not done again).
 #
 #   bash bench/smollm2_boards.sh [c4|random|layer0|split1|published|published-last-layer|verify-c4|verify-random|verify-layer0|
-#                                 verify-split1|render|all]          # from the repository root; default all
+#                                 verify-split1|redo-projection-c4|render|all]     # from the repository root; default all
 #
 # About a hundred runs of 2-20 minutes on 2 CPU cores. The parts can run side by side, one core each:
 #   bash bench/smollm2_boards.sh c4 & bash bench/smollm2_boards.sh random; wait
@@ -36,10 +36,9 @@ verify_board() {  # protocol: verify every entry without a passing record of the
     if python - "$path" <<'EOF'
 import sys
 from pathlib import Path
-from invbench.verification import read_record, status
+from invbench.verification import entry_status
 from invbench.entries import read_entry
-entry = read_entry(Path(sys.argv[1]))
-sys.exit(0 if status(entry.path, read_record(entry.path), n=entry.summary.n).verified else 1)
+sys.exit(0 if entry_status(read_entry(Path(sys.argv[1]))).verified else 1)
 EOF
     then continue; fi
     { echo "# $(date -u +%FT%TZ) invbench verify $path --device cpu"
@@ -134,6 +133,32 @@ entry $C4 "Laplace VFLAIR-LLM DELTAF 10 eps 50" --defense laplace --param sensit
 entry $C4 "DP-Forward eps 8" --defense dp-forward --epsilon 8 --delta 1e-5 --clip 1
 }
 
+# --- an attack's records made again (after a fix that changes its answers) ------------------------------------------
+# drop `attack`'s records from the runs of a board's entries, and the entries with their verification records: the
+# board's part then resubmits them, which attacks only what is missing (e.g. projection, whose answer depended on the
+# prompts beside it before 2026-12-06 and so failed `verify`)
+redo_attack() {
+local protocol=$1 attack=$2
+for path in leaderboards/"$protocol"/*.json; do
+  case $path in *.verification.json) continue ;; esac
+  local id; id=$(basename "$path" .json)
+  [ -f "runs/$protocol/$id/records.jsonl" ] || continue
+  [ -f "runs/$protocol/$id/redone-$attack" ] && continue  # rerun this part: what was made again is kept
+  python - "runs/$protocol/$id/records.jsonl" "$attack" <<'EOF'
+import json, os, sys
+path, attack = sys.argv[1:]
+lines = open(path).read().splitlines(keepends=True)
+kept = [line for line in lines if json.loads(line).get("attack") != attack]
+with open(path + ".tmp", "w") as handle:
+    handle.writelines(kept)
+os.replace(path + ".tmp", path)
+print(f"{path}: {len(lines) - len(kept)} {attack} records dropped")
+EOF
+  rm -f "$path" "${path%.json}.verification.json"
+  touch "runs/$protocol/$id/redone-$attack"
+done
+}
+
 # --- boards, curves, screenshots ----------------------------------------------------------------------------------
 render() {
 for protocol in $C4 $RANDOM_PROTOCOL $LAYER0 $SPLIT1; do
@@ -153,6 +178,7 @@ case $PART in
   split1) split1_board ;;
   published) published ;;
   published-last-layer) published_last_layer ;;
+  redo-projection-c4) redo_attack $C4 projection; c4_board ;;
   verify-c4) verify_board $C4 ;;
   verify-random) verify_board $RANDOM_PROTOCOL ;;
   verify-layer0) verify_board $LAYER0 ;;

@@ -176,6 +176,12 @@ def record_problem(record: dict[str, Any], *, n: int, now: datetime | None = Non
     return next((why for ok, why in checks if not ok), None)
 
 
+def entry_status(entry: Any) -> Status:
+    """The status of an entry (`invbench.entries.Entry`) from the record beside it (`read_record`, which
+    raises VerificationError for an unreadable one)."""
+    return status(entry.path, read_record(entry.path), n=entry.summary.n)
+
+
 def status(entry_path: Path, record: dict[str, Any] | None, *, n: int | None = None) -> Status:
     """An entry's status from its record (read with `read_record`): verified only when the record is of
     the current format, agrees with itself and with the entry of n prompts (`record_problem`), passed over

@@ -20,7 +20,7 @@ import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from scipy.stats import chi2, gamma, norm
@@ -291,19 +291,25 @@ def _log_q(a: float, z: torch.Tensor) -> torch.Tensor:
 LOG_Q_STEP = 1e-3  # grid step of `_log_q_on_grid` in z
 
 
-def _log_q_grid(a: float, top: float, device=None) -> torch.Tensor:
+class LogQGrid(NamedTuple):
+    values: torch.Tensor  # log Q(a, k * LOG_Q_STEP), k = 0 .. K
+    slopes: torch.Tensor  # values[k + 1] - values[k]: each chord's rise, made once for all lookups
+
+
+def _log_q_grid(a: float, top: float, device=None) -> LogQGrid:
     """log Q(a, k * LOG_Q_STEP) for k = 0 .. ceil(top) + 1, top (in steps) capped at `_grid_cap(a)`."""
     points = int(math.ceil(min(top, _grid_cap(a)))) + 2
-    return _log_q(a, torch.arange(points, dtype=torch.float64, device=device) * LOG_Q_STEP)
+    values = _log_q(a, torch.arange(points, dtype=torch.float64, device=device) * LOG_Q_STEP)
+    return LogQGrid(values, values.diff())
 
 
 def _grid_cap(a: float) -> float:
     return (a + 60.0 * math.sqrt(a) + 100.0) / LOG_Q_STEP
 
 
-def _log_q_on_grid(a: float, at: torch.Tensor, values: torch.Tensor | None = None) -> torch.Tensor:
+def _log_q_on_grid(a: float, at: torch.Tensor, grid: LogQGrid | None = None) -> torch.Tensor:
     """log Q(a, z) for z = at * LOG_Q_STEP >= 0 (`at` float64, overwritten), linearly interpolated on the
-    grid z = k * LOG_Q_STEP (`values`, from `_log_q_grid`, reaching at least at.max(); exact at its
+    grid z = k * LOG_Q_STEP (`grid`, from `_log_q_grid`, reaching at least at.max(); exact at its
     points; beyond a + 60 sqrt(a) + 100, far in Q's tail, computed exactly). An attack scores a whole
     vocabulary against every observation: 25 prompts x 49,152 tokens x 576 coordinates is 7e8
     incomplete-gamma calls per position (minutes on a CPU), the grid one per point. log Q is concave
@@ -314,10 +320,10 @@ def _log_q_on_grid(a: float, at: torch.Tensor, values: torch.Tensor | None = Non
     outside = at > cap
     far = _log_q(a, at[outside] * LOG_Q_STEP) if bool(outside.any()) else None
     at.clamp_(max=cap)
-    if values is None:
-        values = _log_q_grid(a, float(at.max()) if at.numel() else 0.0, at.device)
-    index = at.long().clamp_(max=len(values) - 2)
-    out = values[index].addcmul_(values.diff()[index], at.sub_(index))
+    if grid is None:
+        grid = _log_q_grid(a, float(at.max()) if at.numel() else 0.0, at.device)
+    index = at.long().clamp_(max=len(grid.values) - 2)
+    out = grid.values[index].addcmul_(grid.slopes[index], at.sub_(index))
     if far is not None:
         out[outside] = far
     return out
@@ -364,9 +370,9 @@ class SnDNoise(NoiseLaw):
             raise ValueError(f"snd: the noise needs d >= 2 (its coordinate density uses Gamma(d - 1)), got d = {d}")
         return float(d - 1)
 
-    def _log_f(self, x: torch.Tensor, a: float, values: torch.Tensor | None = None) -> torch.Tensor:
-        """log Q(a, eta |x|) per coordinate (float64 x, overwritten; `values`: a grid from `_log_q_grid`)."""
-        return _log_q_on_grid(a, x.abs_().mul_(self.eta / LOG_Q_STEP), values)
+    def _log_f(self, x: torch.Tensor, a: float, grid: LogQGrid | None = None) -> torch.Tensor:
+        """log Q(a, eta |x|) per coordinate (float64 x, overwritten; `grid`: from `_log_q_grid`)."""
+        return _log_q_on_grid(a, x.abs_().mul_(self.eta / LOG_Q_STEP), grid)
 
     def statistic(self, observed: torch.Tensor, simulated: torch.Tensor) -> torch.Tensor:
         out_dtype = torch.promote_types(torch.promote_types(observed.dtype, simulated.dtype), torch.float32)
@@ -392,8 +398,8 @@ class SnDNoise(NoiseLaw):
         wide, observed = states.to(torch.float64), observed.to(torch.float64)
         a = self._shape_of(wide.shape[-1])
         reach = (observed.abs().max() + wide.abs().max()).item() if observed.numel() and wide.numel() else 0.0
-        values = _log_q_grid(a, self.eta * reach / LOG_Q_STEP, wide.device)  # |y - s| <= max|y| + max|s|
-        rows = [torch.cat([-self._log_f(part - row, a, values).sum(dim=-1) for part in wide.split(1024)]) / wide.shape[-1]
+        grid = _log_q_grid(a, self.eta * reach / LOG_Q_STEP, wide.device)  # |y - s| <= max|y| + max|s|
+        rows = [torch.cat([-self._log_f(part - row, a, grid).sum(dim=-1) for part in wide.split(1024)]) / wide.shape[-1]
                 for row in observed]  # 1,024 states at a time: the temporaries stay in cache (2x faster measured)
         return torch.stack(rows).to(out_dtype) if rows else wide.new_zeros((0, len(wide))).to(out_dtype)
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..entries import Entry, EntryError, entry_of, parse_entry_file, read_entry
-from ..verification import read_record, status
+from ..verification import entry_status
 
 
 def read_archived(path: Path) -> Entry:
@@ -60,7 +60,7 @@ def fraction(value: float | None) -> str:
 
 
 def verified(entry: Entry) -> str:
-    found = status(entry.path, read_record(entry.path), n=entry.summary.n)
+    found = entry_status(entry)
     return "yes" if found.verified else "not yet"
 
 
