@@ -134,28 +134,34 @@ entry $C4 "DP-Forward eps 8" --defense dp-forward --epsilon 8 --delta 1e-5 --cli
 }
 
 # --- an attack's records made again (after a fix that changes its answers) ------------------------------------------
-# drop `attack`'s records from the runs of a board's entries, and the entries with their verification records: the
-# board's part then resubmits them, which attacks only what is missing (e.g. projection, whose answer depended on the
-# prompts beside it before 2026-12-06 and so failed `verify`)
+# for each entry of a board: drop `attack`'s records from its run, then resubmit it with the entry's own defence,
+# name and authors (the run resumes: only `attack` is run again; e.g. projection, whose answer depended on the
+# prompts beside it before 2026-12-06 and so failed `verify`). The old entry and its verification record go.
+# Resumable: a marker in the run says its records were dropped (an entry then missing is made by the board's part).
 redo_attack() {
 local protocol=$1 attack=$2
 for path in leaderboards/"$protocol"/*.json; do
   case $path in *.verification.json) continue ;; esac
   local id; id=$(basename "$path" .json)
-  [ -f "runs/$protocol/$id/records.jsonl" ] || continue
-  [ -f "runs/$protocol/$id/redone-$attack" ] && continue  # rerun this part: what was made again is kept
-  python - "runs/$protocol/$id/records.jsonl" "$attack" <<'EOF'
+  [ -f "runs/$protocol/$id/records.jsonl" ] && [ ! -f "runs/$protocol/$id/redone-$attack" ] || continue
+  python - "$protocol" "$path" "runs/$protocol/$id" "$attack" <<'EOF'
 import json, os, sys
-path, attack = sys.argv[1:]
-lines = open(path).read().splitlines(keepends=True)
+from pathlib import Path
+from invbench.submit import submit
+protocol, path, run_dir, attack = sys.argv[1:]
+records = Path(run_dir) / "records.jsonl"
+lines = records.read_text().splitlines(keepends=True)
 kept = [line for line in lines if json.loads(line).get("attack") != attack]
-with open(path + ".tmp", "w") as handle:
-    handle.writelines(kept)
-os.replace(path + ".tmp", path)
-print(f"{path}: {len(lines) - len(kept)} {attack} records dropped")
+records.with_suffix(".tmp").write_text("".join(kept))
+os.replace(records.with_suffix(".tmp"), records)
+(Path(run_dir) / f"redone-{attack}").touch()
+print(f"{records}: {len(lines) - len(kept)} {attack} records dropped; resubmitting {path}", flush=True)
+entry = json.loads(Path(path).read_text())
+Path(path).unlink()
+Path(path).with_suffix(".verification.json").unlink(missing_ok=True)
+submit(defense=entry["defense_spec"], defense_params=entry["summary"]["defense"]["params"], protocol=protocol,
+       name=entry["name"], authors=entry["authors"], url=entry["url"], entry_id=Path(path).stem, device="cpu")
 EOF
-  rm -f "$path" "${path%.json}.verification.json"
-  touch "runs/$protocol/$id/redone-$attack"
 done
 }
 
@@ -178,7 +184,7 @@ case $PART in
   split1) split1_board ;;
   published) published ;;
   published-last-layer) published_last_layer ;;
-  redo-projection-c4) redo_attack $C4 projection; c4_board ;;
+  redo-projection-c4) redo_attack $C4 projection ;;
   verify-c4) verify_board $C4 ;;
   verify-random) verify_board $RANDOM_PROTOCOL ;;
   verify-layer0) verify_board $LAYER0 ;;
