@@ -367,7 +367,8 @@ def curve_figure(curves: list[Curve], *, title: str | None = None, labels: list[
     fig.canvas.draw()  # the constrained layout first: label placement measures the rendered labels
     for row, (metric, *_) in zip(grid, PRIVACY):
         for ax, x_key in zip(row[:2], x_keys[:2]):
-            label_points(ax, [label for curve, colour in shown for label in _point_labels(curve, x_key, metric, colour)])
+            label_points(ax, [label for curve, colour in shown for label in _point_labels(curve, x_key, metric, colour)],
+                         drop_unplaced=True)  # a stack of overlapping names names none; the curve files list every point
     return fig
 
 
@@ -407,12 +408,23 @@ def _plotted(curve: Curve, x_key: str) -> list:
 
 
 def _point_labels(curve: Curve, x_key: str, y_key: str, colour) -> list[PointLabel]:
-    """One label per spot: grid points that land together share it."""
+    """One label per spot: grid points that land together share it. A label names only the parameters that
+    differ between the curve's points (`clip=3` or `dim=576` on every point of a curve says nothing there)."""
+    shared = _shared_params(curve.points)
     spots: dict[tuple[float, float], list[str]] = {}
     for p in _plotted(curve, x_key):
         eps = f" (eps {p.epsilon:.3g})" if p.epsilon is not None else ""
-        spots.setdefault((getattr(p, x_key), getattr(p, y_key)), []).append(p.label() + eps)
+        own = ",".join(f"{k}={format_value(v)}" for k, v in p.params.items() if k not in shared)
+        spots.setdefault((getattr(p, x_key), getattr(p, y_key)), []).append((own or p.label()) + eps)
     return [PointLabel(x, y, "; ".join(names), colour) for (x, y), names in spots.items()]
+
+
+def _shared_params(points: list) -> set[str]:
+    """The parameters every point of a curve of two or more points gives the same value."""
+    if len(points) < 2:
+        return set()
+    first = points[0].params
+    return {k for k, v in first.items() if all(k in p.params and p.params[k] == v for p in points[1:])}
 
 
 def _noise_scale(ax) -> None:

@@ -41,3 +41,21 @@ def test_a_lone_label_sits_next_to_its_point_without_a_leader_line():
     ax.set(xlim=(1e-5, 1), ylim=(0, 1))
     (annotation,) = label_points(ax, [PointLabel(1e-3, 0.5, "sigma=0.01")])
     assert annotation.xyann == (5, 6) and annotation.arrow_patch is None
+
+
+def test_a_curves_point_labels_name_only_what_differs_between_its_points():
+    """On a DP curve every point has clip=3: its labels say the noise multiplier (and epsilon) alone."""
+    from types import SimpleNamespace
+
+    from invbench.curves import _point_labels
+
+    def point(z, eps, top1):
+        return SimpleNamespace(params={"clip": 3.0, "noise_multiplier": z}, epsilon=eps, top1_agreement=top1,
+                               worst_case_exact_match=1.0, noise_std=3.0 * z)
+
+    curve = SimpleNamespace(points=[point(0.1, 284.0, 0.9), point(1.0, 10.0, 0.1)])
+    labels = _point_labels(curve, "top1_agreement", "worst_case_exact_match", "red")
+    assert [label.text for label in labels] == ["noise_multiplier=0.1 (eps 284)", "noise_multiplier=1 (eps 10)"]
+    lone = SimpleNamespace(points=[point(0.1, 284.0, 0.9)])  # one point: nothing differs, all is said
+    assert [label.text for label in _point_labels(lone, "top1_agreement", "worst_case_exact_match", "red")] == [
+        "clip=3,noise_multiplier=0.1 (eps 284)"]
