@@ -22,7 +22,8 @@ that nothing else wrote, and compares:
     same hardware reproduces the entry exactly). On a subset, what the prompt-by-prompt comparison
     covers is compared there; the rest (a flag rate; an entry of schema 4's similarity) must lie
     within 0.05 plus 3 standard errors of the subset's mean of the rerun's own value p:
-    0.05 + 3 * sqrt(p(1 - p) / N * (n - N) / (n - 1)) (drawn without replacement);
+    0.05 + 3 * sqrt(p(1 - p) / N * (n - N) / (n - 1)) (drawn without replacement), or the farther side
+    of the Wilson interval around p where that is wider (at p = 0 or 1 the first is 0: `sampling_margin`);
   - detector (AUROC, TPR at 1% FPR): 0.10 on a full rerun when both runs define it;
   - utility (top-1 agreement, cosine): 1e-3, per prompt on a subset (or with the sampling margin of
     the rerun's value for an entry that did not record its prompts' utility);
@@ -295,13 +296,22 @@ class VerifyReport:
 
 
 def sampling_margin(p: float, *, subset: int, n: int, lo: float = 0.0, hi: float = 1.0) -> float:
-    """SUBSET_SIGMAS standard errors of the mean of `subset` of `n` values in [lo, hi] whose mean
-    is p (variance at most (p - lo)(hi - p); finite-population correction for drawing without
-    replacement)."""
+    """How far the mean of all `n` values in [lo, hi] may lie from p, the mean of a random `subset` of them:
+    SUBSET_SIGMAS standard errors (variance at most (mu - lo)(hi - mu); finite-population correction for
+    drawing without replacement), as the larger of the plug-in (Wald) margin at p and the Wilson interval's
+    farther side, and never more than the unseen prompts can move the mean (all of them at lo or at hi).
+    Wald alone is 0 at p = lo or hi: a C4 subset of 11 with no flagged prompt refused an entry whose 25
+    prompts had 2 (drawing neither happens 3 times in 10); Wilson's upper side there is z^2 / (N' + z^2),
+    N' the subset's effective size."""
     if subset >= n:
         return 0.0
-    variance = max(p - lo, 0.0) * max(hi - p, 0.0)
-    return SUBSET_SIGMAS * math.sqrt(variance / subset * (n - subset) / (n - 1))
+    z, size = SUBSET_SIGMAS, subset * (n - 1) / (n - subset)  # size: the variance is u(1 - u) / size
+    u = min(max((p - lo) / (hi - lo), 0.0), 1.0)
+    wald = z * math.sqrt(u * (1 - u) / size)
+    centre = (u + z * z / (2 * size)) / (1 + z * z / size)
+    half = z * math.sqrt(u * (1 - u) / size + z * z / (4 * size * size)) / (1 + z * z / size)
+    unseen = (n - subset) / n * max(u, 1 - u)  # the full mean is (N p + (n - N) rest) / n, rest in [lo, hi]
+    return (hi - lo) * min(unseen, max(wald, u - (centre - half), centre + half - u))
 
 
 def _within(check: MetricCheck, tolerance: float, *, relative: bool = False) -> MetricCheck:

@@ -84,7 +84,8 @@ def test_subset_tolerance_comes_from_the_rerun_never_from_the_claim():
     for attack in honest_rerun.attacks.values():
         attack.n = 2
     checks = checks_of(forged, honest_rerun, subset=2)
-    assert checks["attacks.scan.exact_match"].tolerance == pytest.approx(FULL_PRIVACY_TOL)  # p = 1: no margin
+    # p = 1 on 2 of 4 prompts: the other 2 can bring the mean down to 0.5 at most, so a claim of 0.25 fails
+    assert checks["attacks.scan.exact_match"].tolerance == pytest.approx(FULL_PRIVACY_TOL + 0.5)
     assert checks["attacks.scan.exact_match"].ok is False and checks["worst_case.exact_match.value"].ok is False
     entry = make_entry("Subset", em=0.5)
     rerun = rerun_of({a: 0.5 for a in entry["summary"]["attacks"]})
@@ -152,9 +153,15 @@ def test_a_new_summary_field_is_embedded_and_verified_without_an_edit_here(monke
 
 
 def test_sampling_margin():
-    assert sampling_margin(0.0, subset=1, n=100) == 0 and sampling_margin(1.0, subset=1, n=100) == 0
+    # at p = 0 or 1 the plug-in margin is 0; Wilson's farther side is z^2 / (N' + z^2), N' = N (n - 1) / (n - N):
+    # 2 flagged of 25 must pass a subset of 11 with none (it misses both with probability 0.30)
+    assert sampling_margin(0.0, subset=11, n=25) == pytest.approx(9 / (11 * 24 / 14 + 9))  # 0.323
+    assert sampling_margin(1.0, subset=11, n=25) == pytest.approx(9 / (11 * 24 / 14 + 9))
+    assert sampling_margin(0.0, subset=1, n=100) == pytest.approx(9 / 10)
+    assert sampling_margin(-1.0, subset=11, n=25, lo=-1.0, hi=1.0) == pytest.approx(2 * 9 / (11 * 24 / 14 + 9))
+    assert sampling_margin(1.0, subset=2, n=4) == pytest.approx(0.5)  # the 2 unseen of 4 move the mean by 0.5 at most
     assert sampling_margin(0.5, subset=4, n=4) == 0  # the whole population
-    assert sampling_margin(0.5, subset=1, n=4) == pytest.approx(3 * 0.5)
+    assert sampling_margin(0.5, subset=1, n=4) == pytest.approx(0.375)  # 3 sigma is 1.5; 3 unseen of 4 move it 0.375
     assert sampling_margin(0.5, subset=25, n=100) == pytest.approx(3 * 0.5 / 5 * (75 / 99) ** 0.5)
 
 
