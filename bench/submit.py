@@ -36,6 +36,7 @@ that nothing else wrote, and compares:
 """
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import shlex
@@ -206,8 +207,33 @@ def submit(*, defense: str, defense_params: dict[str, Any], protocol: Protocol |
                            protocol_definition=protocol.to_dict())
     if problems:
         raise SubmitError("the entry would not be valid: " + "; ".join(f"{p.field}: {p.message}" for p in problems))
+    if holds_the_same_results(entry_path, entry):
+        echo(f"entry {entry_path} already holds these results: left as it is (rewriting it would only change its "
+             "date and timing, and void its verification record)")
+        return entry_path
     write_json_atomic(entry_path, entry)
     return entry_path
+
+
+# What a resubmission of a finished run changes without a new result: when it was written, and the timing and
+# environment of the session that reopened the run.
+RESUBMISSION_NOISE = {"date": None, "summary": {"wall_seconds": None, "device": None, "versions": None}}
+
+
+def holds_the_same_results(entry_path: Path, entry: dict[str, Any]) -> bool:
+    """Whether the entry file at `entry_path` equals `entry` but for RESUBMISSION_NOISE (e.g. `invbench submit`
+    run again on a finished run: it resumes with nothing to attack and scores again)."""
+    data, problem = parse_entry_file(entry_path) if entry_path.is_file() else (None, "missing")
+    if problem or not isinstance(data, dict):
+        return False
+
+    def without_noise(value: Any, noise: dict[str, Any]) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {k: without_noise(v, noise[k]) if isinstance(noise.get(k), dict) else v
+                for k, v in value.items() if not (k in noise and noise[k] is None)}
+
+    return without_noise(data, RESUBMISSION_NOISE) == without_noise(json.loads(json.dumps(entry)), RESUBMISSION_NOISE)
 
 
 # --- verify -------------------------------------------------------------------------------------

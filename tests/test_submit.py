@@ -226,10 +226,13 @@ def test_submit_leaderboard_verify_end_to_end(tmp_path, capsys, monkeypatch, sma
         assert "".join(answer["recovered_tokens"]) == rec["recovered_text"]
         assert (answer["exact_match"], answer["token_accuracy"]) == (rec["exact_match"], rec["token_accuracy"])
 
-    # a rerun of the same submission resumes: nothing is attacked again
+    # a rerun of the same submission resumes: nothing is attacked again, and the entry file is left as it was
+    # (rewritten, its date and timing would change and void a verification record made of it)
+    before = path.read_bytes()
     attacked = spy_on_attacks(monkeypatch)
-    assert invoke(submit_args(tmp_path), capsys)[0] == 0
-    assert attacked == []
+    code, _, err = invoke(submit_args(tmp_path), capsys)
+    assert code == 0 and attacked == []
+    assert path.read_bytes() == before and "already holds these results: left as it is" in err
 
     code, out, err = invoke(["leaderboard", "--board-dir", str(tmp_path / "leaderboards")], capsys)
     assert code == 0, err
