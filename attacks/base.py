@@ -152,11 +152,14 @@ class Attack:
 
     #: The options (CLI flags such as --steps) this attack takes: its config's `option` fields.
     option_names: ClassVar[frozenset[str]] = frozenset()
-    #: Rows every forward pass of `run` holds (None: the prompts given). For an attack whose answer amplifies
-    #: float rounding: BLAS kernels pick their reduction order by the number of rows (on a 2-core x86 CPU a
-    #: row's state at the last layer differs below 16 rows), so a prompt must see the same row count alone
-    #: as among others, or `verify`'s rerun of a subset finds other answers. Blocks are padded with copies.
-    fixed_rows: ClassVar[int | None] = None
+    #: Whether the attack's answer amplifies float rounding: BLAS kernels pick their reduction order by the
+    #: number of rows (on a 2-core x86 CPU a row's state at the last layer differs below 16 rows), so a prompt
+    #: among others can get another answer than alone, and `verify`'s rerun of a subset another than the entry.
+    batch_sensitive: ClassVar[bool] = False
+    #: Rows every forward pass of `run` holds (None: the prompts given; blocks padded with copies). The runner
+    #: sets it for a batch-sensitive attack from the run's `rows` (protocols: 32, so that entries and their
+    #: verification agree); a plain `invbench run` leaves it None (5 prompts padded to 32 tripled the main job).
+    fixed_rows: int | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

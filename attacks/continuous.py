@@ -14,7 +14,12 @@ Per position t, with the prefix x1..x(t-1) committed:
 4. the committed token's discrete loss is recorded.
 
 All prompts of a batch advance together, yet each behaves as if alone: per-prompt gradient
-clipping, Adam state, early exit, and commit. Prompts that have exited stop costing work.
+clipping, Adam state, early exit, and commit. A prompt that has exited is computed and not updated,
+and in a protocol's runs every forward pass holds exactly 32 rows (blocks of 32 prompts, the last
+padded: `Attack.fixed_rows`): a CPU's BLAS rounds a row differently in a batch of another size, and under heavy noise
+the commit's near-ties turn that into another answer (a C4 Laplace eps 8 entry's verify found one
+prompt of 11 committing another token at position 5), so a prompt's answer must not depend on its
+batch.
 """
 from __future__ import annotations
 
@@ -114,6 +119,7 @@ class ContinuousAttack(Attack):
     name = "continuous"
     config_class = ContinuousConfig
     presets = PRESETS
+    batch_sensitive = True  # protocols give it fixed rows (module docstring)
 
     def run(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
             progress: Progress | None = None, notify: Notify = print) -> AttackOutput:
@@ -156,25 +162,24 @@ class ContinuousAttack(Attack):
         adam = RowAdam(proxy.shape, device=device, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
         steps = torch.zeros(batch, dtype=torch.long, device=device)
         last_loss = torch.full((batch,), float("inf"), device=device)
-        rows = torch.arange(batch, device=device)
-        active_prefix = prefix
+        live = torch.ones(batch, dtype=torch.bool, device=device)
         # Under noise the loss cannot fall below the noise variance: exit relative to that floor.
         exit_below = cfg.loss_threshold + defense.noise_std ** 2
         for k in range(cfg.steps):
-            leaf = proxy[rows].clone().requires_grad_(True)
+            # every row goes through the model (the row count fixes the rounding); exited rows are not updated
+            leaf = proxy.clone().requires_grad_(True)
             with torch.enable_grad():
-                hidden = oracle.hidden(active_prefix, leaf[:, None, :])[:, 0]
-                loss = mse(simulate_with_gradient(defense, hidden), target[rows])
+                hidden = oracle.hidden(prefix, leaf[:, None, :])[:, 0]
+                loss = mse(simulate_with_gradient(defense, hidden), target)
                 (grad,) = torch.autograd.grad(loss.sum(), leaf)
+            rows = live.nonzero().squeeze(1)
             lr = cosine_lr(base_lr=cfg.lr, step=k, total=cfg.steps)
-            adam.step(proxy, clip_rows(grad, max_norm=cfg.clip_norm), rows=rows, lr=lr, count=k + 1)
+            adam.step(proxy, clip_rows(grad[rows], max_norm=cfg.clip_norm), rows=rows, lr=lr, count=k + 1)
             steps[rows] += 1
-            last_loss[rows] = loss.detach()
-            still = loss.detach() >= exit_below
-            if not still.all():  # some prompts exit: stop spending work on them
-                rows, active_prefix = rows[still], active_prefix.select(still.nonzero().squeeze(1))
-                if len(rows) == 0:
-                    break
+            last_loss[rows] = loss.detach()[rows]
+            live &= loss.detach() >= exit_below
+            if not live.any():
+                break
         return proxy, steps, last_loss
 
     def _commit(self, oracle, prefix, proxy: torch.Tensor, target: torch.Tensor, defense):

@@ -28,9 +28,9 @@ simulate with a straight-through gradient, because a quantiser's gradient is zer
 Batched over prompts, each prompt behaves as if alone: its own random start (drawn from its own
 generator), ban mask, step count and acceptance. One candidate per prompt per step is checked, as in
 the reference. The search amplifies float rounding (one flipped nearest token changes the whole
-path), so every forward pass holds exactly 32 rows (`Attack.fixed_rows`: blocks of 32 prompts, the
-last padded, finished prompts computed and ignored): a prompt's answer is then the same alone, in a
-`verify` subset, or among a board's prompts.
+path), so in a protocol's runs every forward pass holds exactly 32 rows (`Attack.fixed_rows`: blocks
+of 32 prompts, the last padded; finished prompts are always computed and ignored): a prompt's answer
+is then the same alone, in a `verify` subset, or among a board's prompts.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def nearest_unbanned(proxy: torch.Tensor, embedding: torch.Tensor, sq_norms: tor
 class ProjectionAttack(Attack):
     name = "projection"
     config_class = ProjectionConfig
-    fixed_rows = 32  # its search amplifies rounding: a prompt's answer must not depend on its batch
+    batch_sensitive = True  # its search amplifies rounding: protocols give it fixed rows (Attack.fixed_rows)
 
     def prepare(self, oracle, targets: torch.Tensor, *, defense, prompt_indices: list[int], seed: int,
                 notify: Notify = print) -> dict:

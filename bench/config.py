@@ -27,6 +27,9 @@ BATCH_SIZE = 256  # prompts attacked together
 # the SmolLM2 protocols. More do not make them recover prompts of a trained model on any CPU budget
 # (bench/studies/STUDY-published-attacks.md).
 STEP_CAP = 20
+# Rows every forward pass of a batch-sensitive attack holds in a protocol's runs (`Attack.fixed_rows`), so that
+# a verify rerun of a subset reproduces each prompt's answer; 32 costs a 25-prompt board nothing on a CPU.
+PROTOCOL_ROWS = 32
 
 
 @dataclass
@@ -55,6 +58,9 @@ class RunConfig:
     # The SHA-256 of the n prompts' ids (`prompts_digest`) that a protocol prescribes: a run whose data or
     # tokenizer gives other prompts is refused rather than compared with entries made on the prescribed ones.
     prompts_sha256: str | None = None
+    # Rows every forward pass of a batch-sensitive attack (projection, continuous) holds (None: the batch as it
+    # comes). Protocols set PROTOCOL_ROWS: a prompt's answer is then the same in an entry and in its verification.
+    rows: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,7 +70,8 @@ def default_out(cfg: RunConfig) -> str:
     """Where `invbench run` writes when --out is not given: runs/<defence and its parameters>-<8 hex digits of
     the command>, so that two commands never share a folder (before: every example wrote runs/latest, and the
     second was refused) and the same command resumes its own."""
-    command = {k: v for k, v in cfg.to_dict().items() if k != "out"}
+    command = {k: v for k, v in cfg.to_dict().items()
+               if k != "out" and not (k == "rows" and v is None)}  # a plain run's folder kept its name when rows came
     defence = Path(cfg.defense.split(":")[0]).stem if ":" in cfg.defense else cfg.defense
     words = [defence] + [f"{k}-{v}" for k, v in sorted(cfg.defense_params.items())]
     name = re.sub(r"[^a-z0-9.]+", "-", "-".join(map(str, words)).lower()).strip("-.")[:60] or "run"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .config import BATCH_SIZE, SEED, STEP_CAP, RunConfig
+from .config import BATCH_SIZE, PROTOCOL_ROWS, SEED, STEP_CAP, RunConfig
 from .errors import InvbenchError
 from .registry import Registry
 
@@ -59,7 +59,8 @@ class Protocol:
         return RunConfig(model=self.model, dataset=self.dataset, n=self.n, tokens=self.tokens, layer=self.layer,
                          seed=self.seed, device=device, attacks=list(self.attacks), preset=self.preset,
                          attack_options=dict(self.attack_options), defense=defense, defense_params=dict(defense_params),
-                         batch_size=batch_size, out=out, prompts=prompts, prompts_sha256=self.prompts_sha256)
+                         batch_size=batch_size, out=out, prompts=prompts, prompts_sha256=self.prompts_sha256,
+                         rows=PROTOCOL_ROWS)
 
     def to_dict(self) -> dict[str, Any]:
         """As an entry or curve file holds it (JSON: the attacks as a list)."""

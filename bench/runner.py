@@ -96,7 +96,10 @@ def build_attacks(cfg: RunConfig) -> list[Attack]:
     for name in cfg.attacks:
         own = {k: v for k, v in cfg.attack_options.items() if k in available_attacks()[name].option_names}
         used |= own.keys()
-        attacks.append(make_attack(name, preset=cfg.preset, overrides=own))
+        attack = make_attack(name, preset=cfg.preset, overrides=own)
+        if attack.batch_sensitive:
+            attack.fixed_rows = cfg.rows
+        attacks.append(attack)
     unused = set(cfg.attack_options) - used
     if unused:
         raise RunError(f"option(s) {', '.join(sorted(unused))} do not apply to attack(s) {', '.join(cfg.attacks)}")

@@ -3,7 +3,7 @@
 # (resumable: rerun to continue; a finished entry, or one verified, is not done again).
 #
 #   bash bench/smollm2_boards.sh [c4|random|layer0|split1|published|published-last-layer|verify-c4|verify-random|verify-layer0|
-#                                 verify-split1|redo-projection-c4|render|all]     # from the repository root; default all
+#                                 verify-split1|redo-projection-c4|redo-continuous-c4 [ids]|render|all]  # default all
 #
 # About a hundred runs of 2-20 minutes on 2 CPU cores. The parts can run side by side, one core each:
 #   bash bench/smollm2_boards.sh c4 & bash bench/smollm2_boards.sh random; wait
@@ -138,11 +138,12 @@ entry $C4 "DP-Forward eps 8" --defense dp-forward --epsilon 8 --delta 1e-5 --cli
 # name and authors (the run resumes: only `attack` is run again; e.g. projection, whose answer depended on the
 # prompts beside it before 2026-12-06 and so failed `verify`). The old entry and its verification record go.
 # Resumable: a marker in the run says its records were dropped (an entry then missing is made by the board's part).
-redo_attack() {
-local protocol=$1 attack=$2
+redo_attack() {  # protocol attack [entry ids...]: those entries only (default: every entry of the board)
+local protocol=$1 attack=$2; shift 2
 for path in leaderboards/"$protocol"/*.json; do
   case $path in *.verification.json) continue ;; esac
   local id; id=$(basename "$path" .json)
+  if [ $# -gt 0 ] && [[ " $* " != *" $id "* ]]; then continue; fi
   [ -f "runs/$protocol/$id/records.jsonl" ] && [ ! -f "runs/$protocol/$id/redone-$attack" ] || continue
   python - "$protocol" "$path" "runs/$protocol/$id" "$attack" <<'EOF'
 import json, os, sys
@@ -185,6 +186,7 @@ case $PART in
   published) published ;;
   published-last-layer) published_last_layer ;;
   redo-projection-c4) redo_attack $C4 projection ;;
+  redo-continuous-c4) shift; redo_attack $C4 continuous "$@" ;;  # entry ids after the part
   verify-c4) verify_board $C4 ;;
   verify-random) verify_board $RANDOM_PROTOCOL ;;
   verify-layer0) verify_board $LAYER0 ;;

@@ -81,3 +81,20 @@ def test_reference_mode_commits_the_same_tokens(oracle, prompt_ids):
     assert torch.equal(reference.tokens, batched.tokens)
     assert torch.equal(reference.tokens, prompt_ids)
     assert torch.equal(reference.extras["steps"], batched.extras["steps"])
+
+
+def test_every_forward_pass_holds_the_same_number_of_rows(oracle, tiny, prompt_ids):
+    """A prompt's answer must not depend on its batch: the model sees 32 rows in every forward pass (the Adam
+    steps and the commit's candidate checks), for 1 prompt or 3, also after some prompts exit early (before:
+    the batch's own size, then fewer rows as prompts exited; a C4 verify found another answer that way)."""
+    seen, targets = [], oracle.capture(prompt_ids)
+    handle = tiny.model.transformer.h[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        attack = make_attack("continuous", overrides={"steps": 60, "candidates": 8, "loss_threshold": 1e-2})
+        attack.fixed_rows = 32  # as a protocol's run sets it (PROTOCOL_ROWS)
+        out = attack.run(oracle, targets, defense=NONE, prompt_indices=[0, 1, 2], seed=0, notify=lambda line: None)
+        attack.run(oracle, targets[:1], defense=NONE, prompt_indices=[0], seed=0, notify=lambda line: None)
+    finally:
+        handle.remove()
+    assert len(out.extras["steps"].unique()) > 1  # prompts exited after different step counts
+    assert seen and set(seen) == {32 * 8} | {32}  # the commit checks 8 candidates per row in one pass

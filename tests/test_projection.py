@@ -112,6 +112,7 @@ def test_under_noise_a_prompts_answer_is_the_same_alone_and_among_twenty(oracle,
     noisy = make_defense("gaussian", {"sigma": 0.5})
     targets = noisy.apply(oracle.capture(ids), generator=torch.Generator().manual_seed(0))
     attack = make_attack("projection", overrides={"noisy_max_steps": 25})
+    attack.fixed_rows = 32
     together = attack.run(oracle, targets, defense=noisy, prompt_indices=list(range(20)), seed=1)
     for row in (0, 7, 19):
         alone = attack.run(oracle, targets[row:row + 1], defense=noisy, prompt_indices=[row], seed=1)
@@ -122,9 +123,10 @@ def test_blocks_of_fixed_rows_cover_every_prompt_once_and_report_each_position_o
     """40 prompts: two blocks of 32 (the second padded); answers as the prompts' own, progress once per position."""
     targets = oracle.capture(prompt_ids)
     rows = [i % 3 for i in range(40)]
-    calls = []
-    out = make_attack("projection").run(oracle, targets[rows], defense=NONE, prompt_indices=rows, seed=0,
-                                        progress=lambda done, total: calls.append((done, total)))
+    calls, attack = [], make_attack("projection")
+    attack.fixed_rows = 32
+    out = attack.run(oracle, targets[rows], defense=NONE, prompt_indices=rows, seed=0,
+                     progress=lambda done, total: calls.append((done, total)))
     assert torch.equal(out.tokens, prompt_ids[rows])
     assert calls == [(t + 1, 4) for t in range(4)]
     assert out.seconds.shape == (40, 4) and (out.seconds > 0).all()
@@ -138,9 +140,33 @@ def test_every_forward_pass_holds_the_same_number_of_rows(oracle, tiny, prompt_i
     handle = block.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
     try:
         attack = ProjectionAttack(ProjectionConfig(lr=0.1))  # prompts finish after different step counts
+        attack.fixed_rows = 32  # as a protocol's run sets it (PROTOCOL_ROWS)
         out = attack.run(oracle, targets, defense=NONE, prompt_indices=[0, 1, 2], seed=3)
         attack.run(oracle, targets[:1], defense=NONE, prompt_indices=[0], seed=3)
     finally:
         handle.remove()
     assert len(out.extras["steps"].unique()) > 1
     assert seen and set(seen) == {32}
+    seen.clear()
+    handle = block.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    try:
+        ProjectionAttack(ProjectionConfig(lr=0.1)).run(oracle, targets, defense=NONE, prompt_indices=[0, 1, 2], seed=3)
+    finally:
+        handle.remove()
+    assert set(seen) == {3}
+
+
+def test_a_protocols_runs_fix_the_rows_of_the_batch_sensitive_attacks_and_a_plain_run_does_not():
+    """Entries and their verification reruns come from protocol run configs (PROTOCOL_ROWS); the main job's
+    5 prompts are not padded to 32 (that tripled continuous's share of it)."""
+    from invbench.config import PROTOCOL_ROWS, RunConfig
+    from invbench.protocols import get_protocol
+    from invbench.runner import build_attacks
+
+    cfg = get_protocol("c4-smollm2-10tok").run_config(defense="none", defense_params={}, out="unused")
+    assert cfg.rows == PROTOCOL_ROWS == 32
+    rows = {a.name: a.fixed_rows for a in build_attacks(cfg)}
+    assert rows == {"sequence": None, "continuous": 32, "projection": 32}
+    plain = RunConfig(attacks=["guided", "continuous", "projection"], preset="fast")
+    assert {a.name: a.fixed_rows for a in build_attacks(plain)} == {"guided": None, "continuous": None,
+                                                                     "projection": None}
