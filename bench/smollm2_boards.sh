@@ -41,8 +41,10 @@ from invbench.entries import read_entry
 sys.exit(0 if entry_status(read_entry(Path(sys.argv[1]))).verified else 1)
 EOF
     then continue; fi
+    local report; report=$(mktemp)  # the whole report at once: two parts side by side do not interleave lines
     { echo "# $(date -u +%FT%TZ) invbench verify $path --device cpu"
-      invbench verify "$path" --device cpu 2>/dev/null && echo "rc=0" || echo "rc=$?"; } >> "$board/VERIFY.txt"
+      invbench verify "$path" --device cpu 2>/dev/null && echo "rc=0" || echo "rc=$?"; } > "$report"
+    cat "$report" >> "$board/VERIFY.txt" && rm -f "$report"
   done
 }
 
