@@ -142,7 +142,7 @@ class ProjectionAttack(Attack):
         rows = torch.arange(batch, device=device)
         for k in range(budget):
             if k and k % period == 0:
-                proxy = embedding[candidate].clone()
+                proxy = embedding[candidate]  # indexing copies
             # 1. discrete check of the current candidate
             simulated = defense.simulate(oracle.hidden_of_tokens(prefix, candidate[:, None])[:, 0])
             loss, ok = mse(simulated, target), live & matches(simulated, target, rtol=cfg.rtol, atol=cfg.atol)

@@ -91,8 +91,9 @@ class CurvePoint:
                    worst_case_exact_match_interval=_pair(intervals.worst_exact_match),
                    top1_agreement_interval=_pair(intervals.top1_agreement))
 
-    def label(self) -> str:
-        return ",".join(f"{k}={format_value(v)}" for k, v in self.params.items())
+    def label(self, *, leave_out: set[str] = frozenset()) -> str:
+        """The point's parameters, `k=v` joined by commas, but those in `leave_out`."""
+        return ",".join(f"{k}={format_value(v)}" for k, v in self.params.items() if k not in leave_out)
 
 
 def _pair(interval: tuple[float, float] | None) -> list[float] | None:
@@ -414,8 +415,7 @@ def _point_labels(curve: Curve, x_key: str, y_key: str, colour) -> list[PointLab
     spots: dict[tuple[float, float], list[str]] = {}
     for p in _plotted(curve, x_key):
         eps = f" (eps {p.epsilon:.3g})" if p.epsilon is not None else ""
-        own = ",".join(f"{k}={format_value(v)}" for k, v in p.params.items() if k not in shared)
-        spots.setdefault((getattr(p, x_key), getattr(p, y_key)), []).append((own or p.label()) + eps)
+        spots.setdefault((getattr(p, x_key), getattr(p, y_key)), []).append((p.label(leave_out=shared) or p.label()) + eps)
     return [PointLabel(x, y, "; ".join(names), colour) for (x, y), names in spots.items()]
 
 

@@ -148,20 +148,21 @@ for path in leaderboards/"$protocol"/*.json; do
   if [ $# -gt 0 ] && [[ " $* " != *" $id "* ]]; then continue; fi
   [ -f "runs/$protocol/$id/records.jsonl" ] && [ ! -f "runs/$protocol/$id/redone-$attack" ] || continue
   python - "$protocol" "$path" "runs/$protocol/$id" "$attack" <<'EOF'
-import json, os, sys
+import json, sys
 from pathlib import Path
+from invbench.results import write_bytes_atomic
 from invbench.submit import submit
+from invbench.verification import record_path
 protocol, path, run_dir, attack = sys.argv[1:]
 records = Path(run_dir) / "records.jsonl"
 lines = records.read_text().splitlines(keepends=True)
 kept = [line for line in lines if json.loads(line).get("attack") != attack]
-records.with_suffix(".tmp").write_text("".join(kept))
-os.replace(records.with_suffix(".tmp"), records)
+write_bytes_atomic(records, "".join(kept).encode())
 (Path(run_dir) / f"redone-{attack}").touch()
 print(f"{records}: {len(lines) - len(kept)} {attack} records dropped; resubmitting {path}", flush=True)
 entry = json.loads(Path(path).read_text())
 Path(path).unlink()
-Path(path).with_suffix(".verification.json").unlink(missing_ok=True)
+record_path(Path(path)).unlink(missing_ok=True)
 submit(defense=entry["defense_spec"], defense_params=entry["summary"]["defense"]["params"], protocol=protocol,
        name=entry["name"], authors=entry["authors"], url=entry["url"], entry_id=Path(path).stem, device="cpu")
 EOF

@@ -215,25 +215,23 @@ def submit(*, defense: str, defense_params: dict[str, Any], protocol: Protocol |
     return entry_path
 
 
-# What a resubmission of a finished run changes without a new result: when it was written, and the timing and
-# environment of the session that reopened the run.
-RESUBMISSION_NOISE = {"date": None, "summary": {"wall_seconds": None, "device": None, "versions": None}}
+# What a resubmission of a finished run changes without a new result: when it was written (the entry's date), and
+# the timing and environment of the session that reopened the run (these summary fields).
+RESUBMISSION_SUMMARY_NOISE = ("wall_seconds", "device", "versions")
 
 
 def holds_the_same_results(entry_path: Path, entry: dict[str, Any]) -> bool:
-    """Whether the entry file at `entry_path` equals `entry` but for RESUBMISSION_NOISE (e.g. `invbench submit`
-    run again on a finished run: it resumes with nothing to attack and scores again)."""
-    data, problem = parse_entry_file(entry_path) if entry_path.is_file() else (None, "missing")
-    if problem or not isinstance(data, dict):
+    """Whether the entry file at `entry_path` equals `entry` but for its date and RESUBMISSION_SUMMARY_NOISE (e.g.
+    `invbench submit` run again on a finished run: it resumes with nothing to attack and scores again)."""
+    data, problem = parse_entry_file(entry_path)
+    if problem or not isinstance(data, dict) or not isinstance(data.get("summary"), dict):
         return False
 
-    def without_noise(value: Any, noise: dict[str, Any]) -> Any:
-        if not isinstance(value, dict):
-            return value
-        return {k: without_noise(v, noise[k]) if isinstance(noise.get(k), dict) else v
-                for k, v in value.items() if not (k in noise and noise[k] is None)}
+    def results(whole: dict[str, Any]) -> dict[str, Any]:
+        summary = {k: v for k, v in whole["summary"].items() if k not in RESUBMISSION_SUMMARY_NOISE}
+        return {**{k: v for k, v in whole.items() if k != "date"}, "summary": summary}
 
-    return without_noise(data, RESUBMISSION_NOISE) == without_noise(json.loads(json.dumps(entry)), RESUBMISSION_NOISE)
+    return results(data) == results(json.loads(json.dumps(entry)))  # as the file would hold it
 
 
 # --- verify -------------------------------------------------------------------------------------

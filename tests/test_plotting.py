@@ -47,11 +47,12 @@ def test_a_curves_point_labels_name_only_what_differs_between_its_points():
     """On a DP curve every point has clip=3: its labels say the noise multiplier (and epsilon) alone."""
     from types import SimpleNamespace
 
-    from invbench.curves import _point_labels
+    from invbench.curves import CurvePoint, _point_labels
 
     def point(z, eps, top1):
-        return SimpleNamespace(params={"clip": 3.0, "noise_multiplier": z}, epsilon=eps, top1_agreement=top1,
-                               worst_case_exact_match=1.0, noise_std=3.0 * z)
+        return CurvePoint(params={"clip": 3.0, "noise_multiplier": z}, worst_case_exact_match=1.0,
+                          worst_case_token_accuracy=1.0, top1_agreement=top1, kl_clean_defended=None, epsilon=eps,
+                          noise_std=3.0 * z)
 
     curve = SimpleNamespace(points=[point(0.1, 284.0, 0.9), point(1.0, 10.0, 0.1)])
     labels = _point_labels(curve, "top1_agreement", "worst_case_exact_match", "red")
