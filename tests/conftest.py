@@ -1,6 +1,8 @@
 """Shared fixtures: a seeded tiny GPT-2 and a few real-text prompts, offline."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -9,6 +11,25 @@ from invbench.leaks.oracle import WhiteBox
 
 TEXTS = ["Hello world! The capital of France is Paris.", "Beginners BBQ Class Taking Place in Missoula!",
          "The quick brown fox jumps over the lazy dog."]
+
+
+def pytest_configure(config):
+    """One torch thread per pytest-xdist worker (two workers on two cores), and for the runs the tests start: a
+    thread waiting on a core the other worker holds stalls its siblings (the 8.3x of bench/config.cpu_threads)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` (a Ray cluster, the real SmolLM2) run only with INVBENCH_SLOW=1: the default run keeps to
+    the 5-minute target, and CI runs them in a second step (.ci/run)."""
+    if os.environ.get("INVBENCH_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: starts a Ray cluster or loads the real SmolLM2 (set INVBENCH_SLOW=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

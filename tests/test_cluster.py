@@ -31,8 +31,9 @@ from helpers import invoke
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'invbench[ray]'")
 RAY_CLI = Path(sys.executable).with_name("ray")
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not RAY_CLI.exists(),
-                                reason="needs Linux (/proc) and the `ray` command beside this Python")
+pytestmark = [pytest.mark.slow,  # two Ray nodes and a sharded entry: about 100 s; CI runs it (.ci/run)
+              pytest.mark.skipif(not sys.platform.startswith("linux") or not RAY_CLI.exists(),
+                                 reason="needs Linux (/proc) and the `ray` command beside this Python")]
 REPO = Path(__file__).resolve().parents[1]
 TIMING = {"seconds_per_token", "wall_seconds", "tokens_per_second", "device"}
 ENTRY_OWN = {"name", "entry_id", "date"}  # what differs between two submissions of one run by design

@@ -4,7 +4,6 @@ Most tests use conftest.py's 2,000-token sub-vocabulary oracle `small` (as test_
 that full-vocabulary fallbacks take a second; the codebook test uses the full GPT-2 vocabulary.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -223,7 +222,7 @@ def test_bad_guided_option_is_one_line_and_exit_2(tmp_path, capsys, cache, extra
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.skipif(not os.environ.get("INVBENCH_SLOW"), reason="loads SmolLM2 and scans its vocabulary (set INVBENCH_SLOW=1)")
+@pytest.mark.slow  # loads SmolLM2 and scans its vocabulary
 def test_certified_stop_passes_the_true_token_and_rejects_the_nearest_wrong_on_smollm2():
     from invbench.attacks.base import mse
     from invbench.attacks.scan import vocabulary_distances

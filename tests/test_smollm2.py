@@ -207,7 +207,7 @@ def test_weights_missing_tensors_count_as_damaged(isolated, tiny_dequantise):
 # ---------------------------------------------------------------- the real model
 
 
-@pytest.mark.skipif(os.environ.get("INVBENCH_SLOW") != "1", reason="loads the real 98 MB SmolLM2 (set INVBENCH_SLOW=1)")
+@pytest.mark.slow  # loads the real 98 MB SmolLM2
 def test_real_smollm2_loads():
     model, tokenizer, source = smollm2.load_smollm2(notify=print)
     config = model.config

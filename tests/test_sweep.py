@@ -236,6 +236,7 @@ def test_sweep_command_errors_are_one_line(args, message, capsys, tmp_path):
     assert info.value.code == 2 and err.startswith(message) and err.count("\n") == 1
 
 
+@pytest.mark.slow  # starts a local Ray instance
 def test_ray_sweep_lands_in_the_same_run_directories(swept, tmp_path, monkeypatch):
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'invbench[ray]'")
     curve = sweep(defense="gaussian", grid={"sigma": SIGMAS}, protocol=CHEAP, runs_dir=tmp_path, engine="ray",
