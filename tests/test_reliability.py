@@ -628,7 +628,7 @@ def test_a_reopened_run_records_what_a_fresh_one_records(tmp_path, monkeypatch):
 
     from invbench.config import RunConfig
 
-    cfg = RunConfig(model="tiny-gpt2", n=2, tokens=2, device="cpu", attacks=["guided", "continuous"], preset="fast",
+    cfg = RunConfig(model="tiny-bytes", n=2, tokens=2, device="cpu", attacks=["guided", "continuous"], preset="fast",
                     attack_options={"ranker": "prior", "steps": 3}, out=str(tmp_path))
     fresh = runner.run(cfg, echo=lambda line: None)
     assert fresh.attacks["guided"].diagnostics["ranker"] == "the model's prior alone"

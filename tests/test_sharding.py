@@ -25,8 +25,9 @@ from invbench.config import RunConfig
 from invbench.sharding import InProcess, ShardError
 
 TIMING = {"seconds_per_token", "wall_seconds", "tokens_per_second", "device"}
-# Small and deterministic, two attacks so the order of the records (attack, then prompt) is tested too.
-CFG = RunConfig(model="tiny-gpt2", n=3, tokens=2, device="cpu", attacks=["guided", "continuous"], preset="fast",
+# Small and deterministic, two attacks so the order of the records (attack, then prompt) is tested too; tiny-bytes
+# (a 257-token vocabulary): guided with the prior verifies half the vocabulary a position on a random model.
+CFG = RunConfig(model="tiny-bytes", n=3, tokens=2, device="cpu", attacks=["guided", "continuous"], preset="fast",
                 attack_options={"steps": 3, "candidates": 3, "ranker": "prior"}, batch_size=1)
 
 

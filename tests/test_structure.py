@@ -105,7 +105,7 @@ def test_every_registry_is_the_one_class():
 
     assert all(isinstance(r, Registry) for r in (ATTACKS, DEFENSES, MODELS, PROTOCOLS))
     assert {"guided", "continuous", "projection", "scan"} <= set(ATTACKS)
-    assert {"gpt2", "smollm2-135m", "tiny-gpt2", "gpt2-random"} <= set(MODELS)
+    assert {"gpt2", "smollm2-135m", "tiny-gpt2", "tiny-bytes", "gpt2-random"} <= set(MODELS)
 
 
 # --- one source for flags ----------------------------------------------------------------------

@@ -188,9 +188,10 @@ def test_plug_in_files_are_recorded_by_base_name():
 
 @pytest.fixture
 def small_quick(monkeypatch):
-    """The quick protocol cut to one attack of 30 steps on 2 prompts x 2 tokens, so the test takes
-    seconds rather than minutes: the machinery is the same for the full protocol."""
-    small = dataclasses.replace(PROTOCOLS["quick"], attacks=("continuous",), n=2, tokens=2,
+    """The quick protocol cut to one attack of 30 steps on 2 prompts x 2 tokens of tiny-bytes (tiny-gpt2 over a
+    257-token vocabulary), so the test takes seconds rather than minutes: the machinery is the same for the full
+    protocol."""
+    small = dataclasses.replace(PROTOCOLS["quick"], model="tiny-bytes", attacks=("continuous",), n=2, tokens=2,
                                 attack_options={"steps": 30}, prompts_sha256=None)
     with PROTOCOLS.override("quick", small):
         yield small
