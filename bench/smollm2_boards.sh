@@ -3,10 +3,13 @@
 # (resumable: rerun to continue; a finished entry, or one verified, is not done again).
 #
 #   bash bench/smollm2_boards.sh [c4|random|layer0|split1|published|published-last-layer|verify-c4|verify-random|verify-layer0|
-#                                 verify-split1|redo-projection-c4|redo-continuous-c4 [ids]|render|all]  # default all
+#                                 verify-split1|redo PROTOCOL ATTACK [ids]|render|all]  # default all
 #
 # About a hundred runs of 2-20 minutes on 2 CPU cores. The parts can run side by side, one core each:
 #   bash bench/smollm2_boards.sh c4 & bash bench/smollm2_boards.sh random; wait
+# Two verify parts may share one board (each entry is locked while verified; VERIFY_ORDER=reverse starts at the end):
+#   bash bench/smollm2_boards.sh verify-c4 & VERIFY_ORDER=reverse bash bench/smollm2_boards.sh verify-c4; wait
+# `redo PROTOCOL ATTACK [ids]` drops one attack's records of those entries' runs (default: every entry) and resubmits.
 # Each entry is made with `invbench submit` and checked with `invbench verify` (its default subset: 11 of 25
 # prompts, or 4 of 5), whose reports go to the board's VERIFY.txt and records beside the entries; the curves
 # are drawn from the entries.
@@ -29,10 +32,15 @@ entry() {  # protocol, entry name, submit flags...; an entry already on the boar
 }
 
 verify_board() {  # protocol: verify every entry without a passing record of the current format; reports to VERIFY.txt
-  local protocol=$1 board=leaderboards/$1
+  local protocol=$1 board=leaderboards/$1 paths
   [ -f "$board/VERIFY.txt" ] || echo "# invbench verify (default subset) of the entries of $protocol, this CPU" > "$board/VERIFY.txt"
-  for path in "$board"/*.json; do
-    case $path in *.verification.json) continue ;; esac
+  mkdir -p runs/locks
+  paths=$(ls "$board"/*.json | grep -v '\.verification\.json$')
+  [ "${VERIFY_ORDER:-}" = reverse ] && paths=$(echo "$paths" | tac)
+  for path in $paths; do
+    # one part at a time per entry (flock: released when its holder dies, so a killed part blocks nothing)
+    exec {lock}>"runs/locks/$protocol-$(basename "$path" .json).lock"
+    flock -n "$lock" || { exec {lock}>&-; continue; }
     if python - "$path" <<'EOF'
 import sys
 from pathlib import Path
@@ -40,11 +48,12 @@ from invbench.verification import entry_status
 from invbench.entries import read_entry
 sys.exit(0 if entry_status(read_entry(Path(sys.argv[1]))).verified else 1)
 EOF
-    then continue; fi
+    then exec {lock}>&-; continue; fi
     local report; report=$(mktemp)  # the whole report at once: two parts side by side do not interleave lines
     { echo "# $(date -u +%FT%TZ) invbench verify $path --device cpu"
       invbench verify "$path" --device cpu 2>/dev/null && echo "rc=0" || echo "rc=$?"; } > "$report"
     cat "$report" >> "$board/VERIFY.txt" && rm -f "$report"
+    exec {lock}>&-
   done
 }
 
@@ -188,8 +197,8 @@ case $PART in
   split1) split1_board ;;
   published) published ;;
   published-last-layer) published_last_layer ;;
-  redo-projection-c4) redo_attack $C4 projection ;;
-  redo-continuous-c4) shift; redo_attack $C4 continuous "$@" ;;  # entry ids after the part
+  redo) shift; [ $# -ge 2 ] || { echo "usage: bash bench/smollm2_boards.sh redo PROTOCOL ATTACK [entry ids]" >&2; exit 2; }
+        redo_attack "$@" ;;
   verify-c4) verify_board $C4 ;;
   verify-random) verify_board $RANDOM_PROTOCOL ;;
   verify-layer0) verify_board $LAYER0 ;;
@@ -197,5 +206,5 @@ case $PART in
   render) render ;;
   all) c4_board; random_board; layer0_board; split1_board; published; published_last_layer
        for p in $C4 $RANDOM_PROTOCOL $LAYER0 $SPLIT1; do verify_board $p; done; render ;;
-  *) echo "usage: bash bench/smollm2_boards.sh [c4|random|layer0|split1|published|published-last-layer|verify-<board>|render|all]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/smollm2_boards.sh [c4|random|layer0|split1|published|published-last-layer|verify-<board>|redo PROTOCOL ATTACK [ids]|render|all]" >&2; exit 2 ;;
 esac
